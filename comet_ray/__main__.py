@@ -1,0 +1,3 @@
+from comet_ray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""Detector checkpoints: one file that evaluate/predict/export load without the training config.
+
+Saved atomically (temp name, then rename) so a crash or a full disk never leaves a half-written file
+in place of a good one, and loaded with ``torch.load(weights_only=True)`` only: a checkpoint is data,
+never code. A checkpoint holds no credentials (only the dataset URI without query strings).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from comet_ray.errors import CheckpointError
+
+FORMAT = "comet-ray-detector"
+FORMAT_VERSION = 1
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_detector(
+    path: str | os.PathLike,
+    model: nn.Module,
+    features: dict,
+    grid: tuple[int, int],
+    config: dict,
+    threshold: float,
+    nominal_score: float,
+    extra: dict | None = None,
+) -> None:
+    """Write a self-describing detector checkpoint (model + how to compute its inputs + threshold)."""
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_name": model.name,
+        "model_hparams": model.hparams(),
+        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "features": dict(features),
+        "grid": list(grid),
+        "config": config,
+        "threshold": float(threshold),
+        "nominal_score": float(nominal_score),
+        "extra": extra or {},
+    }
+    atomic_torch_save(payload, path)
+
+
+def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a detector from a checkpoint; returns (model in eval mode, the checkpoint's metadata)."""
+    from comet_ray.models import detector_from_hparams
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a comet-ray detector checkpoint")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {payload.get('format_version')}; "
+            f"this comet-ray reads version {FORMAT_VERSION}"
+        )
+    model = detector_from_hparams(payload["model_name"], payload["model_hparams"])
+    try:
+        model.load_state_dict(payload["model_state"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not match model {payload['model_name']}: {exc}") from None
+    meta = {k: v for k, v in payload.items() if k != "model_state"}
+    return model.to(device).eval(), meta

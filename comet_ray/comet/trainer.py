@@ -1,0 +1,324 @@
+"""The CoMet epoch loop in plain PyTorch: score -> fence -> weights -> meta phase -> main phase.
+
+Model-agnostic: it only talks to the detector protocol (``forward`` = per-patch losses, ``patch_scores``,
+``regularised_parameters``, ``make_optimizers``). Data-parallel training runs this same loop with a
+``torch.distributed`` collective (see ``comet_ray.distributed.train``).
+
+Every random draw is a pure function of (seed, epoch, phase, step, sample row): batch order, task
+sampling and each sample's synthetic noise. That makes a run resumable from any epoch without RNG
+state and makes N workers compute exactly what one process computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from comet_ray.comet.collective import Collective
+from comet_ray.comet.confidence import confidence_weights, weight_histogram
+from comet_ray.comet.meta import (
+    CovarianceHistory,
+    covariance_lambda,
+    l2_penalty,
+    parameter_vector,
+    reptile_step,
+    sample_tasks,
+    split_task,
+)
+from comet_ray.config import TrainConfig
+from comet_ray.features.store import FeatureStore
+from comet_ray.models.anomaly_map import topk_mean
+
+_MASK = (1 << 62) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A deterministic 62-bit seed from integers (splitmix-style), so seeds of nearby runs don't collide."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (int(part) & _MASK)) * 0xBF58476D1CE4E5B9 & ((1 << 64) - 1)
+        value ^= value >> 31
+    return value & _MASK
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float
+    lam: float
+    det_sigma: float
+    fence: float
+    mean_weight: float
+    low_confidence: int
+    weight_histogram: list[int]
+    mean_weight_injected: float | None
+    mean_weight_nominal: float | None
+    meta_l_tr: float | None
+    meta_l_val: float | None
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self, total_epochs: int) -> str:
+        parts = [
+            f"epoch {self.epoch + 1:>3}/{total_epochs}",
+            f"loss {self.loss:.4f}",
+            f"lambda {self.lam:.2e}",
+            f"w<1: {self.low_confidence:>3} (mean w {self.mean_weight:.3f})",
+        ]
+        if self.mean_weight_injected is not None:
+            parts.append(f"w injected {self.mean_weight_injected:.3f} vs rest {self.mean_weight_nominal:.3f}")
+        parts.extend(f"{k} {v:.4f}" for k, v in self.extra.items() if isinstance(v, float))
+        parts.append(f"{self.seconds:.1f}s")
+        return " | ".join(parts)
+
+
+class CometTrainer:
+    """Trains one detector on one category's cached training features with a CoMet strategy."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_store: FeatureStore,
+        config: TrainConfig,
+        device: torch.device | str = "cpu",
+        collective: Collective | None = None,
+        injected_ids: set[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.comet = config.comet
+        self.device = torch.device(device)
+        self.collective = collective or Collective()
+        self.store = train_store
+        self.model = model.to(self.device)
+        self.train_module = self.collective.wrap_model(self.model)
+        self.optimizers = self.model.make_optimizers()
+        n = len(train_store)
+        if n == 0:
+            raise ValueError("no training images")
+        if self.collective.world_size > max(1, config.batch_size // 2):
+            raise ValueError(
+                f"batch size {config.batch_size} is too small for {self.collective.world_size} workers "
+                "(each worker needs at least one image of every batch)"
+            )
+        self.sample_weights = torch.ones(n)
+        self.patch_weights: torch.Tensor | None = None
+        self.history = CovarianceHistory(self.comet.window)
+        self.lam = self.comet.lambda0 if self.comet.uses_meta else 0.0
+        self.det_sigma = 0.0
+        self.epoch = 0
+        self.last_scores = torch.zeros(n)
+        injected_ids = injected_ids or set()
+        self.injected = torch.tensor([i in injected_ids for i in train_store.ids], dtype=torch.bool)
+        self.autocast = self.device.type == "cuda" and config.bf16
+
+    # ------------------------------------------------------------------ helpers
+    def _sample_seeds(self, rows: torch.Tensor, *phase: int) -> torch.Tensor:
+        return torch.tensor([mix_seed(self.config.seed, self.epoch, *phase, int(r)) for r in rows])
+
+    def _weighted_loss(self, module: nn.Module, rows: torch.Tensor, normaliser: int, *phase: int) -> torch.Tensor:
+        """sum_i w_i * mean_p(L_ip) / normaliser (or per-patch weights when ``patch_weighting``)."""
+        features = self.store.batch(rows, self.device)
+        seeds = self._sample_seeds(rows, *phase)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            losses = module(features, seeds)  # [b, P]
+        if self.patch_weights is not None:
+            per_sample = (losses * self.patch_weights[rows].to(losses.device)).mean(dim=1)
+        else:
+            per_sample = losses.mean(dim=1) * self.sample_weights[rows].to(losses.device)
+        return per_sample.sum() / normaliser
+
+    def _regularisation(self, module: nn.Module) -> torch.Tensor | float:
+        if self.lam <= 0:
+            return 0.0
+        return self.lam * l2_penalty(module.regularised_parameters(self.comet.l2_include_norm_and_bias))
+
+    def _batches(self, n: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """Shuffled global batches; a short tail merges into the previous batch (never a near-empty batch)."""
+        order = torch.randperm(n, generator=generator)
+        size = self.config.batch_size
+        batches = [order[i : i + size] for i in range(0, n, size)]
+        if len(batches) > 1 and batches[-1].numel() < max(1, size // 2):
+            tail = batches.pop()
+            batches[-1] = torch.cat([batches[-1], tail])
+        return batches
+
+    # ------------------------------------------------------------------ phases
+    @torch.no_grad()
+    def score_training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image scores [N], patch scores [N, P]) of every training image under the current model."""
+        self.model.eval()
+        rows = torch.arange(len(self.store))[self.collective.shard(len(self.store))]
+        parts = []
+        for start in range(0, rows.numel(), 64):
+            chunk = rows[start : start + 64]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                parts.append(self.model.patch_scores(self.store.batch(chunk, self.device)).float())
+        local = torch.cat(parts) if parts else torch.zeros(0, self.store.num_patches, device=self.device)
+        patch_scores = self.collective.all_gather_cat(local).cpu()
+        self.model.train()
+        return topk_mean(patch_scores, self.comet.top_k), patch_scores
+
+    def update_weights(self, image_scores: torch.Tensor, patch_scores: torch.Tensor) -> float:
+        """Refresh SCL weights from this epoch's scores; returns the fence (nan while unweighted)."""
+        c = self.comet
+        if not c.uses_scl or self.epoch < c.warmup_epochs:
+            self.sample_weights = torch.ones(len(self.store))
+            self.patch_weights = None
+            return float("nan")
+        if c.patch_weighting:
+            weights, fence = confidence_weights(
+                patch_scores, c.fence_k, c.weight_form, c.temperature_scale, c.weight_floor
+            )
+            self.patch_weights = weights
+            self.sample_weights = weights.mean(dim=1)
+        else:
+            self.sample_weights, fence = confidence_weights(
+                image_scores, c.fence_k, c.weight_form, c.temperature_scale, c.weight_floor
+            )
+        return fence.tau
+
+    def meta_phase(self) -> tuple[float, float]:
+        """Tasks ∝ weights, inner steps on copies, Reptile step, and lambda(Sigma) from the new pairs."""
+        c = self.comet
+        generator = torch.Generator().manual_seed(mix_seed(self.config.seed, self.epoch, 7))
+        tasks = sample_tasks(self.sample_weights, c.meta_tasks, c.task_size, generator)
+        theta = parameter_vector(self.model)
+        direction_sum = torch.zeros_like(theta)
+        pairs = torch.zeros(len(tasks), 2, dtype=torch.float64)
+        for m, task in enumerate(tasks):
+            if m % self.collective.world_size != self.collective.rank:
+                continue
+            support, query = split_task(task, c.query_fraction)
+            learner = self._local_copy()
+            optimiser = torch.optim.Adam(learner.parameters(), lr=c.inner_lr)
+            with torch.no_grad():
+                l_tr = self._weighted_loss(learner, support, support.numel(), 1000 + m, 0)
+            for step in range(c.inner_steps):
+                optimiser.zero_grad(set_to_none=True)
+                loss = self._weighted_loss(learner, support, support.numel(), 1000 + m, step)
+                (loss + self._regularisation(learner)).backward()
+                optimiser.step()
+            with torch.no_grad():
+                l_val = self._weighted_loss(learner, query, query.numel(), 2000 + m, 0)
+            direction_sum += parameter_vector(learner) - theta
+            pairs[m] = torch.tensor([float(l_tr), float(l_val)], dtype=torch.float64)
+        direction_sum = self.collective.all_reduce_sum(direction_sum)
+        pairs = self.collective.all_reduce_sum(pairs)
+        if c.reptile_step > 0:
+            reptile_step(self.model, direction_sum / len(tasks), c.reptile_step)
+        self.history.extend([tuple(p) for p in pairs.tolist()])
+        self.det_sigma = self.history.determinant()
+        self.lam = covariance_lambda(self.det_sigma, c.lambda0, c.gamma, c.det_clip)
+        return float(pairs[:, 0].mean()), float(pairs[:, 1].mean())
+
+    def _local_copy(self) -> nn.Module:
+        """A private copy for inner steps: plain BatchNorm, so no collective is entered on one rank only."""
+        learner = copy.deepcopy(self.model)
+        for name, module in list(learner.named_modules()):
+            if isinstance(module, nn.SyncBatchNorm):
+                plain = nn.BatchNorm1d(module.num_features, module.eps, module.momentum, module.affine)
+                plain.load_state_dict(module.state_dict())
+                parent = learner.get_submodule(name.rsplit(".", 1)[0]) if "." in name else learner
+                setattr(parent, name.rsplit(".", 1)[-1], plain.to(self.device))
+        return learner.train()
+
+    def main_phase(self) -> float:
+        """``passes`` passes over the training set minimising the weighted loss + lambda * ||W||^2."""
+        n = len(self.store)
+        world = self.collective.world_size
+        total, count = 0.0, 0
+        self.model.train()
+        for pass_index in range(self.config.passes):
+            generator = torch.Generator().manual_seed(mix_seed(self.config.seed, self.epoch, 3, pass_index))
+            for step, batch in enumerate(self._batches(n, generator)):
+                local = batch[self.collective.shard(batch.numel())]
+                for optimiser in self.optimizers:
+                    optimiser.zero_grad(set_to_none=True)
+                # DDP averages gradients over ranks; scaling by world makes that the global batch mean.
+                loss = self._weighted_loss(self.train_module, local, batch.numel(), 5, pass_index, step) * world
+                loss = loss + self._regularisation(self.model)
+                loss.backward()
+                for optimiser in self.optimizers:
+                    optimiser.step()
+                total += float(loss.detach())
+                count += 1
+        return total / max(count, 1)
+
+    # ------------------------------------------------------------------ epochs
+    def train_epoch(self) -> EpochLog:
+        start = time.perf_counter()
+        image_scores, patch_scores = self.score_training_set()
+        self.last_scores = image_scores
+        fence = self.update_weights(image_scores, patch_scores)
+        l_tr = l_val = None
+        if self.comet.uses_meta:
+            l_tr, l_val = self.meta_phase()
+        loss = self.main_phase()
+        weights = self.sample_weights
+        injected = self.injected
+        log = EpochLog(
+            epoch=self.epoch,
+            loss=loss,
+            lam=self.lam,
+            det_sigma=self.det_sigma,
+            fence=fence,
+            mean_weight=float(weights.mean()),
+            low_confidence=int((weights < 1).sum()),
+            weight_histogram=weight_histogram(weights),
+            mean_weight_injected=float(weights[injected].mean()) if injected.any() else None,
+            mean_weight_nominal=float(weights[~injected].mean()) if injected.any() else None,
+            meta_l_tr=l_tr,
+            meta_l_val=l_val,
+            seconds=time.perf_counter() - start,
+        )
+        self.epoch += 1
+        return log
+
+    def fit(self, epochs: int, on_epoch_end: Callable[["CometTrainer", EpochLog], None] | None = None) -> list[EpochLog]:
+        logs = []
+        while self.epoch < epochs:
+            log = self.train_epoch()
+            logs.append(log)
+            if on_epoch_end is not None:
+                on_epoch_end(self, log)
+        return logs
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Everything needed to resume: model, optimisers and CoMet state (weights keyed by sample id)."""
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "sample_ids": list(self.store.ids),
+            "sample_weights": self.sample_weights.clone(),
+            "patch_weights": None if self.patch_weights is None else self.patch_weights.clone(),
+            "history": self.history.state(),
+            "lam": self.lam,
+            "det_sigma": self.det_sigma,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["sample_ids"]) != list(self.store.ids):
+            by_id = dict(zip(state["sample_ids"], state["sample_weights"].tolist()))
+            self.sample_weights = torch.tensor([by_id.get(i, 1.0) for i in self.store.ids])
+        else:
+            self.sample_weights = state["sample_weights"].clone()
+        self.patch_weights = state["patch_weights"]
+        self.epoch = int(state["epoch"])
+        self.model.load_state_dict(state["model"])
+        for optimiser, optimiser_state in zip(self.optimizers, state["optimizers"]):
+            optimiser.load_state_dict(optimiser_state)
+        self.history.load_state(state["history"])
+        self.lam = float(state["lam"])
+        self.det_sigma = float(state["det_sigma"])
+        torch.set_rng_state(state["torch_rng"])

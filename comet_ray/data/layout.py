@@ -1,0 +1,290 @@
+"""The sample table: one row per image, built once from an MVTec-AD-style tree.
+
+Everything downstream (decoding, feature cache, SCL weights, predictions, manifests) is keyed by
+``Sample.sample_id`` and reads this table; nothing else walks the disk. Listing goes through
+``pyarrow.fs`` so the same code reads a local folder or an ``s3://`` prefix.
+
+Expected layout (``<root>`` may also be the category folder itself)::
+
+    <root>/<category>/train/<defect>/<image>          # unlabelled; usually defect "good"
+    <root>/<category>/test/<defect>/<image>           # "good" or a defect type
+    <root>/<category>/ground_truth/<defect>/<stem>_mask.png
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from comet_ray.errors import DatasetLayoutError, ImageDecodeError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+NOMINAL = "good"
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of the dataset and what the folder layout says about it."""
+
+    sample_id: str  # "<category>/<split>/<defect>/<file name>", posix, relative to the dataset root
+    category: str
+    split: str  # "train" or "test"
+    uri: str  # local absolute path or "s3://bucket/key"
+    defect: str  # folder name under the split; train images are unlabelled whatever it says
+    mask_uri: str | None  # ground-truth mask, when one exists (test anomalies only)
+    injected: bool = False  # moved from test into train by contamination injection (experiments)
+
+    @property
+    def is_anomalous(self) -> bool:
+        """Ground truth as far as it is known.
+
+        Train images are unlabelled (uncurated data may hide anomalies), so a plain train sample
+        counts as nominal here; only injected ones are known anomalies.
+        """
+        if self.split == "test":
+            return self.defect != NOMINAL
+        return self.injected
+
+
+def open_dataset_filesystem(root: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, base path)`` for a local folder or an ``s3://bucket/prefix`` URI.
+
+    ``s3_endpoint`` (e.g. ``http://minio:9000``) targets an S3-compatible store; its scheme picks
+    http or https. Credentials come from the standard AWS chain, never from arguments.
+    """
+    if _is_uri(root):
+        parsed = urlparse(root)
+        if parsed.scheme == "s3" and s3_endpoint:
+            endpoint = urlparse(s3_endpoint if "://" in s3_endpoint else f"https://{s3_endpoint}")
+            fs = pafs.S3FileSystem(endpoint_override=endpoint.netloc, scheme=endpoint.scheme)
+            return fs, _strip_slash(parsed.netloc + parsed.path)
+        try:
+            fs, path = pafs.FileSystem.from_uri(root)
+        except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError
+            raise DatasetLayoutError(f"cannot open dataset root {root}: {exc}") from exc
+        return fs, _strip_slash(path)
+    path = os.path.abspath(os.path.expanduser(root))
+    fs, path = pafs.FileSystem.from_uri(path)
+    return fs, _strip_slash(path)
+
+
+def read_bytes(uri: str, filesystem: pafs.FileSystem | None) -> bytes:
+    """Read a whole file named by a ``Sample`` uri.
+
+    An unreadable file is reported as :class:`ImageDecodeError` (one line naming it), because the
+    only files read this way are images and masks.
+    """
+    if filesystem is None:
+        filesystem, path = open_dataset_filesystem(uri)
+    else:
+        path = _uri_to_path(uri)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except (OSError, ValueError) as exc:
+        raise ImageDecodeError(uri, f"cannot read file ({exc})") from exc
+
+
+def list_categories(root: str, filesystem: pafs.FileSystem | None = None) -> list[str]:
+    """Category folders under ``root`` (those with a ``train/`` folder), sorted.
+
+    If ``root`` is itself a category folder, that one category is returned.
+    """
+    fs, base = _resolve(root, filesystem)
+    _require_dir(fs, base, root, "the dataset root")
+    if _is_dir(fs, posixpath.join(base, "train")):
+        return [posixpath.basename(base)]
+    children = fs.get_file_info(pafs.FileSelector(base, recursive=False))
+    categories = sorted(
+        info.base_name
+        for info in children
+        if info.type == pafs.FileType.Directory
+        and not _is_hidden(info.base_name)
+        and _is_dir(fs, posixpath.join(info.path, "train"))
+    )
+    if not categories:
+        raise DatasetLayoutError(
+            f"no category found under {root}: expected <category>/train/ folders (MVTec AD layout)"
+        )
+    return categories
+
+
+def build_sample_table(
+    root: str, category: str | None = None, filesystem: pafs.FileSystem | None = None
+) -> list[Sample]:
+    """List every image of one category once, sorted by ``sample_id``.
+
+    ``root`` may be the dataset root (then ``category`` names a folder in it) or the category folder
+    itself (then ``category`` may be omitted or must match its name). A missing ``test/`` is allowed
+    (predict-only use) and yields no test samples; a test anomaly without a mask gets ``mask_uri``
+    None, which downstream counts rather than fails on.
+    """
+    fs, base = _resolve(root, filesystem)
+    _require_dir(fs, base, root, "the dataset root")
+    prefix = _uri_prefix(root, fs)
+
+    if _is_dir(fs, posixpath.join(base, "train")):
+        folder_name = posixpath.basename(base)
+        if category not in (None, folder_name):
+            raise DatasetLayoutError(
+                f"{root} is the category folder '{folder_name}', but category '{category}' was asked for"
+            )
+        category, category_dir = folder_name, base
+    else:
+        if not category:
+            raise DatasetLayoutError(f"no category given and {root} has no train/ folder")
+        category_dir = posixpath.join(base, category)
+        if not _is_dir(fs, category_dir):
+            available = _available_categories(root, fs)
+            raise DatasetLayoutError(
+                f"category '{category}' not found under {root}; available: {available or 'none'}"
+            )
+
+    train_dir = posixpath.join(category_dir, "train")
+    if not _is_dir(fs, train_dir):
+        raise DatasetLayoutError(f"{prefix + category_dir} has no train/ folder (expected train/<defect>/)")
+
+    masks = _mask_index(fs, posixpath.join(category_dir, "ground_truth"))
+    samples: list[Sample] = []
+    for split in SPLITS:
+        split_dir = posixpath.join(category_dir, split)
+        if split == "test" and not _is_dir(fs, split_dir):
+            continue  # predict-only datasets have no test split
+        for rel in _list_images(fs, split_dir):
+            parent, file_name = posixpath.split(rel)
+            if not parent:
+                if split == "test":
+                    raise DatasetLayoutError(
+                        f"{prefix + posixpath.join(split_dir, rel)} lies directly in test/; "
+                        "expected test/<defect>/<image> so its label is known"
+                    )
+                parent = NOMINAL  # train is unlabelled anyway; a flat train/ folder is fine
+            defect = parent.split("/")[0]
+            mask_uri = None
+            if split == "test" and defect != NOMINAL:
+                mask_rel = masks.get(_mask_key(parent, file_name))
+                if mask_rel is not None:
+                    mask_uri = prefix + posixpath.join(category_dir, "ground_truth", mask_rel)
+            samples.append(
+                Sample(
+                    sample_id=posixpath.join(category, split, parent, file_name),
+                    category=category,
+                    split=split,
+                    uri=prefix + posixpath.join(split_dir, rel),
+                    defect=defect,
+                    mask_uri=mask_uri,
+                )
+            )
+
+    if not any(s.split == "train" for s in samples):
+        raise DatasetLayoutError(
+            f"{prefix + train_dir} contains no images (expected {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    samples.sort(key=lambda s: s.sample_id)
+    return samples
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _is_uri(root: str) -> bool:
+    scheme = urlparse(root).scheme
+    return len(scheme) > 1 and "://" in root  # a single letter is a Windows drive, not a scheme
+
+
+def _strip_slash(path: str) -> str:
+    return path.rstrip("/") or "/"
+
+
+def _resolve(root: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    if filesystem is None:
+        return open_dataset_filesystem(root)
+    return filesystem, _strip_slash(_uri_to_path(root) if _is_uri(root) else _local_or_raw(root, filesystem))
+
+
+def _local_or_raw(root: str, fs: pafs.FileSystem) -> str:
+    if fs.type_name == "local":
+        return os.path.abspath(os.path.expanduser(root))
+    return root
+
+
+def _uri_to_path(uri: str) -> str:
+    if _is_uri(uri):
+        parsed = urlparse(uri)
+        return parsed.netloc + parsed.path
+    return uri
+
+
+def _uri_prefix(root: str, fs: pafs.FileSystem) -> str:
+    """What turns a filesystem path back into a ``Sample.uri`` (empty for local paths)."""
+    if _is_uri(root):
+        return urlparse(root).scheme + "://"
+    return "" if fs.type_name == "local" else f"{fs.type_name}://"
+
+
+def _is_dir(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def _require_dir(fs: pafs.FileSystem, path: str, shown: str, what: str) -> None:
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise DatasetLayoutError(f"{what} {shown} does not exist")
+    if info.type != pafs.FileType.Directory:
+        raise DatasetLayoutError(f"{what} {shown} is not a folder")
+
+
+def _available_categories(root: str, fs: pafs.FileSystem) -> list[str]:
+    try:
+        return list_categories(root, fs)
+    except DatasetLayoutError:
+        return []
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _is_image(name: str) -> bool:
+    return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _list_images(fs: pafs.FileSystem, directory: str) -> list[str]:
+    """Image files under ``directory`` (recursive), as posix paths relative to it; hidden ones skipped."""
+    selector = pafs.FileSelector(directory, recursive=True, allow_not_found=True)
+    found = []
+    for info in fs.get_file_info(selector):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = posixpath.relpath(info.path, directory)
+        if any(_is_hidden(part) for part in rel.split("/")) or not _is_image(info.base_name):
+            continue
+        found.append(rel)
+    return sorted(found)
+
+
+def _mask_key(parent: str, file_name: str) -> str:
+    stem = posixpath.splitext(file_name)[0]
+    return posixpath.join(parent, stem + "_mask").lower()
+
+
+def _mask_index(fs: pafs.FileSystem, gt_dir: str) -> dict[str, str]:
+    """Map ``"<defect>/<stem>_mask"`` (lower case) to the mask's path relative to ``ground_truth/``.
+
+    Listing once and matching by key avoids one existence probe per image (slow on S3) and accepts
+    any image extension for the mask.
+    """
+    index: dict[str, str] = {}
+    for rel in _list_images(fs, gt_dir):
+        key = posixpath.splitext(rel)[0].lower()
+        if not key.endswith("_mask"):
+            continue
+        # Prefer .png when the same mask exists in several formats; sorted order makes this stable.
+        if key not in index or rel.lower().endswith(".png"):
+            index[key] = rel
+    return index

@@ -1,0 +1,29 @@
+"""User-facing errors.
+
+Every problem a user can cause (a bad path, a corrupt image, a wrong folder layout) is raised as a
+:class:`CometError` whose message is one clear line naming the offending file. The CLI prints that line
+and exits non-zero instead of showing a traceback from deep inside PIL or torch.
+"""
+
+from __future__ import annotations
+
+
+class CometError(Exception):
+    """An error caused by input or configuration, reported to the user as one line."""
+
+
+class DatasetLayoutError(CometError):
+    """The dataset root is not an MVTec-AD-style tree, or a category is empty."""
+
+
+class ImageDecodeError(CometError):
+    """An image or mask file cannot be decoded."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class CheckpointError(CometError):
+    """A checkpoint is missing, corrupt, or from another model or version."""

@@ -1,0 +1,79 @@
+"""Scoring a feature store with a trained detector, and the metrics of a labelled split.
+
+Used once at the end of training on the report split (final numbers) and on the validation split
+(threshold, Tune objective). Nothing here ever chooses an epoch or a hyperparameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from comet_ray.features.extractor import ExtractedSplit
+from comet_ray.features.store import FeatureStore
+from comet_ray.metrics import anomaly_metrics, auroc
+from comet_ray.models.anomaly_map import anomaly_maps, image_scores
+
+
+@torch.no_grad()
+def score_patches(model: nn.Module, store: FeatureStore, device: torch.device | str, chunk: int = 64) -> torch.Tensor:
+    """Patch scores [N, P] of every image in ``store`` (eval mode; bf16 autocast on CUDA)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    parts = []
+    for start in range(0, len(store), chunk):
+        rows = torch.arange(start, min(start + chunk, len(store)))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            parts.append(model.patch_scores(store.batch(rows, device)).float())
+    model.train(was_training)
+    if not parts:
+        return torch.zeros(0, store.num_patches, device=device)
+    return torch.cat(parts)
+
+
+@dataclass
+class SplitEvaluation:
+    metrics: dict
+    image_scores: torch.Tensor  # [N], aligned with the split's store ids
+    labels: torch.Tensor  # [N] bool
+
+
+def split_labels(split: ExtractedSplit, anomalous_ids: set[str]) -> torch.Tensor:
+    return torch.tensor([i in anomalous_ids for i in split.store.ids], dtype=torch.bool)
+
+
+def evaluate_split(
+    model: nn.Module,
+    split: ExtractedSplit,
+    labels: torch.Tensor,
+    image_size: int,
+    device: torch.device | str,
+    pixel_metrics: bool = True,
+) -> SplitEvaluation:
+    """Image AUROC, F1-max and (where masks are available) pixel AUROC and AUPRO@0.3 of one split."""
+    patch = score_patches(model, split.store, device)
+    scores = image_scores(patch)
+    maps = masks = None
+    if pixel_metrics and split.masks is not None and split.mask_available is not None:
+        keep = split.mask_available.to(patch.device)
+        if bool(keep.any()):
+            maps = anomaly_maps(patch[keep], split.store.grid, image_size)
+            masks = split.masks.to(patch.device)[keep]
+    if labels.numel() == 0 or bool(labels.all()) or not bool(labels.any()):
+        metrics = {"image_auroc": float("nan"), "f1_max": float("nan"), "f1_threshold": float("nan")}
+    else:
+        metrics = anomaly_metrics(scores, labels.to(scores.device), maps, masks)
+    metrics["n_images"] = int(labels.numel())
+    metrics["n_anomalous"] = int(labels.sum())
+    metrics["n_pixel_evaluated"] = 0 if maps is None else int(maps.shape[0])
+    return SplitEvaluation(metrics, scores.cpu(), labels.cpu())
+
+
+def validation_auroc(model: nn.Module, split: ExtractedSplit, labels: torch.Tensor, device) -> float:
+    """Image AUROC on the validation split only: the per-epoch signal Tune may use."""
+    if labels.numel() == 0 or bool(labels.all()) or not bool(labels.any()):
+        return float("nan")
+    return auroc(image_scores(score_patches(model, split.store, device)), labels)

@@ -1,0 +1,35 @@
+"""Detectors over cached patch features, and a registry to build them by name."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from comet_ray.errors import CometError
+
+MODELS = ("simplenet", "flow")
+
+
+def build_detector(name: str, feature_dim: int, model_config, grid: tuple[int, int] | None = None) -> nn.Module:
+    """Build a detector from ``ModelConfig``; the only place that knows the concrete classes."""
+    if name == "simplenet":
+        from comet_ray.models.simplenet import SimpleNet
+
+        return SimpleNet(
+            feature_dim,
+            hidden=model_config.discriminator_hidden,
+            noise_std=model_config.noise_std,
+            margin=model_config.margin,
+            adaptor_lr=model_config.adaptor_lr,
+            discriminator_lr=model_config.discriminator_lr,
+            discriminator_weight_decay=model_config.discriminator_weight_decay,
+        )
+    raise CometError(f"unknown model {name!r}; choose one of {', '.join(MODELS[:1])}")
+
+
+def detector_from_hparams(name: str, hparams: dict) -> nn.Module:
+    """Rebuild a detector from the hyperparameters stored in a checkpoint."""
+    if name == "simplenet":
+        from comet_ray.models.simplenet import SimpleNet
+
+        return SimpleNet(**hparams)
+    raise CometError(f"checkpoint holds an unknown model {name!r}")

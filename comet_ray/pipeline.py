@@ -1,0 +1,264 @@
+"""One category end to end, without Ray: samples -> contamination -> splits -> features -> CoMet -> metrics.
+
+``prepare_data`` does everything that does not depend on the detector (and is shared by every
+strategy, seed and Tune trial on the same images); ``train_category`` trains and evaluates one
+configuration; ``write_run`` puts the results in ``--out`` all at once, so a failed run leaves nothing
+half-written there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from comet_ray.checkpoint import save_detector
+from comet_ray.comet.collective import Collective
+from comet_ray.comet.trainer import CometTrainer, EpochLog
+from comet_ray.config import TrainConfig
+from comet_ray.data.contamination import inject_contamination
+from comet_ray.data.layout import Sample, build_sample_table, open_dataset_filesystem
+from comet_ray.data.splits import validation_split
+from comet_ray.errors import CometError, DatasetLayoutError
+from comet_ray.evaluate import evaluate_split, split_labels
+from comet_ray.features.extractor import ExtractedSplit, PatchFeatureExtractor, extract_features_cached
+from comet_ray.metrics import f1_max
+from comet_ray.models import build_detector
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CometError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def public_uri(uri: str) -> str:
+    """A URI safe to write into results: no query string or user info (which may carry credentials)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if not parts.scheme or len(parts.scheme) == 1:  # a local path (or a Windows drive letter)
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def subset_split(source: ExtractedSplit, ids: list[str]) -> ExtractedSplit:
+    """The rows of ``source`` for ``ids`` (ids skipped at decode time are dropped)."""
+    present = [i for i in ids if i in set(source.store.ids)]
+    rows = source.store.rows(present)
+    result = ExtractedSplit(source.store.subset(present))
+    if source.masks is not None:
+        result.masks = source.masks.index_select(0, rows)
+        result.mask_available = source.mask_available.index_select(0, rows)
+    wanted = set(ids)
+    result.skipped = [s for s in source.skipped if s["sample_id"] in wanted]
+    result.mask_issues = [s for s in source.mask_issues if s["sample_id"] in wanted]
+    return result
+
+
+@dataclass
+class PreparedData:
+    """Everything a training run needs that does not depend on the detector or the strategy."""
+
+    train: ExtractedSplit
+    validation: ExtractedSplit
+    report: ExtractedSplit
+    validation_labels: torch.Tensor
+    report_labels: torch.Tensor
+    injected_ids: set[str]
+    manifest: dict
+    feature_info: dict
+    feature_dim: int
+    grid: tuple[int, int]
+    skipped: list[dict] = field(default_factory=list)
+    mask_issues: list[dict] = field(default_factory=list)
+
+
+def select_samples(samples: list[Sample], config: TrainConfig) -> tuple[list[Sample], list[Sample], list[Sample], dict]:
+    """Contamination injection and the validation split: (train, validation, report, manifest)."""
+    manifest: dict = {
+        "data_root": public_uri(config.data_root),
+        "category": config.category,
+        "seed": config.seed,
+        "validation_fraction": config.validation_fraction,
+    }
+    if config.contamination > 0:
+        samples, contamination = inject_contamination(samples, config.contamination, config.seed)
+        manifest["contamination"] = contamination.to_dict()
+    else:
+        manifest["contamination"] = {"requested_ratio": 0.0, "achieved_ratio": 0.0, "n_moved": 0, "moved": []}
+    train = [s for s in samples if s.split == "train"]
+    test = [s for s in samples if s.split == "test"]
+    validation, report = validation_split(test, config.validation_fraction, config.seed)
+    manifest["n_train"] = len(train)
+    manifest["validation_ids"] = [s.sample_id for s in validation]
+    manifest["report_ids"] = [s.sample_id for s in report]
+    return train, validation, report, manifest
+
+
+def prepare_data(
+    config: TrainConfig,
+    device: torch.device,
+    cache_dir: str | None = None,
+    progress: bool = False,
+    s3_endpoint: str | None = None,
+) -> PreparedData:
+    filesystem, _ = open_dataset_filesystem(config.data_root, s3_endpoint)
+    samples = build_sample_table(config.data_root, config.category, filesystem)
+    if not any(s.split == "test" for s in samples):
+        raise DatasetLayoutError(
+            f"category {config.category!r} under {public_uri(config.data_root)} has no test/ images: "
+            "training needs a labelled test split for the validation threshold and the final metrics"
+        )
+    train, validation, report, manifest = select_samples(samples, config)
+    extractor = PatchFeatureExtractor(config.features, device)
+    # One extraction for the whole category (train + test, masks included), shared by every
+    # contamination level, seed and strategy: the split only decides which rows go where.
+    every = sorted(samples, key=lambda s: s.sample_id)
+    extracted = extract_features_cached(every, extractor, filesystem, True, cache_dir, progress=progress)
+    train_x = subset_split(extracted, [s.sample_id for s in train])
+    if len(train_x.store) == 0:
+        raise DatasetLayoutError(f"no readable training images in category {config.category!r}")
+    anomalous = {s.sample_id for s in samples if s.split == "test" and s.is_anomalous}
+    validation_x = subset_split(extracted, [s.sample_id for s in validation])
+    report_x = subset_split(extracted, [s.sample_id for s in report])
+    manifest["skipped"] = extracted.skipped
+    manifest["mask_issues"] = extracted.mask_issues
+    manifest["features"] = extractor.fingerprint()
+    return PreparedData(
+        train=train_x,
+        validation=validation_x,
+        report=report_x,
+        validation_labels=split_labels(validation_x, anomalous),
+        report_labels=split_labels(report_x, anomalous),
+        injected_ids={s.sample_id for s in train if s.injected},
+        manifest=manifest,
+        feature_info=extractor.fingerprint(),
+        feature_dim=extractor.feature_dim,
+        grid=extracted.store.grid,
+        skipped=extracted.skipped,
+        mask_issues=extracted.mask_issues,
+    )
+
+
+@dataclass
+class RunResult:
+    metrics: dict
+    validation_metrics: dict
+    epochs: list[EpochLog]
+    model: torch.nn.Module
+    threshold: float
+    nominal_score: float
+    final_weights: dict[str, float]
+
+
+def decision_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(F1-optimal threshold, median nominal score) on the validation split, for predict's decisions."""
+    nominal = scores[~labels]
+    median = float(nominal.median()) if nominal.numel() else float(scores.median())
+    if labels.any() and (~labels).any():
+        return float(f1_max(scores, labels)[1]), median
+    return float(scores.max()), median
+
+
+def train_category(
+    config: TrainConfig,
+    data: PreparedData,
+    device: torch.device,
+    collective: Collective | None = None,
+    on_epoch_end: Callable[[CometTrainer, EpochLog], None] | None = None,
+    trainer_state: dict | None = None,
+) -> RunResult:
+    """Train one detector with one strategy and evaluate it once on the report split."""
+    torch.manual_seed(config.seed)
+    model = build_detector(config.model.model, data.feature_dim, config.model, data.grid)
+    trainer = CometTrainer(model, data.train.store, config, device, collective, data.injected_ids)
+    if trainer_state is not None:
+        trainer.load_state_dict(trainer_state)
+    start = time.perf_counter()
+    epochs = trainer.fit(config.epochs, on_epoch_end)
+    train_seconds = time.perf_counter() - start
+    size = config.features.image_size
+    validation = evaluate_split(model, data.validation, data.validation_labels, size, device, pixel_metrics=False)
+    report = evaluate_split(model, data.report, data.report_labels, size, device)
+    threshold, nominal = decision_threshold(validation.image_scores, validation.labels)
+    contamination = data.manifest["contamination"]
+    metrics = {
+        "image_auroc": report.metrics.get("image_auroc"),
+        "pixel_auroc": report.metrics.get("pixel_auroc", float("nan")),
+        "aupro": report.metrics.get("aupro", float("nan")),
+        "f1_max": report.metrics.get("f1_max"),
+        "validation_image_auroc": validation.metrics.get("image_auroc"),
+        "strategy": config.comet.strategy,
+        "model": config.model.model,
+        "category": config.category,
+        "contamination": config.contamination,
+        "achieved_contamination": contamination["achieved_ratio"],
+        "seed": config.seed,
+        "n_train": len(data.train.store),
+        "n_test": report.metrics["n_images"],
+        "n_validation": validation.metrics["n_images"],
+        "n_skipped": len(data.skipped),
+        "epochs": config.epochs,
+        "train_seconds": train_seconds,
+        "device": str(device),
+    }
+    if epochs:
+        last = epochs[-1]
+        metrics["mean_weight_injected"] = last.mean_weight_injected
+        metrics["mean_weight_nominal"] = last.mean_weight_nominal
+    final_weights = dict(zip(data.train.store.ids, trainer.sample_weights.tolist()))
+    return RunResult(metrics, validation.metrics, epochs, model, threshold, nominal, final_weights)
+
+
+def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResult) -> Path:
+    """Write metrics.json, manifest.json, history.json, weights.json and model.pt into ``out`` at once.
+
+    Files are staged in a temporary folder beside ``out`` and moved in only when all are written.
+    """
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        config_dict = config.to_dict()
+        config_dict["data_root"] = public_uri(config.data_root)
+        (staging / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+        (staging / "manifest.json").write_text(json.dumps(data.manifest, indent=2))
+        (staging / "history.json").write_text(json.dumps([e.to_dict() for e in result.epochs], indent=2))
+        weights = {
+            "weights": result.final_weights,
+            "injected": sorted(data.injected_ids),
+        }
+        (staging / "weights.json").write_text(json.dumps(weights, indent=2))
+        (staging / "config.json").write_text(json.dumps(config_dict, indent=2))
+        save_detector(
+            staging / "model.pt",
+            result.model,
+            data.feature_info,
+            data.grid,
+            config_dict,
+            result.threshold,
+            result.nominal_score,
+            extra={"metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}},
+        )
+        target.mkdir(parents=True, exist_ok=True)
+        for item in staging.iterdir():
+            os.replace(item, target / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
