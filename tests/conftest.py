@@ -2,11 +2,45 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# Keep every service on 127.0.0.1 and quiet: no usage stats, no cloud metadata probes, explicit auth.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("COMET_RAY_OFFLINE", "1")  # never try a model-hub download in tests
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+BOTTLE = SHARED / "data" / "mvtec_bottle"
+MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
+
+
+@pytest.fixture(scope="session")
+def bottle_root() -> Path:
+    """Root holding the real MVTec AD ``mvtec_bottle`` category; skips when ../shared is absent."""
+    if not BOTTLE.is_dir():
+        pytest.skip(f"real MVTec data not present at {BOTTLE} (a fresh clone has no ../shared)")
+    return BOTTLE.parent
+
+
+@pytest.fixture(scope="session")
+def imagenet_torch_home(tmp_path_factory) -> Path | None:
+    """A TORCH_HOME with torchvision's MobileNetV2 ImageNet file when ../shared has it, else None."""
+    if not MOBILENET_WEIGHTS.is_file():
+        return None
+    home = tmp_path_factory.mktemp("torch_home")
+    checkpoints = home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copy(MOBILENET_WEIGHTS, checkpoints / MOBILENET_WEIGHTS.name)
+    os.environ["TORCH_HOME"] = str(home)
+    return home
 
 
 @pytest.fixture

@@ -87,7 +87,11 @@ def build_backbone(
     """Build the frozen two-stage trunk; returns it with a short description of where weights came from."""
     if name not in BACKBONES:
         raise CometError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    model = torchvision.models.get_model(name, weights=None)
+    # A fixed seed makes a randomly initialised trunk the same in every process and every later
+    # predict/evaluate call, so checkpoints trained on random features stay usable.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None)
     source = "random init"
     if weights:
         if not os.path.exists(weights):

@@ -61,6 +61,8 @@ class PatchFeatureExtractor:
         return {
             "backbone": self.config.backbone,
             "weights": self.weights_source,
+            "weights_file": self.config.weights,
+            "pretrained": self.weights_source != "random init",
             "image_size": self.config.image_size,
             "feature_dim": self.feature_dim,
             "cache_dtype": self.config.cache_dtype,

@@ -1,0 +1,245 @@
+"""The ``comet-ray`` command line.
+
+Every problem the user can fix (a bad path, a corrupt checkpoint, a wrong layout) ends in one line
+on stderr and exit status 2; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from comet_ray.config import STRATEGIES, FeatureConfig, TrainConfig, apply_overrides
+from comet_ray.errors import CometError
+
+log = logging.getLogger("comet_ray")
+
+
+def _parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    features = FeatureConfig()
+    parser.add_argument("data_root", help="dataset root holding <category>/{train,test,ground_truth} (or a category folder)")
+    parser.add_argument("--category", required=True, help="category folder name under DATA_ROOT")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="comet",
+                        help="baseline: plain detector; scl: confidence weights only; meta: meta-learning + lambda(Sigma) only; comet: both (default)")
+    parser.add_argument("--model", choices=("simplenet",), default="simplenet", help="detector trained on the cached features")
+    parser.add_argument("--contamination", type=float, default=0.0,
+                        help="experiments: move this fraction of anomalous test images into train (SoftPatch no-overlap protocol); 0 = use train/ as it is")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seeds contamination, splits, batch order and noise")
+    parser.add_argument("--backbone", default=features.backbone, choices=("wide_resnet50_2", "resnet18", "mobilenet_v2"),
+                        help="frozen feature extractor (paper: wide_resnet50_2)")
+    parser.add_argument("--weights", default=None, help="ImageNet weights file for the backbone (default: torchvision's hub cache)")
+    parser.add_argument("--no-pretrained", action="store_true", help="use a randomly initialised backbone (tests, benchmarks)")
+    parser.add_argument("--image-size", type=int, default=features.image_size, help="center-crop size in pixels (paper: 288)")
+    parser.add_argument("--feature-dim", type=int, default=None, help="patch feature width (default: 1536 for WRN50, smaller for small backbones)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="outer CoMet epochs (paper: 40)")
+    parser.add_argument("--passes", type=int, default=defaults.passes, help="passes over the training set per epoch (paper: 4)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per training step (paper: 8)")
+    parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction,
+                        help="share of the test split held out for the threshold and tuning (never reported on)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--cache-dir", default=os.environ.get("COMET_RAY_CACHE"),
+                        help="reuse backbone features across runs from this folder (env COMET_RAY_CACHE)")
+    parser.add_argument("--s3-endpoint", default=os.environ.get("AWS_ENDPOINT_URL"),
+                        help="endpoint of an S3-compatible store for s3:// roots (env AWS_ENDPOINT_URL)")
+    parser.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
+                        help="override any knob of comet_ray.config, e.g. --set fence_k=2 --set noise_std=0.05 (repeatable)")
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    config = TrainConfig(
+        data_root=args.data_root,
+        category=args.category,
+        contamination=args.contamination,
+        seed=args.seed,
+        epochs=args.epochs,
+        passes=args.passes,
+        batch_size=args.batch_size,
+        validation_fraction=args.validation_fraction,
+        device=args.device,
+        out=getattr(args, "out", ""),
+    )
+    config.features.backbone = args.backbone
+    config.features.weights = args.weights
+    config.features.pretrained = not args.no_pretrained
+    config.features.image_size = args.image_size
+    config.features.feature_dim = args.feature_dim
+    config.model.model = args.model
+    config.comet.strategy = args.strategy
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise CometError(f"--set expects KNOB=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = _parse_value(value.strip())
+    try:
+        return apply_overrides(config, overrides) if overrides else config
+    except KeyError as exc:
+        raise CometError(f"--set: {exc.args[0]}") from None
+
+
+def _print_epoch(total: int):
+    def callback(_trainer, epoch_log) -> None:
+        print(epoch_log.line(total), flush=True)
+
+    return callback
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from comet_ray.pipeline import prepare_data, resolve_device, train_category, write_run
+
+    config = _train_config(args)
+    device = resolve_device(config.device)
+    print(f"comet-ray train: {config.category} | strategy {config.comet.strategy} | device {device}", flush=True)
+    data = prepare_data(config, device, cache_dir=args.cache_dir, progress=True, s3_endpoint=args.s3_endpoint)
+    if data.skipped:
+        print(f"skipped {len(data.skipped)} unreadable image(s); listed in manifest.json", file=sys.stderr)
+    result = train_category(config, data, device, on_epoch_end=_print_epoch(config.epochs))
+    out = write_run(args.out, config, data, result)
+    print(_metrics_table([result.metrics]))
+    print(f"results in {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from comet_ray.inference import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.data_root, args.category, args.device, args.s3_endpoint,
+                                  args.cache_dir)
+    print(json.dumps(metrics, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from comet_ray.inference import predict_images
+
+    rows = predict_images(args.checkpoint, args.images, args.device, args.threshold, args.s3_endpoint)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "predictions.csv"
+    fields = ["path", "score", "normalised_score", "anomalous", "error"]
+    with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(handle.name, target)
+    n_bad = sum(1 for r in rows if r["error"])
+    n_anomalous = sum(1 for r in rows if r["anomalous"] == 1)
+    print(f"{len(rows) - n_bad} image(s) scored, {n_anomalous} anomalous, {n_bad} unreadable -> {target}")
+    return 0
+
+
+def _metrics_table(rows: list[dict]) -> str:
+    columns = ["strategy", "contamination", "seed", "image_auroc", "pixel_auroc", "aupro", "f1_max",
+               "mean_weight_injected", "mean_weight_nominal", "train_seconds"]
+    header = " | ".join(f"{c:>20}" if i else f"{c:<10}" for i, c in enumerate(columns))
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        cells = []
+        for i, c in enumerate(columns):
+            value = row.get(c)
+            text = "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+            cells.append(f"{text:>20}" if i else f"{text:<10}")
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from comet_ray.demo import run_demo
+
+    rows = run_demo(args.out, epochs=args.epochs, seed=args.seed, device=args.device)
+    print()
+    print(_metrics_table(rows))
+    print(f"\nresults in {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="comet-ray",
+        description="Anomaly detection from uncurated image sets: CoMet (confident meta-learning) on SimpleNet.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one category and evaluate it once on held-out test images",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_training_options(train)
+    train.add_argument("--out", required=True, help="run folder: metrics.json, manifest.json, history.json, model.pt")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="score a dataset's test split with a trained checkpoint",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluate.add_argument("checkpoint", help="model.pt or a run folder")
+    evaluate.add_argument("data_root", help="dataset root (local folder or s3://bucket/prefix)")
+    evaluate.add_argument("--category", required=True, help="category folder name")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    evaluate.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    evaluate.add_argument("--cache-dir", default=os.environ.get("COMET_RAY_CACHE"), help="feature cache folder")
+    evaluate.add_argument("--s3-endpoint", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3-compatible endpoint")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="score images with a trained checkpoint, write predictions.csv",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    predict.add_argument("checkpoint", help="model.pt or a run folder")
+    predict.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    predict.add_argument("--out", default="predictions", help="output folder")
+    predict.add_argument("--threshold", type=float, default=None,
+                         help="decision threshold on the image score (default: F1-optimal on the validation split, from the checkpoint)")
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    predict.add_argument("--s3-endpoint", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3-compatible endpoint")
+    predict.set_defaults(func=cmd_predict)
+
+    demo = sub.add_parser("demo", help="offline end-to-end demo: synthetic contaminated set, baseline vs CoMet",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--out", default="comet-ray-demo", help="output folder")
+    demo.add_argument("--epochs", type=int, default=8, help="CoMet epochs per run")
+    demo.add_argument("--seed", type=int, default=0, help="seed")
+    demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    try:
+        code = args.func(args)
+    except CometError as exc:
+        if args.verbose:
+            raise
+        print(f"comet-ray: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("comet-ray: interrupted", file=sys.stderr)
+        return 130
+    log.debug("done in %.1fs", time.perf_counter() - start)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""``comet-ray demo``: the whole product offline in a few minutes on two CPU cores.
+
+It writes a synthetic texture category in which one defect type is common, contaminates the
+training set with it (20 %), and trains the plain baseline and CoMet on the same cached features,
+so the table it prints compares like with like.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from comet_ray.config import FeatureConfig, ModelConfig, TrainConfig
+from comet_ray.data.synthetic import make_texture_category
+from comet_ray.pipeline import prepare_data, resolve_device, train_category, write_run
+
+
+def demo_config(data_root: str, epochs: int, seed: int) -> TrainConfig:
+    """Small, fast settings: MobileNetV2 at 128 px; noise scaled to this backbone's feature spread."""
+    config = TrainConfig(
+        data_root=data_root, category="weave", contamination=0.2, seed=seed, epochs=epochs, passes=1, batch_size=8
+    )
+    config.features = FeatureConfig(backbone="mobilenet_v2", image_size=128, feature_dim=128, batch_size=32)
+    config.model = ModelConfig(noise_std=0.1, discriminator_hidden=256)
+    config.comet.inner_steps = 2
+    config.comet.meta_tasks = 2
+    return config
+
+
+def run_demo(out: str, epochs: int = 8, seed: int = 0, device: str = "auto") -> list[dict]:
+    out_dir = Path(out)
+    data_root = out_dir / "data"
+    if not (data_root / "weave").exists():
+        print(f"writing a synthetic category to {data_root / 'weave'}", flush=True)
+        make_texture_category(data_root, "weave", n_train=60, n_test_good=24, defects={"spot": 40, "scratch": 16},
+                              seed=seed)
+    torch_device = resolve_device(device)
+    config = demo_config(str(data_root), epochs, seed)
+    data = prepare_data(config, torch_device, cache_dir=str(out_dir / "feature-cache"), progress=True)
+    rows = []
+    for strategy in ("baseline", "comet"):
+        config.comet.strategy = strategy
+        print(f"\n== {strategy} ({config.epochs} epochs, contamination {config.contamination:.0%}) ==", flush=True)
+        result = train_category(config, data, torch_device,
+                                on_epoch_end=lambda _t, e: print(e.line(config.epochs), flush=True))
+        write_run(str(out_dir / strategy), config, data, result)
+        rows.append(result.metrics)
+    (out_dir / "summary.json").write_text(json.dumps(rows, indent=2))
+    return rows

@@ -1,0 +1,155 @@
+"""Using a trained checkpoint: evaluate a dataset's test split, or score arbitrary images.
+
+The checkpoint says how its features were made (backbone, weights, image size, width), so both
+commands rebuild exactly that extractor; nothing from the training config is needed.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from comet_ray.checkpoint import load_detector
+from comet_ray.config import FeatureConfig
+from comet_ray.data.images import decode_image, preprocess_image
+from comet_ray.data.layout import IMAGE_EXTENSIONS, build_sample_table, open_dataset_filesystem, read_bytes
+from comet_ray.errors import CometError, ImageDecodeError
+from comet_ray.evaluate import evaluate_split, split_labels
+from comet_ray.features.extractor import PatchFeatureExtractor, extract_features_cached
+from comet_ray.pipeline import resolve_device, subset_split
+
+
+def extractor_for(meta: dict, device: torch.device) -> PatchFeatureExtractor:
+    """The feature extractor a checkpoint was trained with."""
+    info = meta["features"]
+    weights_file = info.get("weights_file")
+    if weights_file and not os.path.exists(weights_file):
+        raise CometError(f"the checkpoint's backbone weights file is missing: {weights_file}")
+    config = FeatureConfig(
+        backbone=info["backbone"],
+        image_size=int(info["image_size"]),
+        feature_dim=int(info["feature_dim"]),
+        weights=weights_file,
+        pretrained=bool(info.get("pretrained", True)),
+        cache_dtype=info.get("cache_dtype", "float16"),
+    )
+    extractor = PatchFeatureExtractor(config, device)
+    if extractor.fingerprint()["pretrained"] != config.pretrained:
+        raise CometError("the checkpoint was trained on ImageNet features but the backbone weights are unavailable here")
+    return extractor
+
+
+def evaluate_checkpoint(
+    checkpoint: str, data_root: str, category: str, device: str = "auto", s3_endpoint: str | None = None,
+    cache_dir: str | None = None,
+) -> dict:
+    """Metrics of a checkpoint on a category's test split.
+
+    Given a run folder, the images that run moved into training or used for validation are left out
+    (its manifest lists them), so the numbers match the run's own report split.
+    """
+    torch_device = resolve_device(device)
+    model, meta = load_detector(checkpoint, torch_device)
+    filesystem, _ = open_dataset_filesystem(data_root, s3_endpoint)
+    samples = [s for s in build_sample_table(data_root, category, filesystem) if s.split == "test"]
+    manifest_path = Path(checkpoint) / "manifest.json" if Path(checkpoint).is_dir() else Path(checkpoint).parent / "manifest.json"
+    excluded: set[str] = set()
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        excluded = set(manifest.get("validation_ids", []))
+        excluded |= {m["sample_id"] for m in manifest.get("contamination", {}).get("moved", [])}
+    samples = [s for s in samples if s.sample_id not in excluded]
+    if not samples:
+        raise CometError(f"no test images to evaluate in category {category!r}")
+    extractor = extractor_for(meta, torch_device)
+    extracted = extract_features_cached(samples, extractor, filesystem, True, cache_dir, progress=True)
+    split = subset_split(extracted, [s.sample_id for s in samples])
+    labels = split_labels(split, {s.sample_id for s in samples if s.is_anomalous})
+    result = evaluate_split(model, split, labels, extractor.config.image_size, torch_device)
+    result.metrics["checkpoint"] = str(checkpoint)
+    result.metrics["n_skipped"] = len(extracted.skipped)
+    return result.metrics
+
+
+def expand_inputs(inputs: list[str], s3_endpoint: str | None = None) -> list[str]:
+    """Files, folders (recursive) and glob patterns -> image paths; s3:// prefixes are listed."""
+    found: list[str] = []
+    for item in inputs:
+        if item.startswith("s3://"):
+            import pyarrow.fs as pafs
+
+            filesystem, base = open_dataset_filesystem(item, s3_endpoint)
+            infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+            keys = [i.path for i in infos if i.type == pafs.FileType.File and Path(i.path).suffix.lower() in IMAGE_EXTENSIONS]
+            if not keys and filesystem.get_file_info(base).type == pafs.FileType.File:
+                keys = [base]
+            found.extend(f"s3://{k}" for k in sorted(keys))
+        elif os.path.isdir(item):
+            for directory, _, files in sorted(os.walk(item)):
+                found.extend(os.path.join(directory, f) for f in sorted(files) if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+        elif any(ch in item for ch in "*?["):
+            found.extend(sorted(glob.glob(item, recursive=True)))
+        else:
+            found.append(item)
+    return found
+
+
+def normalised_score(score: float, nominal: float, threshold: float) -> float:
+    """0 at the median nominal validation score, 0.5 at the decision threshold (scores are comparable across models)."""
+    span = threshold - nominal
+    if span <= 0:
+        return 0.5
+    return 0.5 * (score - nominal) / span
+
+
+@torch.no_grad()
+def predict_images(
+    checkpoint: str, inputs: list[str], device: str = "auto", threshold: float | None = None,
+    s3_endpoint: str | None = None, batch_size: int = 16,
+) -> list[dict]:
+    """One row per input: path, image score, normalised score, decision; unreadable files get an error."""
+    from tqdm import tqdm
+
+    from comet_ray.models.anomaly_map import image_scores
+
+    torch_device = resolve_device(device)
+    model, meta = load_detector(checkpoint, torch_device)
+    extractor = extractor_for(meta, torch_device)
+    cut = float(meta["threshold"]) if threshold is None else float(threshold)
+    nominal = float(meta["nominal_score"])
+    paths = expand_inputs(inputs, s3_endpoint)
+    if not paths:
+        raise CometError(f"no images found in {' '.join(inputs)}")
+    filesystem = None
+    if any(p.startswith("s3://") for p in paths):
+        filesystem, _ = open_dataset_filesystem(next(p for p in paths if p.startswith("s3://")), s3_endpoint)
+    rows: list[dict] = []
+    pending: list[tuple[str, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        batch = torch.stack([t for _, t in pending])
+        scores = image_scores(model.patch_scores(extractor(batch))).cpu().tolist()
+        for (path, _), score in zip(pending, scores):
+            rows.append({"path": path, "score": score, "normalised_score": normalised_score(score, nominal, cut),
+                         "anomalous": int(score >= cut), "error": ""})
+        pending.clear()
+
+    for path in tqdm(paths, desc="predict", unit="img", leave=False):
+        try:
+            data = read_bytes(path, filesystem if path.startswith("s3://") else None)
+            tensor = preprocess_image(decode_image(data, path), extractor.config.image_size)
+        except ImageDecodeError as exc:
+            rows.append({"path": path, "score": "", "normalised_score": "", "anomalous": "", "error": exc.reason})
+            continue
+        pending.append((path, tensor))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    order = {p: i for i, p in enumerate(paths)}
+    return sorted(rows, key=lambda r: order[r["path"]])
