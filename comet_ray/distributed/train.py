@@ -1,0 +1,392 @@
+"""Data-parallel CoMet training on Ray Train (V2): one category over N workers, many categories at once.
+
+The epoch loop is the core's ``CometTrainer`` (through ``pipeline.train_category``) with a
+``torch.distributed`` collective; Ray only starts the workers, sets up the process group, keeps
+checkpoints and restarts a failed worker group from the newest one. Because every random draw in the
+core is a pure function of (seed, epoch, phase, sample row) and BatchNorm statistics are synchronised
+across workers, N workers compute what one process computes (up to float reduction order).
+
+Layout of a run (``storage_path/run_name``) is Ray's; the results (metrics.json, weights.json, ...)
+are written by rank 0 with ``pipeline.write_run`` into ``out``, plus ``attempts.jsonl``: one line per
+worker start (rank, epoch it resumed at), which shows what a restart redid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from comet_ray.comet.collective import Collective, TorchDistributedCollective
+from comet_ray.config import TrainConfig
+
+STATE_FILE = "trainer_state.pt"
+HISTORY_FILE = "history.json"
+ATTEMPTS_FILE = "attempts.jsonl"
+
+
+# --------------------------------------------------------------------------- cross-worker BatchNorm
+_sync_state = threading.local()
+
+
+@contextmanager
+def _synchronised_statistics():
+    previous = getattr(_sync_state, "active", False)
+    _sync_state.active = True
+    try:
+        yield
+    finally:
+        _sync_state.active = previous
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum): the gradient of a summed statistic is the summed gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
+class CrossWorkerBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the global batch of every worker (CPU/gloo).
+
+    Why not ``nn.SyncBatchNorm``: in this torch (2.14) ``DistributedDataParallel`` refuses a module that
+    contains ``SyncBatchNorm`` unless it is on a GPU ("SyncBatchNorm layers only work with GPU
+    modules"), so CPU data-parallel runs (tests, CPU clusters) need their own. SimpleNet's
+    discriminator normalises the true and fake patches of a whole batch together; with the batch
+    sharded over workers, plain BatchNorm would normalise each shard by its own statistics and N
+    workers would no longer compute what one process computes.
+
+    Forward in training mode, inside the data-parallel wrapper only: all-reduce (per-channel sum,
+    row count), then all-reduce the per-channel sum of squared deviations from the global mean (two
+    passes, numerically like the single-process kernel), normalise with the biased variance, and move
+    the running statistics with the unbiased one, as ``BatchNorm1d`` does. Both all-reduces are
+    differentiable, so gradients through the statistics are exact too.
+
+    It synchronises only while a forward runs through ``SyncingDistributedDataParallel`` (the main
+    phase, where every rank runs the same steps in lockstep). The meta phase's private copies
+    (``CometTrainer._local_copy``) and evaluation call the module directly, on one rank's tasks only,
+    and so must not enter a collective: there it is plain BatchNorm1d.
+    """
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> "CrossWorkerBatchNorm":
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        new.load_state_dict(bn.state_dict())
+        new.train(bn.training)
+        tensors = [*bn.parameters(), *bn.buffers()]
+        return new.to(tensors[0].device) if tensors else new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (
+            self.training
+            and getattr(_sync_state, "active", False)
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        ):
+            return super().forward(x)
+        self._check_input_dim(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        local_count = x.numel() // max(x.shape[1], 1)
+        sums = _AllReduceSum.apply(torch.cat([x.sum(dims), x.new_tensor([float(local_count)])]))
+        count = sums[-1].detach()
+        mean = sums[:-1] / count
+        centered = x - mean.view(shape)
+        var = _AllReduceSum.apply(centered.square().sum(dims)) / count
+        y = centered * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                n = float(count)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                unbiased = var.detach() * (n / max(n - 1.0, 1.0))
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        return y
+
+
+def convert_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm1d in ``module`` by ``CrossWorkerBatchNorm`` in place (root included)."""
+    if isinstance(module, nn.BatchNorm1d) and not isinstance(module, CrossWorkerBatchNorm):
+        return CrossWorkerBatchNorm.from_batchnorm(module)
+    for name, child in list(module.named_children()):
+        converted = convert_batchnorm(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
+class SyncingDistributedDataParallel(DistributedDataParallel):
+    """DDP whose forward switches ``CrossWorkerBatchNorm`` to cross-worker statistics."""
+
+    def forward(self, *args, **kwargs):
+        with _synchronised_statistics():
+            return super().forward(*args, **kwargs)
+
+
+class DataParallelCollective(TorchDistributedCollective):
+    """``TorchDistributedCollective`` that makes BatchNorm cross-worker before wrapping in DDP.
+
+    The conversion happens in ``wrap_model``, i.e. inside ``CometTrainer.__init__`` before the
+    optimisers are built and before any state is loaded, and mutates the model in place, so the model
+    ``train_category`` evaluates and saves is the converted one (same state-dict keys as plain
+    BatchNorm, so saved detectors load as plain SimpleNet). On CUDA it uses ``nn.SyncBatchNorm``
+    (which the core's ``_local_copy`` already turns back into plain BatchNorm for the meta phase).
+    """
+
+    def wrap_model(self, module: nn.Module) -> nn.Module:
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        if self.world_size <= 1:
+            return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)
+        if self.device.type == "cuda":
+            converted = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            if converted is not module:  # only when the root itself is a BatchNorm
+                raise ValueError("the detector's root module must not be a BatchNorm layer")
+            return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)
+        if convert_batchnorm(module) is not module:
+            raise ValueError("the detector's root module must not be a BatchNorm layer")
+        return SyncingDistributedDataParallel(module, device_ids=None, forward_sync_buffers=False)
+
+
+# --------------------------------------------------------------------------- the per-worker loop
+def _record_attempt(out: str, record: dict) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / ATTEMPTS_FILE, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _plain(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float, str, bool))}
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One worker of a data-parallel CoMet run (``TorchTrainer``'s train function)."""
+    import ray.train
+    import ray.train.torch
+
+    from comet_ray.comet.trainer import EpochLog
+    from comet_ray.evaluate import validation_auroc
+    from comet_ray.pipeline import prepare_data, train_category, write_run
+
+    torch.set_num_threads(int(loop_config.get("torch_threads", 1)))
+    config = TrainConfig.from_dict(loop_config["train_config"])
+    out = loop_config["out"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    collective: Collective = (
+        DataParallelCollective(device) if dist.is_available() and dist.is_initialized() else Collective()
+    )
+
+    # Rank 0 runs the backbone (and fills the feature cache); the others then read the cache, so the
+    # workers never extract features concurrently. Every worker holds the category's features.
+    cache = loop_config.get("feature_cache")
+    data = None
+    if rank == 0:
+        data = prepare_data(config, device, cache_dir=cache)
+    collective.barrier()
+    if rank != 0:
+        data = prepare_data(config, device, cache_dir=cache)
+
+    trainer_state, history = None, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            trainer_state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+            history_path = Path(directory) / HISTORY_FILE
+            if history_path.exists():
+                history = json.loads(history_path.read_text())
+    start_epoch = int(trainer_state["epoch"]) if trainer_state is not None else 0
+    _record_attempt(out, {"rank": rank, "world_size": world, "start_epoch": start_epoch, "pid": os.getpid(), "time": time.time()})
+
+    kill_at = loop_config.get("kill_at_epoch")
+    kill_rank = int(loop_config.get("kill_rank", 0))
+    kill_marker = loop_config.get("kill_marker")
+
+    def on_epoch_end(trainer, log: EpochLog) -> None:
+        # Each rank's loss is its shard's share times world; their mean is the global batch loss.
+        loss = collective.all_reduce_sum(torch.tensor([log.loss], dtype=torch.float64))
+        log.loss = float(loss[0]) / collective.world_size
+        metrics = {"epoch": log.epoch, "loss": log.loss, "lambda": log.lam, "mean_weight": log.mean_weight}
+        if rank == 0:
+            metrics["validation_image_auroc"] = validation_auroc(
+                trainer.model, data.validation, data.validation_labels, device
+            )
+            log.extra["validation_image_auroc"] = metrics["validation_image_auroc"]
+            history.append(log.to_dict())
+            with tempfile.TemporaryDirectory(prefix="comet-ckpt-") as tmp:
+                torch.save(trainer.state_dict(), Path(tmp) / STATE_FILE)
+                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=f"epoch_{log.epoch:04d}",
+                )
+        else:
+            ray.train.report(metrics)
+        if kill_at is not None and log.epoch == int(kill_at) and rank == kill_rank:
+            if kill_marker and not os.path.exists(kill_marker):
+                # Wait until the controller has registered this epoch's checkpoint, so the restart
+                # resumes from it (a report still queued in the dying process would be lost).
+                ray.train.get_all_reported_checkpoints(timeout_s=120)
+                Path(kill_marker).write_text(f"killed rank {rank} at epoch {log.epoch}\n")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    result = train_category(config, data, device, collective, on_epoch_end, trainer_state)
+    if rank == 0:
+        result = dataclasses.replace(result, epochs=[_EpochRecord(e) for e in history])
+        result.metrics["resumed_from_epoch"] = start_epoch
+        write_run(out, config, data, result)
+    ray.train.report({"done": True, **_plain(result.metrics)})
+
+
+class _EpochRecord:
+    """A logged epoch (possibly from before a restart) as ``write_run`` wants it: ``to_dict()``."""
+
+    def __init__(self, record: dict) -> None:
+        self.record = record
+
+    def to_dict(self) -> dict:
+        return dict(self.record)
+
+
+# --------------------------------------------------------------------------- driver side
+def _local_path(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def fit_distributed(
+    config: TrainConfig,
+    workers: int = 2,
+    gpus_per_worker: float = 0,
+    cpus_per_worker: float = 0.5,
+    *,
+    storage_path: str,
+    run_name: str | None = None,
+    num_to_keep: int = 2,
+    max_failures: int = 2,
+    feature_cache: str | None = None,
+    out: str | None = None,
+    torch_threads: int = 1,
+    **extra_loop_config: Any,
+) -> dict:
+    """Train ``config`` data-parallel over ``workers`` Ray Train workers; returns the final metrics.
+
+    A checkpoint (trainer state + epoch history) is reported every epoch; ``max_failures`` worker-group
+    failures are recovered from the newest one. Calling again with the same ``storage_path`` and
+    ``run_name`` resumes that run from its newest checkpoint (a finished run is only re-evaluated).
+    ``feature_cache`` defaults to ``storage_path/feature_cache``; ``out`` to ``config.out`` or
+    ``storage_path/run_name/output``. ``extra_loop_config`` goes to the train function unchanged
+    (e.g. the test hooks ``kill_at_epoch``, ``kill_rank``, ``kill_marker``).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path = _local_path(storage_path)
+    run_name = run_name or f"{config.category}-{config.comet.strategy}-seed{config.seed}"
+    out = _local_path(out or config.out or os.path.join(storage_path, run_name, "output"))
+    if feature_cache is None:
+        feature_cache = os.path.join(storage_path, "feature_cache")
+    resources = {"CPU": cpus_per_worker}
+    if gpus_per_worker > 0:
+        resources["GPU"] = gpus_per_worker
+    loop_config = {
+        "train_config": config.to_dict(),
+        "out": out,
+        "feature_cache": _local_path(feature_cache),
+        "torch_threads": torch_threads,
+        **extra_loop_config,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+    trainer.fit()
+    metrics = json.loads((Path(out) / "metrics.json").read_text())
+    metrics["out"] = out
+    metrics["run_name"] = run_name
+    return metrics
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table of per-category results."""
+    columns = ("category", "strategy", "image_auroc", "pixel_auroc", "f1_max", "train_seconds")
+    cells = [[c for c in columns]]
+    for row in rows:
+        cells.append(
+            [f"{row.get(c):.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+        )
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def fit_categories(
+    configs: list[TrainConfig],
+    workers: int = 1,
+    gpus_per_worker: float = 0,
+    cpus_per_worker: float = 0.5,
+    *,
+    storage_path: str,
+    summary_path: str | None = None,
+    **fit_kwargs: Any,
+) -> tuple[list[dict], str]:
+    """Train many categories at once: one ``fit_distributed`` per category, each from a Ray task.
+
+    Each category's run name is the default of ``fit_distributed`` (category-strategy-seed) and its
+    outputs go to ``config.out`` (or the run's ``output`` folder). The tasks take no CPU themselves (each only drives a ``TorchTrainer``); Ray queues trainers whose
+    workers don't fit yet. Writes ``summary.json`` (default ``storage_path/summary.json``) and returns
+    (metrics in the order of ``configs``, a printable table). A category that fails is reported with
+    its error instead of failing the others.
+    """
+    import ray
+
+    storage_path = _local_path(storage_path)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def _fit_one(config_dict: dict) -> dict:
+        config = TrainConfig.from_dict(config_dict)
+        try:
+            return fit_distributed(
+                config, workers, gpus_per_worker, cpus_per_worker, storage_path=storage_path, **fit_kwargs
+            )
+        except Exception as exc:  # noqa: BLE001 - one category's failure must not sink the rest
+            return {"category": config.category, "strategy": config.comet.strategy, "error": f"{type(exc).__name__}: {exc}"}
+
+    results = ray.get([_fit_one.remote(c.to_dict()) for c in configs])
+    summary = Path(summary_path or os.path.join(storage_path, "summary.json"))
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps(results, indent=2))
+    return results, format_table(results)

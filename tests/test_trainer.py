@@ -1,0 +1,98 @@
+"""The CoMet epoch loop on synthetic features: SCL finds planted outliers, resume is exact, strategies differ."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comet_ray.comet.trainer import CometTrainer
+from comet_ray.config import ModelConfig, TrainConfig
+from comet_ray.features.store import FeatureStore
+from comet_ray.models import build_detector
+from comet_ray.models.protocol import seeded_normal
+
+N, P, D = 40, 16, 24
+OUTLIER_ROWS = [3, 17, 29, 34]
+
+
+def make_store(seed: int = 0) -> FeatureStore:
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(N, P, D, generator=generator) * 0.5
+    for row in OUTLIER_ROWS:  # a few images whose patches sit far from the rest
+        features[row, :6] += 3.0
+    return FeatureStore([f"img{i:02d}" for i in range(N)], features, (4, 4))
+
+
+def make_config(strategy: str, epochs: int = 3) -> TrainConfig:
+    config = TrainConfig(epochs=epochs, passes=1, batch_size=8, seed=0)
+    config.model = ModelConfig(noise_std=0.1, discriminator_hidden=32)
+    config.comet.strategy = strategy
+    config.comet.meta_tasks = 2
+    config.comet.task_size = 6
+    config.comet.inner_steps = 2
+    return config
+
+
+def make_trainer(strategy: str, epochs: int = 3, store: FeatureStore | None = None) -> CometTrainer:
+    config = make_config(strategy, epochs)
+    torch.manual_seed(0)
+    model = build_detector("simplenet", D, config.model)
+    store = store or make_store()
+    return CometTrainer(model, store, config, injected_ids={store.ids[r] for r in OUTLIER_ROWS})
+
+
+def test_scl_downweights_planted_outliers_by_identity() -> None:
+    trainer = make_trainer("scl")
+    logs = trainer.fit(3)
+    assert logs[0].low_confidence == 0, "warm-up epoch trains unweighted"
+    weights = trainer.sample_weights
+    outliers = torch.zeros(N, dtype=torch.bool)
+    outliers[OUTLIER_ROWS] = True
+    assert weights[outliers].max() < 1.0
+    assert weights[~outliers].mean() > 0.95
+    assert logs[-1].mean_weight_injected < logs[-1].mean_weight_nominal
+
+
+def test_resume_from_state_equals_uninterrupted_run() -> None:
+    straight = make_trainer("comet", epochs=3)
+    straight.fit(3)
+    first = make_trainer("comet", epochs=3)
+    first.fit(2)
+    state = first.state_dict()
+    resumed = make_trainer("comet", epochs=3)
+    resumed.load_state_dict(state)
+    assert resumed.epoch == 2
+    resumed.fit(3)
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(straight.sample_weights, resumed.sample_weights)
+    torch.testing.assert_close(torch.tensor(list(straight.history.pairs)), torch.tensor(list(resumed.history.pairs)))
+
+
+@pytest.mark.parametrize("strategy", ["baseline", "scl", "meta", "comet"])
+def test_strategies_switch_their_parts(strategy: str) -> None:
+    trainer = make_trainer(strategy, epochs=2)
+    logs = trainer.fit(2)
+    uses_meta = strategy in ("meta", "comet")
+    uses_scl = strategy in ("scl", "comet")
+    assert (logs[-1].meta_l_tr is not None) == uses_meta
+    assert (trainer.lam > 0) == uses_meta
+    assert (logs[-1].low_confidence > 0) == uses_scl
+
+
+def test_noise_depends_on_the_sample_not_the_batch() -> None:
+    seeds = torch.tensor([11, 22, 33])
+    together = seeded_normal((4, 5), seeds, torch.device("cpu"))
+    alone = seeded_normal((4, 5), seeds[1:2], torch.device("cpu"))
+    torch.testing.assert_close(together[1], alone[0])
+
+
+def test_too_many_workers_for_the_batch_is_refused() -> None:
+    from comet_ray.comet.collective import Collective
+
+    class Wide(Collective):
+        world_size = 8
+
+    config = make_config("comet")
+    with pytest.raises(ValueError, match="too small"):
+        CometTrainer(build_detector("simplenet", D, config.model), make_store(), config, collective=Wide())
