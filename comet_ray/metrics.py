@@ -25,7 +25,8 @@ masks stored as 0/255 work). Label 1 / ``True`` means anomalous.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple, TypeAlias
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from scipy import ndimage
 
 __all__ = ["ArrayLike", "auroc", "f1_max", "pixel_auroc", "aupro", "anomaly_metrics"]
 
-ArrayLike = Union[torch.Tensor, np.ndarray]
+ArrayLike: TypeAlias = torch.Tensor | np.ndarray
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -88,12 +89,16 @@ def _as_stack(t: torch.Tensor, name: str) -> torch.Tensor:
     return t
 
 
-def _paired(scores: ArrayLike, labels: ArrayLike, s_name: str, l_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _paired(
+    scores: ArrayLike, labels: ArrayLike, s_name: str, l_name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened (scores, bool labels) on the scores' device, with matching sizes checked."""
     s = _scores_tensor(scores, s_name)
     y = _binary_tensor(labels, l_name, s.device)
     if s.shape != y.shape:
-        raise ValueError(f"{s_name} and {l_name} must have the same shape, got {tuple(s.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"{s_name} and {l_name} must have the same shape, got {tuple(s.shape)} and {tuple(y.shape)}"
+        )
     return s.reshape(-1), y.reshape(-1)
 
 
@@ -130,7 +135,9 @@ def _flip_order_bits(bits: np.ndarray, out: np.ndarray) -> None:
     np.bitwise_xor(out, bits, out=out)
 
 
-def _tie_curve_cpu_float32(scores: np.ndarray, payload: np.ndarray, tables: Sequence[np.ndarray]) -> _TieCurve:
+def _tie_curve_cpu_float32(
+    scores: np.ndarray, payload: np.ndarray, tables: Sequence[np.ndarray]
+) -> _TieCurve:
     """CPU fast path of :func:`_tie_curve` (float32 scores, 0 <= payload < 2**31).
 
     An argsort + gather of millions of pixels is dominated by random memory access and, in numpy and
@@ -204,7 +211,9 @@ def _tie_curve(scores: torch.Tensor, payload: torch.Tensor, tables: Sequence[tor
     return _TieCurve(sorted_scores[ends], (ends + 1).double(), sums)
 
 
-def _positive_curve(scores: torch.Tensor, positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _positive_curve(
+    scores: torch.Tensor, positive: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(values, cum_pos, cum_all)`` at every distinct threshold, descending (counts as float64)."""
     table = torch.tensor([0.0, 1.0], dtype=torch.float64)  # moved to the scores' device by _tie_curve
     curve = _tie_curve(scores, positive.to(torch.int32), [table])
@@ -242,7 +251,8 @@ def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     n_pos, n_neg = _class_counts(y)
     if n_pos == 0 or n_neg == 0:
         raise ValueError(
-            f"AUROC is undefined with only one class present (got {n_pos} anomalous and {n_neg} normal samples)"
+            "AUROC is undefined with only one class present "
+            f"(got {n_pos} anomalous and {n_neg} normal samples)"
         )
     _, cum_pos, cum_all = _positive_curve(s, y)
     cum_neg = cum_all - cum_pos
@@ -286,7 +296,9 @@ def _pixels(maps: ArrayLike, masks: ArrayLike) -> tuple[torch.Tensor, torch.Tens
     m = _as_stack(_scores_tensor(maps, "maps"), "maps")
     g = _as_stack(_binary_tensor(masks, "masks", m.device), "masks")
     if m.shape != g.shape:
-        raise ValueError(f"maps and masks must have the same shape, got {tuple(m.shape)} and {tuple(g.shape)}")
+        raise ValueError(
+            f"maps and masks must have the same shape, got {tuple(m.shape)} and {tuple(g.shape)}"
+        )
     return m, g
 
 
@@ -316,14 +328,16 @@ def _trapezoid_to(x: torch.Tensor, y: torch.Tensor, x_max: float) -> float:
     area = 0.5 * float(torch.dot(x[1:ins] - x[: ins - 1], y[1:ins] + y[: ins - 1]).item()) if ins > 1 else 0.0
     if ins < x.numel():
         x0, x1, y0, y1 = (float(v) for v in (x[ins - 1], x[ins], y[ins - 1], y[ins]))
-        if False:
+        if x0 != x_max:
             y_interp = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
             area += 0.5 * (y_interp + y0) * (x_max - x0)
     return area
 
 
-def _pro_curve(maps: torch.Tensor, masks: torch.Tensor, fpr_max: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact (FPR, PRO) curve, vectorised like MVTec's ``compute_pro``, up to the first point past ``fpr_max``.
+def _pro_curve(
+    maps: torch.Tensor, masks: torch.Tensor, fpr_max: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact (FPR, PRO) curve like MVTec's ``compute_pro``, up to the first point past ``fpr_max``.
 
     Every ground-truth connected component (8-connectivity, per image) is one region. Sorting all pixels
     by score descending, an anomalous pixel of region ``r`` raises PRO by ``1 / (|r| * n_regions)`` and a

@@ -168,6 +168,15 @@ def test_auroc_all_tied_is_half() -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_auroc_tie_at_the_top_and_bottom(dtype: type) -> None:
+    # the highest and lowest scores are ties between both classes (first/last ROC segments diagonal)
+    scores = np.array([0.9, 0.9, 0.9, 0.5, 0.3, 0.1, 0.1], dtype=dtype)
+    labels = np.array([1, 0, 0, 1, 0, 1, 0])
+    assert auroc(scores, labels) == pytest.approx(brute_auroc(scores, labels), abs=1e-12)
+    assert f1_max(scores, labels) == pytest.approx(brute_f1_max(scores, labels), abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_f1_max_matches_threshold_sweep(seed: int, ties: bool, dtype: type) -> None:
@@ -293,6 +302,9 @@ def test_torch_and_numpy_inputs_agree(seed: int) -> None:
     tm, tk = torch.from_numpy(maps), torch.from_numpy(masks)
     assert pixel_auroc(tm, tk) == pixel_auroc(maps, masks)
     assert aupro(tm, tk) == aupro(maps, masks)
+    # float64 maps that are exact in float32 are narrowed to the packed-key CPU path: same result
+    assert aupro(maps.astype(np.float64), masks) == aupro(maps, masks)
+    assert pixel_auroc(maps.astype(np.float64), masks) == pixel_auroc(maps, masks)
     # uint8 0/255 masks and [N, 1, H, W] layout
     assert aupro(tm[:, None], (tk.to(torch.uint8) * 255)[:, None]) == aupro(maps, masks)
 
