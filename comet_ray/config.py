@@ -98,7 +98,9 @@ class TrainConfig:
     batch_size: int = 8
     validation_fraction: float = 0.3
     device: str = "auto"
-    bf16: bool = True
+    # Mixed precision of the detector head: "auto" = bf16 autocast on CUDA, float32 on CPU; "bf16"
+    # forces bf16 autocast (CPU too, for parity checks); "fp32" disables it.
+    precision: str = "auto"
     out: str = ""
     features: FeatureConfig = field(default_factory=FeatureConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -115,6 +117,13 @@ class TrainConfig:
         comet = CometConfig(**data.pop("comet", {}))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known}, features=features, model=model, comet=comet)
+
+
+def use_bf16(precision: str, device_type: str) -> bool:
+    """Whether the head runs under bf16 autocast for this precision setting and device."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
 
 
 def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:

@@ -27,3 +27,7 @@ class ImageDecodeError(CometError):
 
 class CheckpointError(CometError):
     """A checkpoint is missing, corrupt, or from another model or version."""
+
+
+class StorageError(CometError):
+    """Object storage cannot be used: missing bucket, denied credentials, endpoint down (after retries)."""

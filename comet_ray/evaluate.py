@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from comet_ray.config import use_bf16
 from comet_ray.features.extractor import ExtractedSplit
 from comet_ray.features.store import FeatureStore
 from comet_ray.metrics import anomaly_metrics, auroc
@@ -18,15 +19,18 @@ from comet_ray.models.anomaly_map import anomaly_maps, image_scores
 
 
 @torch.no_grad()
-def score_patches(model: nn.Module, store: FeatureStore, device: torch.device | str, chunk: int = 64) -> torch.Tensor:
-    """Patch scores [N, P] of every image in ``store`` (eval mode; bf16 autocast on CUDA)."""
+def score_patches(
+    model: nn.Module, store: FeatureStore, device: torch.device | str, chunk: int = 64, precision: str = "auto"
+) -> torch.Tensor:
+    """Patch scores [N, P] of every image in ``store`` (eval mode; bf16 autocast on CUDA by default)."""
     device = torch.device(device)
+    bf16 = use_bf16(precision, device.type)
     was_training = model.training
     model.eval()
     parts = []
     for start in range(0, len(store), chunk):
         rows = torch.arange(start, min(start + chunk, len(store)))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             parts.append(model.patch_scores(store.batch(rows, device)).float())
     model.train(was_training)
     if not parts:
@@ -52,9 +56,10 @@ def evaluate_split(
     image_size: int,
     device: torch.device | str,
     pixel_metrics: bool = True,
+    precision: str = "auto",
 ) -> SplitEvaluation:
     """Image AUROC, F1-max and (where masks are available) pixel AUROC and AUPRO@0.3 of one split."""
-    patch = score_patches(model, split.store, device)
+    patch = score_patches(model, split.store, device, precision=precision)
     scores = image_scores(patch)
     maps = masks = None
     if pixel_metrics and split.masks is not None and split.mask_available is not None:

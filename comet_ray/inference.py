@@ -106,19 +106,48 @@ def normalised_score(score: float, nominal: float, threshold: float) -> float:
     return 0.5 * (score - nominal) / span
 
 
+def add_predict_map_options(parser) -> None:
+    """``predict --maps``: the options :func:`predict_images` takes for anomaly-map panels."""
+    parser.add_argument("--maps", action="store_true",
+                        help="also write one PNG per image into OUT/maps/: the center crop the model saw, the "
+                             "anomaly-map overlay and the outline of the region at or above the threshold")
+
+
+@torch.no_grad()
+def score_images(
+    model: torch.nn.Module, extractor: PatchFeatureExtractor, images: torch.Tensor, grid: tuple[int, int],
+    with_maps: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Normalised images [B, 3, S, S] -> (image scores [B], anomaly maps [B, S, S] or None), on the CPU."""
+    from comet_ray.models.anomaly_map import anomaly_maps, image_scores
+
+    patch = model.patch_scores(extractor(images)).float()
+    scores = image_scores(patch).cpu()
+    if not with_maps:
+        return scores, None
+    return scores, anomaly_maps(patch, tuple(grid), extractor.config.image_size).cpu()
+
+
 @torch.no_grad()
 def predict_images(
     checkpoint: str, inputs: list[str], device: str = "auto", threshold: float | None = None,
-    s3_endpoint: str | None = None, batch_size: int = 16,
-) -> list[dict]:
-    """One row per input: path, image score, normalised score, decision; unreadable files get an error."""
-    from tqdm import tqdm
+    s3_endpoint: str | None = None, batch_size: int = 16, maps_dir: str | os.PathLike | None = None,
+    return_maps: bool = False,
+):
+    """One row per input: path, image score, normalised score, decision; unreadable files get an error.
 
-    from comet_ray.models.anomaly_map import image_scores
+    ``maps_dir``: also write one panel PNG per scored image there (image | heat map | region at or above
+    the threshold; see :mod:`comet_ray.visualize`); unreadable images get none. ``return_maps``: return
+    ``(rows, maps)`` with ``maps[path]`` the float32 ``[S, S]`` anomaly map of each scored image (holds
+    every map in memory: for large batches prefer ``maps_dir``). The map is on the image score's scale
+    (the image score is its patch maximum before the blur), so the same threshold marks regions.
+    """
+    from tqdm import tqdm
 
     torch_device = resolve_device(device)
     model, meta = load_detector(checkpoint, torch_device)
     extractor = extractor_for(meta, torch_device)
+    grid = tuple(meta["grid"])
     cut = float(meta["threshold"]) if threshold is None else float(threshold)
     nominal = float(meta["nominal_score"])
     paths = expand_inputs(inputs, s3_endpoint)
@@ -127,17 +156,29 @@ def predict_images(
     filesystem = None
     if any(p.startswith("s3://") for p in paths):
         filesystem, _ = open_dataset_filesystem(next(p for p in paths if p.startswith("s3://")), s3_endpoint)
+    writer = None
+    if maps_dir is not None:
+        from comet_ray.visualize import MapWriter
+
+        writer = MapWriter(maps_dir, paths)
+    with_maps = writer is not None or return_maps
     rows: list[dict] = []
+    maps: dict[str, object] = {}
     pending: list[tuple[str, torch.Tensor]] = []
 
     def flush() -> None:
         if not pending:
             return
         batch = torch.stack([t for _, t in pending])
-        scores = image_scores(model.patch_scores(extractor(batch))).cpu().tolist()
-        for (path, _), score in zip(pending, scores):
+        scores, batch_maps = score_images(model, extractor, batch, grid, with_maps)
+        for index, ((path, tensor), score) in enumerate(zip(pending, scores.tolist())):
             rows.append({"path": path, "score": score, "normalised_score": normalised_score(score, nominal, cut),
                          "anomalous": int(score >= cut), "error": ""})
+            if batch_maps is not None:
+                if writer is not None:
+                    writer(path, tensor, batch_maps[index], score, cut, nominal)
+                if return_maps:
+                    maps[path] = batch_maps[index].numpy()
         pending.clear()
 
     for path in tqdm(paths, desc="predict", unit="img", leave=False):
@@ -152,4 +193,5 @@ def predict_images(
             flush()
     flush()
     order = {p: i for i, p in enumerate(paths)}
-    return sorted(rows, key=lambda r: order[r["path"]])
+    rows = sorted(rows, key=lambda r: order[r["path"]])
+    return (rows, maps) if return_maps else rows

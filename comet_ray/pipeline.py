@@ -30,6 +30,7 @@ from comet_ray.data.splits import validation_split
 from comet_ray.errors import CometError, DatasetLayoutError
 from comet_ray.evaluate import evaluate_split, split_labels
 from comet_ray.features.extractor import ExtractedSplit, PatchFeatureExtractor, extract_features_cached
+from comet_ray.features.store import place_store
 from comet_ray.metrics import f1_max
 from comet_ray.models import build_detector
 
@@ -187,15 +188,19 @@ def train_category(
     """Train one detector with one strategy and evaluate it once on the report split."""
     torch.manual_seed(config.seed)
     model = build_detector(config.model.model, data.feature_dim, config.model, data.grid)
-    trainer = CometTrainer(model, data.train.store, config, device, collective, data.injected_ids)
+    store = place_store(data.train.store, device)
+    trainer = CometTrainer(model, store, config, device, collective, data.injected_ids)
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
     start = time.perf_counter()
     epochs = trainer.fit(config.epochs, on_epoch_end)
     train_seconds = time.perf_counter() - start
     size = config.features.image_size
-    validation = evaluate_split(model, data.validation, data.validation_labels, size, device, pixel_metrics=False)
-    report = evaluate_split(model, data.report, data.report_labels, size, device)
+    precision = config.precision
+    validation = evaluate_split(
+        model, data.validation, data.validation_labels, size, device, pixel_metrics=False, precision=precision
+    )
+    report = evaluate_split(model, data.report, data.report_labels, size, device, precision=precision)
     threshold, nominal = decision_threshold(validation.image_scores, validation.labels)
     contamination = data.manifest["contamination"]
     metrics = {

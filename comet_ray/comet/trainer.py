@@ -30,7 +30,7 @@ from comet_ray.comet.meta import (
     sample_tasks,
     split_task,
 )
-from comet_ray.config import TrainConfig
+from comet_ray.config import TrainConfig, use_bf16
 from comet_ray.features.store import FeatureStore
 from comet_ray.models.anomaly_map import topk_mean
 
@@ -117,7 +117,7 @@ class CometTrainer:
         self.last_scores = torch.zeros(n)
         injected_ids = injected_ids or set()
         self.injected = torch.tensor([i in injected_ids for i in train_store.ids], dtype=torch.bool)
-        self.autocast = self.device.type == "cuda" and config.bf16
+        self.autocast = use_bf16(config.precision, self.device.type)
 
     # ------------------------------------------------------------------ helpers
     def _sample_seeds(self, rows: torch.Tensor, *phase: int) -> torch.Tensor:
@@ -234,7 +234,8 @@ class CometTrainer:
         """``passes`` passes over the training set minimising the weighted loss + lambda * ||W||^2."""
         n = len(self.store)
         world = self.collective.world_size
-        total, count = 0.0, 0
+        total = torch.zeros((), device=self.device)
+        count = 0
         self.model.train()
         for pass_index in range(self.config.passes):
             generator = torch.Generator().manual_seed(mix_seed(self.config.seed, self.epoch, 3, pass_index))
@@ -248,9 +249,9 @@ class CometTrainer:
                 loss.backward()
                 for optimiser in self.optimizers:
                     optimiser.step()
-                total += float(loss.detach())
+                total += loss.detach()  # stays on the device: no host sync inside the hot loop
                 count += 1
-        return total / max(count, 1)
+        return float(total) / max(count, 1)
 
     # ------------------------------------------------------------------ epochs
     def train_epoch(self) -> EpochLog:

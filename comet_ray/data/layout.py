@@ -20,7 +20,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from comet_ray.errors import DatasetLayoutError, ImageDecodeError
+from comet_ray.data.s3 import is_storage_failure, open_s3, public_s3_uri, storage_error
+from comet_ray.errors import DatasetLayoutError, ImageDecodeError, StorageError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 NOMINAL = "good"
@@ -54,19 +55,18 @@ class Sample:
 def open_dataset_filesystem(root: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
     """Return ``(filesystem, base path)`` for a local folder or an ``s3://bucket/prefix`` URI.
 
-    ``s3_endpoint`` (e.g. ``http://minio:9000``) targets an S3-compatible store; its scheme picks
-    http or https. Credentials come from the standard AWS chain, never from arguments.
+    ``s3_endpoint`` (e.g. ``http://minio:9000``; default ``AWS_ENDPOINT_URL``) targets an
+    S3-compatible store; its scheme picks http or https. Credentials come from the standard AWS
+    chain, never from arguments; region, retries and timeouts follow :mod:`comet_ray.data.s3`.
     """
     if _is_uri(root):
         parsed = urlparse(root)
-        if parsed.scheme == "s3" and s3_endpoint:
-            endpoint = urlparse(s3_endpoint if "://" in s3_endpoint else f"https://{s3_endpoint}")
-            fs = pafs.S3FileSystem(endpoint_override=endpoint.netloc, scheme=endpoint.scheme)
-            return fs, _strip_slash(parsed.netloc + parsed.path)
+        if parsed.scheme == "s3":
+            return open_s3(root, s3_endpoint)
         try:
             fs, path = pafs.FileSystem.from_uri(root)
         except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError
-            raise DatasetLayoutError(f"cannot open dataset root {root}: {exc}") from exc
+            raise DatasetLayoutError(f"cannot open dataset root {public_s3_uri(root)}: {exc}") from exc
         return fs, _strip_slash(path)
     path = os.path.abspath(os.path.expanduser(root))
     fs, path = pafs.FileSystem.from_uri(path)
@@ -87,7 +87,10 @@ def read_bytes(uri: str, filesystem: pafs.FileSystem | None) -> bytes:
         with filesystem.open_input_stream(path) as stream:
             return stream.read()
     except (OSError, ValueError) as exc:
-        raise ImageDecodeError(uri, f"cannot read file ({exc})") from exc
+        if isinstance(filesystem, pafs.S3FileSystem) and is_storage_failure(exc):
+            # Denied credentials or an endpoint still down after retries: no image will do better.
+            raise storage_error(exc, uri, filesystem) from exc
+        raise ImageDecodeError(public_s3_uri(uri), f"cannot read file ({exc})") from exc
 
 
 def list_categories(root: str, filesystem: pafs.FileSystem | None = None) -> list[str]:
@@ -96,6 +99,13 @@ def list_categories(root: str, filesystem: pafs.FileSystem | None = None) -> lis
     If ``root`` is itself a category folder, that one category is returned.
     """
     fs, base = _resolve(root, filesystem)
+    try:
+        return _list_categories(root, fs, base)
+    except OSError as exc:
+        raise storage_error(exc, root, fs) from exc
+
+
+def _list_categories(root: str, fs: pafs.FileSystem, base: str) -> list[str]:
     _require_dir(fs, base, root, "the dataset root")
     if _is_dir(fs, posixpath.join(base, "train")):
         return [posixpath.basename(base)]
@@ -109,7 +119,7 @@ def list_categories(root: str, filesystem: pafs.FileSystem | None = None) -> lis
     )
     if not categories:
         raise DatasetLayoutError(
-            f"no category found under {root}: expected <category>/train/ folders (MVTec AD layout)"
+            f"no category found under {public_s3_uri(root)}: expected <category>/train/ folders (MVTec AD layout)"
         )
     return categories
 
@@ -125,6 +135,13 @@ def build_sample_table(
     None, which downstream counts rather than fails on.
     """
     fs, base = _resolve(root, filesystem)
+    try:
+        return _build_sample_table(root, category, fs, base)
+    except OSError as exc:
+        raise storage_error(exc, root, fs) from exc
+
+
+def _build_sample_table(root: str, category: str | None, fs: pafs.FileSystem, base: str) -> list[Sample]:
     _require_dir(fs, base, root, "the dataset root")
     prefix = _uri_prefix(root, fs)
 
@@ -132,17 +149,17 @@ def build_sample_table(
         folder_name = posixpath.basename(base)
         if category not in (None, folder_name):
             raise DatasetLayoutError(
-                f"{root} is the category folder '{folder_name}', but category '{category}' was asked for"
+                f"{public_s3_uri(root)} is the category folder '{folder_name}', but category '{category}' was asked for"
             )
         category, category_dir = folder_name, base
     else:
         if not category:
-            raise DatasetLayoutError(f"no category given and {root} has no train/ folder")
+            raise DatasetLayoutError(f"no category given and {public_s3_uri(root)} has no train/ folder")
         category_dir = posixpath.join(base, category)
         if not _is_dir(fs, category_dir):
             available = _available_categories(root, fs)
             raise DatasetLayoutError(
-                f"category '{category}' not found under {root}; available: {available or 'none'}"
+                f"category '{category}' not found under {public_s3_uri(root)}; available: {available or 'none'}"
             )
 
     train_dir = posixpath.join(category_dir, "train")
@@ -216,7 +233,7 @@ def _local_or_raw(root: str, fs: pafs.FileSystem) -> str:
 def _uri_to_path(uri: str) -> str:
     if _is_uri(uri):
         parsed = urlparse(uri)
-        return parsed.netloc + parsed.path
+        return parsed.netloc.rpartition("@")[2] + parsed.path  # user info may hold credentials
     return uri
 
 
@@ -233,7 +250,15 @@ def _is_dir(fs: pafs.FileSystem, path: str) -> bool:
 
 def _require_dir(fs: pafs.FileSystem, path: str, shown: str, what: str) -> None:
     info = fs.get_file_info(path)
+    shown = public_s3_uri(shown)
     if info.type == pafs.FileType.NotFound:
+        if isinstance(fs, pafs.S3FileSystem):
+            bucket = path.split("/", 1)[0]
+            if bucket != path and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise StorageError(f"bucket '{bucket}' does not exist (asked for {shown})")
+            if bucket == path:
+                raise StorageError(f"bucket '{bucket}' does not exist")
+            raise DatasetLayoutError(f"{what} {shown} does not exist: no object has this prefix")
         raise DatasetLayoutError(f"{what} {shown} does not exist")
     if info.type != pafs.FileType.Directory:
         raise DatasetLayoutError(f"{what} {shown} is not a folder")

@@ -237,7 +237,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 trainer.model, data.validation, data.validation_labels, device
             )
             log.extra["validation_image_auroc"] = metrics["validation_image_auroc"]
-            history.append(log.to_dict())
+            history.append({**log.to_dict(), "finished_at": time.time()})
             with tempfile.TemporaryDirectory(prefix="comet-ckpt-") as tmp:
                 torch.save(trainer.state_dict(), Path(tmp) / STATE_FILE)
                 (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))

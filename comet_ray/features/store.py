@@ -104,6 +104,18 @@ class FeatureStore:
         return (directory / "index.json").exists() and (directory / "features.npy").exists()
 
 
+def place_store(store: FeatureStore, device: torch.device, max_fraction: float = 0.5) -> FeatureStore:
+    """Move a store onto the GPU when it takes at most ``max_fraction`` of free memory (MVTec sizes do).
+
+    The head's epochs then read features with no host-to-device copies; larger stores stay in host
+    memory and stream through pinned buffers.
+    """
+    if device.type != "cuda" or store.features.device.type == "cuda":
+        return store
+    free, _ = torch.cuda.mem_get_info(device)
+    return store.to(device) if store.nbytes <= max_fraction * free else store
+
+
 def concat_stores(stores: list[FeatureStore]) -> FeatureStore:
     if not stores:
         raise ValueError("no feature stores to concatenate")

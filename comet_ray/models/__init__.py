@@ -23,7 +23,19 @@ def build_detector(name: str, feature_dim: int, model_config, grid: tuple[int, i
             discriminator_lr=model_config.discriminator_lr,
             discriminator_weight_decay=model_config.discriminator_weight_decay,
         )
-    raise CometError(f"unknown model {name!r}; choose one of {', '.join(MODELS[:1])}")
+    if name == "flow":
+        from comet_ray.models.flow import PatchFlow
+
+        return PatchFlow(
+            feature_dim,
+            grid=grid,
+            blocks=model_config.flow_blocks,
+            hidden=model_config.flow_hidden,
+            clamp=model_config.flow_clamp,
+            lr=model_config.flow_lr,
+            pos_dim=getattr(model_config, "flow_pos_dim", 32),
+        )
+    raise CometError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
 def detector_from_hparams(name: str, hparams: dict) -> nn.Module:
@@ -32,4 +44,8 @@ def detector_from_hparams(name: str, hparams: dict) -> nn.Module:
         from comet_ray.models.simplenet import SimpleNet
 
         return SimpleNet(**hparams)
+    if name == "flow":
+        from comet_ray.models.flow import PatchFlow
+
+        return PatchFlow(**hparams)
     raise CometError(f"checkpoint holds an unknown model {name!r}")

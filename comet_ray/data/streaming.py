@@ -1,0 +1,650 @@
+"""Ray Data feature extraction: stream images from disk or object storage through the frozen backbone.
+
+The in-process path (:func:`comet_ray.features.extractor.extract_features_cached`) decodes on the
+driver. This one spreads the same work over a Ray cluster and never needs the dataset in memory::
+
+    from_items(sample rows)                       ids, uris, labels: a few hundred bytes per image
+      -> map_batches(_decode_batch)               CPU tasks (fractional CPUs): concurrent GETs,
+                                                  decode + resize + crop to uint8, masks; corrupt
+                                                  objects become rows with an error, not failures
+      -> map_batches(FeatureActor, ActorPool)     one PatchFeatureExtractor per actor (a GPU each
+                                                  when the cluster has them): normalise + backbone
+      -> iter_batches -> FeatureStore             collected on the driver, or
+      -> write_parquet(output) -> FeatureStore    kept in the run's storage, reused by later runs
+
+Why ``from_items`` and not ``read_binary_files``: the sample table already has every object's URI,
+so the rows carry ``sample_id``/labels/mask URIs without a path->id join; ``read_binary_files``
+would HEAD every object again (Ray tasks for >16 scattered paths) and fail its whole read task on a
+single unreadable object, while here a corrupt or vanished object is skipped and listed, and a
+storage-level failure (denied, endpoint down after retries) stops the run with one line. Reads run
+in a thread pool inside each decode task, so many GETs are in flight per CPU.
+
+Only uint8 crops (3*S*S bytes) and fp16 features travel through the object store; Ray Data's
+streaming executor bounds what is in flight, so datasets far larger than the object store complete
+(see ``bench/stream.py --stress``). Features equal the in-process extractor's (same decode, same
+resize/crop, same normalisation; only the backbone's batch composition differs).
+
+Parquet layout under ``output`` (a local folder or ``s3://bucket/prefix``): Ray's ``*.parquet``
+files with columns ``row`` (int64, input order), ``sample_id``, ``uri``, ``features``
+(fixed-size binary: the [P, D] array in the cache dtype, null for skipped images), ``error``,
+``mask`` (fixed-size binary: packed bits of the [S, S] mask), ``mask_available``, ``mask_issue``;
+then ``skipped.json`` (the skipped images) and ``_comet_features.json`` (key, grid, dtype, ids),
+written last: an output without it is incomplete and is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import posixpath
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import InterpolationMode
+
+from comet_ray.config import FeatureConfig
+from comet_ray.data.images import IMAGENET_MEAN, IMAGENET_STD, _load_mask, decode_image, resize_size
+from comet_ray.data.layout import Sample, open_dataset_filesystem, read_bytes
+from comet_ray.data.s3 import is_s3_uri, parse_s3_uri, public_s3_uri, s3_filesystem, storage_error
+from comet_ray.errors import CometError, ImageDecodeError, StorageError
+from comet_ray.features.extractor import ExtractedSplit, PatchFeatureExtractor, cache_key
+from comet_ray.features.store import FeatureStore, storage_dtype
+
+log = logging.getLogger(__name__)
+
+SKIPPED_FILE = "skipped.json"
+META_FILE = "_comet_features.json"
+FORMAT_VERSION = 1
+
+
+# --- options and storage -------------------------------------------------------------------------
+
+
+@dataclass
+class StreamOptions:
+    """Resources and batch sizes of the pipeline; the defaults suit a small CPU box and scale up."""
+
+    feature_batch_size: int | None = None  # images per backbone call; None = FeatureConfig.batch_size
+    decode_batch_size: int = 16  # images per decode task (and per input block)
+    decode_cpus: float = 0.5  # fractional: decoding is I/O plus PIL, which release the GIL
+    read_threads: int = 8  # concurrent GETs inside one decode task
+    actor_cpus: float = 1.0  # per feature actor; also its torch thread count (at least 1)
+    num_gpus: float | None = None  # per actor; None = 1 when the cluster has GPUs, else 0
+    actors: int | None = None  # pool size; None = one per GPU, else autoscale 1..max(1, CPUs // 2)
+    max_tasks_in_flight_per_actor: int = 2
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """How workers open the dataset's storage: picklable, rebuilt in every worker process.
+
+    Credentials normally come from each worker's own AWS chain (the environment Ray workers inherit
+    from the driver on a local cluster, or the node's profile/role). Keys given in an
+    ``s3://KEY:SECRET@bucket`` root travel here (never into results or logs: ``repr`` hides them).
+    """
+
+    endpoint: str | None = None
+    region: str | None = None
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def for_root(cls, root: str | None, s3_endpoint: str | None = None) -> "StorageSpec":
+        if root and is_s3_uri(root):
+            location = parse_s3_uri(root)
+            return cls(s3_endpoint or location.endpoint, location.region, location.access_key, location.secret_key)
+        return cls(s3_endpoint)
+
+    def s3(self) -> pafs.S3FileSystem:
+        return s3_filesystem(self.endpoint, region=self.region, access_key=self.access_key,
+                             secret_key=self.secret_key)
+
+
+_FS_CACHE: dict[tuple, pafs.FileSystem] = {}
+_FS_LOCK = threading.Lock()
+
+
+def _filesystem_for(uri: str, storage: StorageSpec) -> pafs.FileSystem:
+    """One filesystem per (kind, storage) per worker process."""
+    key = ("s3", storage) if is_s3_uri(uri) else ("local",)
+    with _FS_LOCK:
+        fs = _FS_CACHE.get(key)
+        if fs is None:
+            fs = storage.s3() if key[0] == "s3" else pafs.LocalFileSystem()
+            _FS_CACHE[key] = fs
+        return fs
+
+
+# --- preprocessing split in two (uint8 crop in decode tasks, normalisation in the actor) ----------
+
+
+def crop_uint8(img, image_size: int) -> np.ndarray:
+    """RGB PIL image -> uint8 ``[3, S, S]``: the resize and crop of ``preprocess_image``, before scaling.
+
+    Shipping uint8 instead of float32 makes the object-store traffic 4x smaller; together with
+    :func:`normalise_uint8` this is exactly ``preprocess_image`` (tested bit for bit).
+    """
+    tensor = TF.pil_to_tensor(img)
+    tensor = TF.resize(tensor, [resize_size(image_size)], InterpolationMode.BILINEAR, antialias=True)
+    return TF.center_crop(tensor, [image_size, image_size]).contiguous().numpy()
+
+
+def normalise_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, 3, S, S]`` -> ImageNet-normalised float32 (the tail of ``preprocess_image``)."""
+    tensor = TF.to_dtype(images, torch.float32, scale=True)
+    return TF.normalize(tensor, list(IMAGENET_MEAN), list(IMAGENET_STD)).contiguous()
+
+
+# --- pipeline stages -----------------------------------------------------------------------------
+
+_SAMPLE_FIELDS = ("sample_id", "category", "split", "uri", "defect", "mask_uri", "injected")
+
+
+def _sample_rows(samples: list[Sample]) -> list[dict]:
+    return [
+        {"row": index, **{name: getattr(s, name) for name in _SAMPLE_FIELDS}, "mask_uri": s.mask_uri or ""}
+        for index, s in enumerate(samples)
+    ]
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value) if value is not None else ""
+
+
+def _decode_batch(batch: dict[str, np.ndarray], image_size: int, with_masks: bool, storage: StorageSpec,
+                  read_threads: int) -> dict[str, np.ndarray]:
+    """Read + decode + crop one batch of samples (Ray Data task). Unreadable images get an error."""
+    n = len(batch["row"])
+    size = image_size
+    images = np.zeros((n, 3, size, size), dtype=np.uint8)
+    ok = np.zeros(n, dtype=bool)
+    errors = [""] * n
+    mask_width = (size * size + 7) // 8
+    masks = np.zeros((n, mask_width), dtype=np.uint8)
+    available = np.zeros(n, dtype=bool)
+    issues = [""] * n
+
+    def work(i: int) -> None:
+        sample = Sample(
+            sample_id=_text(batch["sample_id"][i]), category=_text(batch["category"][i]),
+            split=_text(batch["split"][i]), uri=_text(batch["uri"][i]), defect=_text(batch["defect"][i]),
+            mask_uri=_text(batch["mask_uri"][i]) or None, injected=bool(batch["injected"][i]),
+        )
+        fs = _filesystem_for(sample.uri, storage)
+        try:
+            img = decode_image(read_bytes(sample.uri, fs), sample.uri)
+        except ImageDecodeError as exc:
+            errors[i] = exc.reason
+            return
+        images[i] = crop_uint8(img, size)
+        ok[i] = True
+        if not with_masks:
+            return
+        mask = torch.zeros((1, size, size), dtype=torch.bool)
+        reason = _load_mask(sample, img.size, size, fs, mask, 0)
+        if reason is None:
+            available[i] = sample.split == "test" or sample.injected
+            masks[i] = np.packbits(mask[0].numpy().ravel())
+        else:
+            issues[i] = reason
+
+    with ThreadPoolExecutor(max_workers=max(1, min(read_threads, n))) as pool:
+        list(pool.map(work, range(n)))  # re-raises a StorageError from any read
+    out = {
+        "row": np.asarray(batch["row"], dtype=np.int64),
+        "sample_id": np.asarray([_text(v) for v in batch["sample_id"]], dtype=object),
+        "uri": np.asarray([_text(v) for v in batch["uri"]], dtype=object),
+        "image": images,
+        "ok": ok,
+        "error": np.asarray(errors, dtype=object),
+        "mask_available": available,
+        "mask_issue": np.asarray(issues, dtype=object),
+    }
+    if with_masks:
+        out["mask"] = masks
+    return out
+
+
+class FeatureActor:
+    """Ray Data callable class: uint8 crops -> patch features, one frozen backbone per actor."""
+
+    def __init__(self, feature_config: FeatureConfig, use_gpu: bool, threads: int) -> None:
+        torch.set_num_threads(max(1, threads))
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.extractor = PatchFeatureExtractor(feature_config, device)
+        self.dtype = storage_dtype(feature_config.cache_dtype)
+        self.batch_size = max(1, feature_config.batch_size)
+        grid = self.extractor.grid(feature_config.image_size)
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        self.width = grid[0] * grid[1] * self.extractor.feature_dim * itemsize  # same type in every block
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ok = np.asarray(batch["ok"], dtype=bool)
+        n = len(ok)
+        features = None
+        if ok.any():
+            images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok]))
+            parts = []
+            for start in range(0, len(images), self.batch_size):
+                chunk = normalise_uint8(images[start : start + self.batch_size])
+                parts.append(self.extractor(chunk).to("cpu", self.dtype))
+            features = torch.cat(parts)
+            if self.dtype == torch.bfloat16:
+                features = features.view(torch.int16)
+            features = features.numpy()
+        columns = {
+            "row": pa.array(batch["row"], pa.int64()),
+            "sample_id": pa.array(list(batch["sample_id"]), pa.string()),
+            "uri": pa.array(list(batch["uri"]), pa.string()),
+            "features": _fixed_binary(features, ok, n, self.width),
+            "error": pa.array(list(batch["error"]), pa.string()),
+            "mask_available": pa.array(batch["mask_available"], pa.bool_()),
+            "mask_issue": pa.array(list(batch["mask_issue"]), pa.string()),
+        }
+        if "mask" in batch:
+            mask = np.ascontiguousarray(batch["mask"], dtype=np.uint8)
+            columns["mask"] = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(mask.shape[1]), n, [None, pa.py_buffer(mask.tobytes())]
+            )
+        return pa.table(columns)
+
+
+def _fixed_binary(values: np.ndarray | None, ok: np.ndarray, n: int, width: int) -> pa.Array:
+    """Rows of ``values`` (one per True in ``ok``) as fixed-size binary; null where ``ok`` is False."""
+    data = np.zeros((n, width), dtype=np.uint8)
+    if values is not None:
+        data[ok] = np.ascontiguousarray(values).reshape(len(values), -1).view(np.uint8).reshape(len(values), width)
+    validity = None if ok.all() else pa.py_buffer(np.packbits(ok, bitorder="little").tobytes())
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), n, [validity, pa.py_buffer(data.tobytes())], null_count=int(n - ok.sum())
+    )
+
+
+# --- the pipeline --------------------------------------------------------------------------------
+
+
+def build_dataset(samples: list[Sample], feature_config: FeatureConfig, storage: StorageSpec,
+                  with_masks: bool, options: StreamOptions):
+    """The lazy Ray Dataset of feature rows (see the module docstring); needs ``ray.init`` done."""
+    import ray
+
+    opts = options
+    resources = ray.cluster_resources()
+    gpus = float(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 1))
+    num_gpus = opts.num_gpus if opts.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
+    if opts.actors:
+        pool = ray.data.ActorPoolStrategy(size=opts.actors, max_tasks_in_flight_per_actor=opts.max_tasks_in_flight_per_actor)
+    elif num_gpus > 0:
+        pool = ray.data.ActorPoolStrategy(size=max(1, int(gpus / num_gpus)),
+                                          max_tasks_in_flight_per_actor=opts.max_tasks_in_flight_per_actor)
+    else:
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cpus // 2)),
+                                          max_tasks_in_flight_per_actor=opts.max_tasks_in_flight_per_actor)
+    blocks = max(1, math.ceil(len(samples) / max(1, opts.decode_batch_size)))
+    ds = ray.data.from_items(_sample_rows(samples), override_num_blocks=blocks)
+    ds = ds.map_batches(
+        _decode_batch,
+        batch_size=opts.decode_batch_size,
+        batch_format="numpy",
+        num_cpus=opts.decode_cpus,
+        fn_kwargs={"image_size": feature_config.image_size, "with_masks": with_masks, "storage": storage,
+                   "read_threads": opts.read_threads},
+    )
+    return ds.map_batches(
+        FeatureActor,
+        batch_size=opts.feature_batch_size or feature_config.batch_size,
+        batch_format="numpy",
+        compute=pool,
+        num_cpus=opts.actor_cpus,
+        num_gpus=num_gpus or None,
+        fn_constructor_kwargs={"feature_config": feature_config, "use_gpu": num_gpus > 0,
+                               "threads": max(1, int(opts.actor_cpus))},
+    )
+
+
+def stream_features(
+    samples: list[Sample],
+    feature_config: FeatureConfig,
+    s3_endpoint: str | None = None,
+    *,
+    with_masks: bool = True,
+    output: str | None = None,
+    options: StreamOptions | None = None,
+    extractor: PatchFeatureExtractor | None = None,
+    storage: StorageSpec | None = None,
+    progress: bool = False,
+    reuse: bool = True,
+) -> ExtractedSplit:
+    """Features of ``samples`` through Ray Data, as an :class:`ExtractedSplit` (ids in input order).
+
+    With ``output`` (local folder or ``s3://``), the rows are written there as Parquet and read back;
+    a later call with the same samples and feature settings reads that output without running the
+    pipeline (``reuse``). ``extractor`` (a driver-side one, e.g. the pipeline's) provides the cache
+    key and patch grid; without it a CPU one is built here. Uses the running Ray (``ray.init`` is
+    called with defaults, and shut down again, when none is running).
+    """
+    import ray
+
+    options = options or StreamOptions()
+    storage = storage or StorageSpec(s3_endpoint)
+    extractor = extractor or PatchFeatureExtractor(feature_config, "cpu")
+    key = cache_key(samples, extractor, with_masks)
+    grid = extractor.grid(feature_config.image_size)
+    out_fs = out_path = None
+    if output:
+        out_fs, out_path = _output_filesystem(output, storage)
+        if reuse:
+            existing = _read_meta(out_fs, out_path)
+            if existing is not None and existing.get("key") == key:
+                log.info("feature output reused: %s", public_s3_uri(output))
+                return load_features(output, storage=storage)
+        _clear_output(out_fs, out_path)
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False, log_to_driver=True)
+    context = ray.data.DataContext.get_current()
+    saved_bars = context.enable_progress_bars
+    context.enable_progress_bars = progress
+    t0 = time.perf_counter()
+    try:
+        if not samples:
+            raise CometError("no images to extract features from")
+        ds = build_dataset(samples, feature_config, storage, with_masks, options)
+        if output:
+            _run(lambda: ds.write_parquet(out_path, filesystem=out_fs))
+            _finish_output(out_fs, out_path, key, grid, feature_config, with_masks, len(samples))
+            log.info("streamed %d images in %.1fs -> %s", len(samples), time.perf_counter() - t0, public_s3_uri(output))
+            return load_features(output, storage=storage)
+        return _run(lambda: _collect(ds, len(samples), grid, feature_config, with_masks))
+    finally:
+        context.enable_progress_bars = saved_bars
+        if started:
+            ray.shutdown()
+
+
+def extract_features_streaming(
+    samples: list[Sample],
+    extractor: PatchFeatureExtractor,
+    s3_endpoint: str | None,
+    with_masks: bool,
+    cache_dir: str | None,
+    progress: bool = False,
+    options: StreamOptions | None = None,
+    data_root: str | None = None,
+) -> ExtractedSplit:
+    """Drop-in for ``extract_features_cached`` (same key, same result) that runs on Ray Data.
+
+    With ``cache_dir`` (local or ``s3://``) the Parquet output lives in ``<cache_dir>/<key>-ray`` and
+    is reused by later runs, epochs and trials.
+    """
+    key = cache_key(samples, extractor, with_masks)
+    output = None
+    if cache_dir:
+        output = f"{cache_dir.rstrip('/')}/{key}-ray" if is_s3_uri(cache_dir) else os.path.join(cache_dir, f"{key}-ray")
+    return stream_features(
+        samples, extractor.config, s3_endpoint, with_masks=with_masks, output=output, options=options,
+        extractor=extractor, storage=StorageSpec.for_root(data_root, s3_endpoint), progress=progress,
+    )
+
+
+def _run(action):
+    """Run a Ray Data action; a CometError raised in a worker comes back as that one line."""
+    try:
+        return action()
+    except CometError:
+        raise
+    except Exception as exc:
+        found = _find_comet_error(exc)
+        if found is None:
+            raise
+        kind = StorageError if isinstance(found, StorageError) else CometError
+        raise kind(str(found)) from None
+
+
+def _find_comet_error(exc: BaseException | None, depth: int = 0) -> CometError | None:
+    if exc is None or depth > 10:
+        return None
+    if isinstance(exc, CometError):
+        return exc
+    for attr in ("cause", "__cause__", "__context__"):
+        inner = getattr(exc, attr, None)
+        if isinstance(inner, BaseException) and inner is not exc:
+            found = _find_comet_error(inner, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+# --- collecting and reading back -----------------------------------------------------------------
+
+
+class _Assembler:
+    """Fills features/masks for the kept rows of a stream of feature tables, in input order."""
+
+    def __init__(self, n_rows: int, grid: tuple[int, int], config: FeatureConfig, with_masks: bool,
+                 kept_rows: list[int] | None = None) -> None:
+        self.n_rows = n_rows
+        self.grid = grid
+        self.size = config.image_size
+        self.dtype = storage_dtype(config.cache_dtype)
+        self.with_masks = with_masks
+        self.ids: list[str | None] = [None] * n_rows
+        self.errors: dict[int, dict] = {}
+        self.issues: dict[int, dict] = {}
+        self.position = {row: i for i, row in enumerate(kept_rows)} if kept_rows is not None else None
+        capacity = len(kept_rows) if kept_rows is not None else n_rows
+        self.features: torch.Tensor | None = None
+        self.capacity = capacity
+        self.masks = torch.zeros((capacity, self.size, self.size), dtype=torch.bool) if with_masks else None
+        self.available = torch.zeros(capacity, dtype=torch.bool)
+        self.filled = np.zeros(capacity, dtype=bool)
+
+    def add(self, table: pa.Table) -> None:
+        rows = table.column("row").to_numpy()
+        ids = table.column("sample_id").to_pylist()
+        uris = table.column("uri").to_pylist()
+        errors = table.column("error").to_pylist()
+        issues = table.column("mask_issue").to_pylist()
+        available = table.column("mask_available").to_numpy(zero_copy_only=False)
+        features = table.column("features").combine_chunks()
+        masks = table.column("mask").combine_chunks() if self.with_masks else None
+        width = features.type.byte_width
+        raw = np.frombuffer(features.buffers()[1], dtype=np.uint8)[features.offset * width : (features.offset + len(features)) * width]
+        raw = raw.reshape(len(features), width) if len(features) else raw.reshape(0, width)
+        for j, row in enumerate(rows):
+            row = int(row)
+            self.ids[row] = ids[j]
+            if errors[j]:
+                self.errors[row] = {"sample_id": ids[j], "uri": uris[j], "reason": errors[j]}
+                continue
+            pos = self.position[row] if self.position is not None else row
+            if self.features is None:
+                numpy_dtype = np.int16 if self.dtype == torch.bfloat16 else torch.empty(0, dtype=self.dtype).numpy().dtype
+                n_patches = self.grid[0] * self.grid[1]
+                dim = width // (n_patches * np.dtype(numpy_dtype).itemsize)
+                self.numpy_dtype, self.shape = numpy_dtype, (n_patches, dim)
+                self.features = torch.empty((self.capacity, n_patches, dim), dtype=self.dtype)
+                self._view = self.features.view(torch.int16) if self.dtype == torch.bfloat16 else self.features
+            self._view[pos] = torch.from_numpy(raw[j].view(self.numpy_dtype).reshape(self.shape))
+            self.filled[pos] = True
+            if issues[j]:
+                self.issues[row] = {"sample_id": ids[j], "uri": uris[j], "reason": issues[j]}
+            if self.with_masks:
+                self.available[pos] = bool(available[j])
+                bits = np.frombuffer(masks[j].as_py(), dtype=np.uint8)
+                self.masks[pos] = torch.from_numpy(
+                    np.unpackbits(bits)[: self.size * self.size].reshape(self.size, self.size).astype(bool)
+                )
+
+    def result(self, feature_dim: int | None = None) -> ExtractedSplit:
+        missing = [r for r in range(self.n_rows) if self.ids[r] is None]
+        if missing:
+            raise CometError(f"the feature pipeline lost {len(missing)} image(s); rerun")
+        kept = [r for r in range(self.n_rows) if r not in self.errors]
+        if self.position is None:
+            index = torch.tensor(kept, dtype=torch.long)
+        else:
+            index = torch.tensor([self.position[r] for r in kept], dtype=torch.long)
+        if self.features is None:  # every image was skipped
+            dim = feature_dim or 1
+            features = torch.zeros((0, self.grid[0] * self.grid[1], dim), dtype=self.dtype)
+        elif len(index) == self.capacity:
+            features = self.features
+        else:
+            features = self.features.index_select(0, index)
+        store = FeatureStore([self.ids[r] for r in kept], features, tuple(self.grid))
+        result = ExtractedSplit(
+            store,
+            skipped=[self.errors[r] for r in sorted(self.errors)],
+            mask_issues=[self.issues[r] for r in sorted(self.issues)],
+        )
+        if self.with_masks:
+            same = len(index) == self.capacity
+            result.masks = self.masks if same else self.masks.index_select(0, index)
+            result.mask_available = self.available if same else self.available.index_select(0, index)
+        return result
+
+
+def _collect(ds, n_rows: int, grid, config: FeatureConfig, with_masks: bool) -> ExtractedSplit:
+    assembler = _Assembler(n_rows, grid, config, with_masks)
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        assembler.add(table)
+    return assembler.result()
+
+
+def _output_filesystem(output: str, storage: StorageSpec) -> tuple[pafs.FileSystem, str]:
+    if is_s3_uri(output):
+        location = parse_s3_uri(output)
+        spec = StorageSpec(storage.endpoint or location.endpoint, location.region or storage.region,
+                           location.access_key or storage.access_key, location.secret_key or storage.secret_key)
+        return spec.s3(), location.path
+    fs, path = open_dataset_filesystem(output)
+    fs.create_dir(path, recursive=True)
+    return fs, path
+
+
+def _parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
+
+
+def _read_meta(fs: pafs.FileSystem, path: str) -> dict | None:
+    try:
+        with fs.open_input_stream(posixpath.join(path, META_FILE)) as stream:
+            meta = json.loads(stream.read())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise storage_error(exc, _shown(fs, path), fs) from exc
+    except ValueError:
+        return None
+    return meta if meta.get("version") == FORMAT_VERSION else None
+
+
+def _write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
+    with fs.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def _clear_output(fs: pafs.FileSystem, path: str) -> None:
+    """Remove what an earlier (possibly failed) run left: our Parquet files and JSON only."""
+    try:
+        for name in [META_FILE, SKIPPED_FILE]:
+            if fs.get_file_info(posixpath.join(path, name)).type == pafs.FileType.File:
+                fs.delete_file(posixpath.join(path, name))
+        for file in _parquet_files(fs, path):
+            fs.delete_file(file)
+    except OSError as exc:
+        raise storage_error(exc, _shown(fs, path), fs) from exc
+
+
+def _finish_output(fs, path, key, grid, config: FeatureConfig, with_masks: bool, n_rows: int) -> dict:
+    """One light pass over the written rows: ids, skipped and mask issues; then the marker files."""
+    import pyarrow.parquet as pq
+
+    ids: list[str | None] = [None] * n_rows
+    skipped: dict[int, dict] = {}
+    issues: dict[int, dict] = {}
+    for file in _parquet_files(fs, path):
+        table = pq.read_table(file, filesystem=fs, columns=["row", "sample_id", "uri", "error", "mask_issue"])
+        for row, sample_id, uri, error, issue in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+            ids[row] = sample_id
+            if error:
+                skipped[row] = {"sample_id": sample_id, "uri": uri, "reason": error}
+            elif issue:
+                issues[row] = {"sample_id": sample_id, "uri": uri, "reason": issue}
+    if any(i is None for i in ids):
+        raise CometError(f"the feature output {_shown(fs, path)} is incomplete; rerun")
+    skipped_list = [skipped[r] for r in sorted(skipped)]
+    meta = {
+        "version": FORMAT_VERSION,
+        "key": key,
+        "grid": list(grid),
+        "cache_dtype": config.cache_dtype,
+        "image_size": config.image_size,
+        "with_masks": with_masks,
+        "n_rows": n_rows,
+        "ids": [ids[r] for r in range(n_rows) if r not in skipped],
+        "kept_rows": [r for r in range(n_rows) if r not in skipped],
+        "skipped": skipped_list,
+        "mask_issues": [issues[r] for r in sorted(issues)],
+    }
+    _write_text(fs, posixpath.join(path, SKIPPED_FILE), json.dumps(skipped_list, indent=2))
+    _write_text(fs, posixpath.join(path, META_FILE), json.dumps(meta))
+    return meta
+
+
+def load_features(output: str, s3_endpoint: str | None = None, storage: StorageSpec | None = None) -> ExtractedSplit:
+    """Read a complete Parquet feature output back as an :class:`ExtractedSplit` (streamed per file)."""
+    import pyarrow.parquet as pq
+
+    storage = storage or StorageSpec(s3_endpoint)
+    fs, path = _output_filesystem(output, storage) if is_s3_uri(output) else open_dataset_filesystem(output)
+    meta = _read_meta(fs, path)
+    if meta is None:
+        raise CometError(f"{public_s3_uri(output)} holds no complete feature output ({META_FILE} missing)")
+    config = FeatureConfig(image_size=int(meta["image_size"]), cache_dtype=meta["cache_dtype"])
+    assembler = _Assembler(int(meta["n_rows"]), tuple(meta["grid"]), config, bool(meta["with_masks"]),
+                           kept_rows=list(meta["kept_rows"]))
+    try:
+        for file in _parquet_files(fs, path):
+            for batch in pq.ParquetFile(file, filesystem=fs).iter_batches(batch_size=256):
+                assembler.add(pa.Table.from_batches([batch]))
+    except OSError as exc:
+        raise storage_error(exc, public_s3_uri(output), fs) from exc
+    return assembler.result()
+
+
+def _shown(fs: pafs.FileSystem, path: str) -> str:
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def object_store_bytes() -> dict[str, Any]:
+    """Object store capacity and spilled bytes of the running Ray (for benchmarks and tests)."""
+    import ray
+
+    info: dict[str, Any] = {"capacity": int(ray.cluster_resources().get("object_store_memory", 0))}
+    try:
+        from ray._private.internal_api import memory_summary
+
+        summary = memory_summary(stats_only=True)
+        info["summary"] = summary
+        for line in summary.splitlines():
+            if "Spilled" in line and "MiB" in line:
+                info["spilled_mib"] = float(line.split("Spilled")[1].split("MiB")[0].strip())
+                break
+    except Exception:  # best effort: internal API
+        pass
+    return info

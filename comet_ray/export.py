@@ -1,0 +1,227 @@
+"""``comet-ray export``: backbone + patch aggregation + detector + anomaly maps as ONE graph.
+
+:class:`ExportedDetector` maps an ImageNet-normalised image batch ``[B, 3, S, S]`` (exactly what
+``comet_ray.data.images.preprocess_image`` produces) to ``(image scores [B], anomaly maps [B, S, S])``,
+the same numbers ``predict`` computes in float32 on the CPU.
+
+Every step is written with operators that ONNX and TorchScript both have:
+
+* SimpleNet's aggregation (3x3 ``unfold`` then adaptive average pooling over channels) is linear in
+  the feature map, so ``unfold`` + pooling of each stage is one ``conv2d`` with a fixed kernel, and the
+  final pooling of the concatenated stages is one ``1x1`` convolution. Adaptive pooling to a width that
+  does not divide the input (e.g. 288 -> 128) has no ONNX operator; as a fixed matrix it always works.
+* The anomaly map's Gaussian blur (sigma 4) is reflect padding + two fixed separable ``conv2d``.
+
+The wrapper is checked against the unfused path (``PatchFeatureExtractor`` -> ``patch_scores`` ->
+``anomaly_maps``) in ``tests/test_export.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from comet_ray.checkpoint import load_detector
+from comet_ray.data.images import IMAGENET_MEAN, IMAGENET_STD
+from comet_ray.errors import CometError
+
+FORMATS = ("onnx", "torchscript")
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("scores", "maps")
+METADATA_KEY = "comet_ray"
+
+
+def adaptive_pool_matrix(length: int, size: int) -> torch.Tensor:
+    """``[length, size]`` matrix M with ``x @ M == adaptive_avg_pool1d(x, size)`` for ``x [..., length]``.
+
+    Output bin ``i`` averages inputs ``floor(i * L / n) .. ceil((i + 1) * L / n) - 1``, PyTorch's rule.
+    """
+    matrix = torch.zeros(length, size, dtype=torch.float64)
+    for i in range(size):
+        start = (i * length) // size
+        end = -((-(i + 1) * length) // size)
+        matrix[start:end, i] = 1.0 / (end - start)
+    return matrix.float()
+
+
+class _StagePooling(nn.Module):
+    """3x3 neighbourhood unfold + channel pooling of one backbone stage, as one fixed convolution.
+
+    ``unfold`` orders the ``C * 9`` vector channel-major (``c * 9 + ky * 3 + kx``); pooling it with
+    matrix ``M`` is ``conv2d`` with weight ``W[o, c, ky, kx] = M[c * 9 + ky * 3 + kx, o]``, padding 1.
+    """
+
+    def __init__(self, channels: int, pre_dim: int) -> None:
+        super().__init__()
+        matrix = adaptive_pool_matrix(channels * 9, pre_dim)  # [C*9, pre_dim]
+        weight = matrix.t().reshape(pre_dim, channels, 3, 3).contiguous()
+        self.register_buffer("weight", weight)
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(fmap.float(), self.weight, padding=1)
+
+
+class ExportedDetector(nn.Module):
+    """Images ``[B, 3, S, S]`` (normalised) -> ``(image scores [B], anomaly maps [B, S, S])``.
+
+    Built from a checkpoint's model and metadata (``load_detector``) and the matching
+    ``PatchFeatureExtractor`` trunk. Float32, eval mode, no autocast.
+    """
+
+    def __init__(self, trunk: nn.Module, detector: nn.Module, feature_dim: int, channels: tuple[int, ...],
+                 image_size: int, grid: tuple[int, int], sigma: float = 4.0) -> None:
+        super().__init__()
+        from comet_ray.models.anomaly_map import gaussian_kernel
+
+        self.trunk = trunk.float().eval()
+        self.detector = detector.float().eval()
+        self.image_size = int(image_size)
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.feature_dim = int(feature_dim)
+        self.stages = nn.ModuleList(_StagePooling(c, feature_dim) for c in channels)
+        # Which stages need upsampling to the first stage's grid is fixed by the image size: decide it
+        # here, once, so the traced graph holds no shape comparisons.
+        with torch.no_grad():
+            shapes = [tuple(m.shape[2:]) for m in self.trunk(torch.zeros(1, 3, self.image_size, self.image_size))]
+        self.resize = [shape != self.grid for shape in shapes]
+        # Final pooling of the concatenated stages: [n_stages * pre_dim] -> feature_dim, a 1x1 conv.
+        final = adaptive_pool_matrix(len(channels) * feature_dim, feature_dim)
+        self.register_buffer("final_weight", final.t().reshape(feature_dim, len(channels) * feature_dim, 1, 1).contiguous())
+        kernel = gaussian_kernel(sigma, torch.device("cpu"))
+        self.pad = int(kernel.numel() // 2)
+        self.register_buffer("blur_x", kernel.view(1, 1, 1, -1).clone())
+        self.register_buffer("blur_y", kernel.view(1, 1, -1, 1).clone())
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike) -> "ExportedDetector":
+        """Load ``model.pt`` (or a run folder) and rebuild the backbone it was trained on, on the CPU."""
+        from comet_ray.features.backbone import BACKBONES
+        from comet_ray.inference import extractor_for
+
+        model, meta = load_detector(checkpoint, "cpu")
+        extractor = extractor_for(meta, torch.device("cpu"))
+        channels = BACKBONES[extractor.config.backbone].channels
+        exported = cls(extractor.trunk, model, extractor.feature_dim, channels, extractor.config.image_size,
+                       tuple(meta["grid"]))
+        exported.meta = {
+            "threshold": float(meta["threshold"]),
+            "nominal_score": float(meta["nominal_score"]),
+            "image_size": int(extractor.config.image_size),
+            "grid": list(meta["grid"]),
+            "features": meta["features"],
+            "model_name": meta["model_name"],
+            "format_version": meta["format_version"],
+        }
+        return exported
+
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Same numbers as ``aggregate_patches(trunk(images))``: ``[B, P, feature_dim]``."""
+        maps = self.trunk(images)
+        pooled = []
+        for fmap, stage, resize in zip(maps, self.stages, self.resize):
+            grid = stage(fmap)  # [B, pre_dim, h, w]
+            if resize:
+                grid = F.interpolate(grid, size=self.grid, mode="bilinear", align_corners=False)
+            pooled.append(grid)
+        features = F.conv2d(torch.cat(pooled, dim=1), self.final_weight)  # [B, D, H, W]
+        return features.flatten(2).transpose(1, 2)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.patch_features(images)
+        patch = self.detector.patch_scores(features)  # [B, P]
+        scores = patch.max(dim=1).values
+        grid = patch.reshape(-1, 1, self.grid[0], self.grid[1])
+        maps = F.interpolate(grid, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        maps = F.pad(maps, (self.pad, self.pad, self.pad, self.pad), mode="reflect")
+        maps = F.conv2d(F.conv2d(maps, self.blur_x), self.blur_y)
+        return scores, maps[:, 0]
+
+
+def _atomic_target(out: str | os.PathLike) -> tuple[Path, Path]:
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    return target, Path(tmp)
+
+
+def export_detector(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx",
+                    opset: int = 17) -> Path:
+    """Write the whole detector as one ONNX or TorchScript file; returns its path.
+
+    The batch dimension is dynamic; the image size is the checkpoint's. The checkpoint's threshold,
+    nominal score and preprocessing travel inside the file (ONNX ``metadata_props`` /
+    TorchScript extra file ``comet_ray.json``).
+    """
+    if fmt not in FORMATS:
+        raise CometError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    exported = ExportedDetector.from_checkpoint(checkpoint)
+    size = exported.image_size
+    example = torch.randn(2, 3, size, size)
+    metadata = dict(exported.meta, input=INPUT_NAME, outputs=list(OUTPUT_NAMES),
+                    input_layout="[B, 3, S, S] float32, RGB, ImageNet mean/std normalised",
+                    normalisation={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
+    target, tmp = _atomic_target(out)
+    try:
+        if fmt == "torchscript":
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices
+                traced = torch.jit.trace(exported, example, check_trace=False)
+                torch.jit.save(traced, str(tmp), _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata)})
+        else:
+            _export_onnx(exported, example, tmp, opset, metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _export_onnx(exported: ExportedDetector, example: torch.Tensor, path: Path, opset: int, metadata: dict) -> None:
+    try:
+        import onnx
+    except ImportError:  # the legacy exporter needs only torch; metadata needs the onnx package
+        onnx = None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
+        torch.onnx.export(
+            exported, (example,), str(path), dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}},
+            do_constant_folding=True,
+        )
+    if onnx is not None:
+        proto = onnx.load(str(path))
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+        onnx.save(proto, str(path))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    target = export_detector(args.checkpoint, args.out, args.format, args.opset)
+    print(f"exported {args.format}: images [B, 3, S, S] (normalised) -> scores [B], maps [B, S, S] -> {target}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``comet-ray export`` to the CLI's subparsers."""
+    parser = subparsers.add_parser(
+        "export", help="write backbone + detector + anomaly maps as one ONNX or TorchScript graph",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("checkpoint", help="model.pt or a run folder")
+    parser.add_argument("--format", choices=FORMATS, default="onnx", help="graph format")
+    parser.add_argument("--out", required=True, help="output file, e.g. model.onnx or model.torchscript.pt")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    parser.set_defaults(func=cmd_export)

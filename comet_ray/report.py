@@ -1,0 +1,729 @@
+"""``comet-ray report``: one self-contained HTML page from one or more run folders, and TensorBoard logs.
+
+The page (every picture inlined as a base64 PNG, no external file, script or font) holds:
+
+* per category, a metrics table: mean ± sample std over the seeds of runs that share category,
+  strategy and contamination;
+* the contamination curve (image and pixel AUROC vs contamination, one line per strategy) when a
+  category has runs at several contamination levels;
+* ROC curves of the report split, one chart per category and contamination, one curve per run, with
+  each checkpoint's operating point. Scores come from the run's ``scores.csv`` (see
+  :func:`write_scores`) or, for runs without one, are recomputed exactly as ``comet-ray evaluate``
+  does from ``model.pt`` + the run's manifest when the data root in ``config.json`` is reachable;
+* per run: the final SCL weight histogram with injected anomalies marked (``weights.json``), λ(Σ),
+  det Σ and loss over epochs (``history.json``), and the highest-scoring nominal and lowest-scoring
+  anomalous report images with their anomaly maps (data root reachable).
+
+Anything that cannot be shown is replaced by a one-line note saying why; a checkpoint from another
+model or format version is an error (:class:`~comet_ray.errors.CheckpointError`), not a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import datetime as _dt
+import html
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from comet_ray.errors import CheckpointError, CometError
+
+SCORES_FILE = "scores.csv"
+RUN_FILES = ("metrics.json", "manifest.json", "history.json", "weights.json", "config.json")
+TABLE_METRICS = (
+    ("image_auroc", "image AUROC"),
+    ("pixel_auroc", "pixel AUROC"),
+    ("aupro", "AUPRO@0.3"),
+    ("f1_max", "F1-max"),
+    ("mean_weight_injected", "mean w injected"),
+    ("mean_weight_nominal", "mean w nominal"),
+    ("train_seconds", "train s"),
+)
+
+
+# --- scores.csv ----------------------------------------------------------------------------------
+
+
+def _publish(tmp: str | os.PathLike, target: Path) -> None:
+    """Move a finished temp file into place with the permissions a plain ``open`` would give it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, target)
+
+
+def write_scores(out_dir: str | os.PathLike, ids: Sequence[str], scores: Iterable[float],
+                 labels: Iterable[bool | int]) -> Path:
+    """Write ``scores.csv`` (sample_id, score, label) of a run's report split, atomically.
+
+    ``label`` is 1 for an anomalous image and 0 for a nominal one; the rows keep the order given.
+    """
+    scores = [float(s) for s in (scores.tolist() if hasattr(scores, "tolist") else scores)]
+    labels = [int(bool(v)) for v in (labels.tolist() if hasattr(labels, "tolist") else labels)]
+    ids = list(ids)
+    if not len(ids) == len(scores) == len(labels):
+        raise ValueError(f"write_scores: {len(ids)} ids, {len(scores)} scores and {len(labels)} labels")
+    target = Path(out_dir) / SCORES_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{SCORES_FILE}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["sample_id", "score", "label"])
+            for sample_id, score, label in zip(ids, scores, labels):
+                writer.writerow([sample_id, repr(score), label])
+        _publish(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+@dataclass
+class ScoreTable:
+    ids: list[str]
+    scores: np.ndarray  # float64 [N]
+    labels: np.ndarray  # bool [N]
+    source: str  # "scores.csv" or "recomputed"
+
+
+def read_scores(run_dir: str | os.PathLike) -> ScoreTable | None:
+    """The run's ``scores.csv``, or None when it has none."""
+    path = Path(run_dir) / SCORES_FILE
+    if not path.exists():
+        return None
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        ids = [r["sample_id"] for r in rows]
+        scores = np.array([float(r["score"]) for r in rows], dtype=np.float64)
+        labels = np.array([int(r["label"]) != 0 for r in rows], dtype=bool)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CometError(f"{path} is not a comet-ray scores file: {exc}") from None
+    return ScoreTable(ids, scores, labels, SCORES_FILE)
+
+
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) at every distinct threshold, from (0, 0) to (1, 1); ties move both at once."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    order = np.argsort(-scores, kind="mergesort")
+    ranked, hits = scores[order], labels[order]
+    last = np.r_[np.nonzero(np.diff(ranked))[0], ranked.size - 1] if ranked.size else np.zeros(0, dtype=int)
+    true_pos = np.cumsum(hits)[last]
+    false_pos = last + 1 - true_pos
+    positives, negatives = max(int(hits.sum()), 1), max(int((~hits).sum()), 1)
+    return np.r_[0.0, false_pos / negatives], np.r_[0.0, true_pos / positives]
+
+
+def roc_auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+# --- loading runs --------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    sample_id: str
+    score: float
+    label: bool
+    panel: bytes | None = None
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    metrics: dict
+    manifest: dict
+    history: list[dict]
+    weights: dict | None
+    config: dict
+    meta: dict | None = None
+    model: Any = None
+    scores: ScoreTable | None = None
+    examples: dict[str, list[Example]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def category(self) -> str:
+        return str(self.metrics.get("category") or self.manifest.get("category") or self.config.get("category") or "?")
+
+    @property
+    def strategy(self) -> str:
+        return str(self.metrics.get("strategy") or self.config.get("comet", {}).get("strategy") or "?")
+
+    @property
+    def contamination(self) -> float:
+        return float(self.metrics.get("contamination", self.config.get("contamination", 0.0)) or 0.0)
+
+    @property
+    def seed(self) -> int:
+        return int(self.metrics.get("seed", self.config.get("seed", 0)) or 0)
+
+    @property
+    def label(self) -> str:
+        return f"{self.strategy} · seed {self.seed}"
+
+    @property
+    def threshold(self) -> float | None:
+        return None if self.meta is None else float(self.meta["threshold"])
+
+
+def _read_json(path: Path, default: Any = None) -> Any:
+    if not path.exists():
+        if default is not None:
+            return default
+        raise CometError(f"{path.parent} is not a comet-ray run folder (no {path.name})")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CometError(f"cannot read {path}: {exc}") from None
+
+
+def expand_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Run folders (holding metrics.json), or folders whose direct subfolders are run folders."""
+    found: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        if not path.is_dir():
+            raise CometError(f"run folder not found: {path}")
+        if (path / "metrics.json").exists():
+            found.append(path)
+            continue
+        children = sorted(p for p in path.iterdir() if p.is_dir() and (p / "metrics.json").exists())
+        if not children:
+            raise CometError(f"{path} is not a comet-ray run folder (no metrics.json in it or its subfolders)")
+        found.extend(children)
+    unique: list[Path] = []
+    for path in found:
+        if path.resolve() not in {p.resolve() for p in unique}:
+            unique.append(path)
+    return unique
+
+
+def load_run(run_dir: str | os.PathLike) -> RunRecord:
+    """Read a run folder's JSON files, its checkpoint (when present) and its scores.csv (when present)."""
+    from comet_ray.checkpoint import load_detector
+
+    path = Path(run_dir)
+    metrics = _read_json(path / "metrics.json")
+    record = RunRecord(
+        path=path,
+        metrics=metrics,
+        manifest=_read_json(path / "manifest.json", {}),
+        history=_read_json(path / "history.json", []),
+        weights=_read_json(path / "weights.json", {}) or None,
+        config=_read_json(path / "config.json", {}),
+    )
+    if (path / "model.pt").exists():
+        try:
+            record.model, record.meta = load_detector(path / "model.pt", "cpu")
+        except CheckpointError as exc:
+            raise CheckpointError(f"run {path}: {exc}") from None
+    else:
+        record.notes.append("no model.pt: ROC needs scores.csv; no anomaly maps")
+    record.scores = read_scores(path)
+    return record
+
+
+# --- recomputing from the data -------------------------------------------------------------------
+
+
+class _DataAccess:
+    """Sample tables, feature extractors and a device, shared by every run of one report."""
+
+    def __init__(self, device: str, s3_endpoint: str | None) -> None:
+        from comet_ray.pipeline import resolve_device
+
+        self.device = resolve_device(device)
+        self.s3_endpoint = s3_endpoint
+        self._tables: dict[tuple[str, str], tuple[Any, dict]] = {}
+        self._extractors: dict[str, Any] = {}
+
+    def samples(self, data_root: str, category: str) -> tuple[Any, dict]:
+        from comet_ray.data.layout import build_sample_table, open_dataset_filesystem
+
+        key = (data_root, category)
+        if key not in self._tables:
+            filesystem, _ = open_dataset_filesystem(data_root, self.s3_endpoint)
+            table = build_sample_table(data_root, category, filesystem)
+            self._tables[key] = (filesystem, {s.sample_id: s for s in table})
+        return self._tables[key]
+
+    def extractor(self, meta: dict):
+        from comet_ray.inference import extractor_for
+
+        key = json.dumps(meta["features"], sort_keys=True)
+        if key not in self._extractors:
+            self._extractors[key] = extractor_for(meta, self.device)
+        return self._extractors[key]
+
+
+def _report_samples(record: RunRecord, access: _DataAccess):
+    data_root = record.config.get("data_root") or record.manifest.get("data_root")
+    if not data_root:
+        raise CometError("config.json names no data root")
+    filesystem, table = access.samples(data_root, record.category)
+    wanted = record.manifest.get("report_ids") or []
+    samples = [table[i] for i in wanted if i in table]
+    missing = len(wanted) - len(samples)
+    return filesystem, samples, missing
+
+
+def recompute_scores(record: RunRecord, access: _DataAccess) -> ScoreTable:
+    """Report-split image scores from model.pt + manifest, computed as ``comet-ray evaluate`` does."""
+    from comet_ray.evaluate import score_patches
+    from comet_ray.features.extractor import extract_features
+    from comet_ray.models.anomaly_map import image_scores
+
+    filesystem, samples, missing = _report_samples(record, access)
+    if missing:
+        record.notes.append(f"{missing} report image(s) of the manifest are no longer in the data root")
+    if not samples:
+        raise CometError("none of the manifest's report images is in the data root")
+    extractor = access.extractor(record.meta)
+    extracted = extract_features(samples, extractor, filesystem, with_masks=False)
+    scores = image_scores(score_patches(record.model.to(access.device), extracted.store, access.device)).cpu()
+    by_id = {s.sample_id: s for s in samples}
+    ids = list(extracted.store.ids)
+    labels = np.array([by_id[i].is_anomalous for i in ids], dtype=bool)
+    return ScoreTable(ids, scores.double().numpy(), labels, "recomputed")
+
+
+def example_panels(record: RunRecord, access: _DataAccess, examples: list[Example]) -> None:
+    """Fill ``panel`` of each example: image | anomaly map | region, ground truth outlined."""
+    from comet_ray.data.images import load_samples
+    from comet_ray.features.store import storage_dtype
+    from comet_ray.models.anomaly_map import anomaly_maps
+    from comet_ray.visualize import map_panel
+
+    if not examples:
+        return
+    filesystem, table = access.samples(record.config.get("data_root") or record.manifest["data_root"], record.category)
+    samples = [table[e.sample_id] for e in examples if e.sample_id in table]
+    extractor = access.extractor(record.meta)
+    size = extractor.config.image_size
+    loaded = load_samples(samples, size, filesystem, with_masks=True)
+    if not loaded.sample_ids:
+        return
+    with torch.no_grad():
+        # Through the cache dtype, as in training and evaluation, so the panel's map matches the table.
+        features = extractor(loaded.images).to(storage_dtype(extractor.config.cache_dtype)).float()
+        patch = record.model.to(access.device).patch_scores(features.to(access.device)).float()
+        maps = anomaly_maps(patch, tuple(record.meta["grid"]), size).cpu()
+    nominal = float(record.meta["nominal_score"])
+    position = {sample_id: i for i, sample_id in enumerate(loaded.sample_ids)}
+    for example in examples:
+        if example.sample_id not in position:
+            continue
+        i = position[example.sample_id]
+        mask = loaded.masks[i] if loaded.masks is not None and bool(loaded.mask_available[i]) else None
+        example.panel = map_panel(loaded.images[i], maps[i], record.threshold, nominal, score=example.score,
+                                  title=example.sample_id.split("/", 2)[-1], mask=mask)
+
+
+def worst_examples(scores: ScoreTable, count: int) -> dict[str, list[Example]]:
+    """Highest-scoring nominal images and lowest-scoring anomalous images of the report split."""
+    nominal = [i for i in np.argsort(-scores.scores, kind="mergesort") if not scores.labels[i]][:count]
+    anomalous = [i for i in np.argsort(scores.scores, kind="mergesort") if scores.labels[i]][:count]
+    make = lambda idx: [Example(scores.ids[i], float(scores.scores[i]), bool(scores.labels[i])) for i in idx]  # noqa: E731
+    return {"false_positives": make(nominal), "false_negatives": make(anomalous)}
+
+
+def collect(run_dirs: Sequence[str | os.PathLike], device: str = "auto", s3_endpoint: str | None = None,
+            recompute: bool = True, examples: int = 3) -> list[RunRecord]:
+    """Load every run and gather the scores and example maps its report needs."""
+    records = [load_run(p) for p in expand_run_dirs(run_dirs)]
+    access = _DataAccess(device, s3_endpoint) if recompute else None
+    for record in records:
+        if access is None or record.model is None:
+            if record.scores is None:
+                record.notes.append("no scores.csv and recomputation is off or impossible: no ROC curve")
+            elif examples:
+                record.notes.append("anomaly maps of the worst images need the data root and model.pt")
+            if record.scores is not None and examples:
+                record.examples = worst_examples(record.scores, examples)
+            continue
+        try:
+            if record.scores is None:
+                record.scores = recompute_scores(record, access)
+                _check_recomputed(record)
+            if examples:
+                record.examples = worst_examples(record.scores, examples)
+                example_panels(record, access, record.examples["false_positives"] + record.examples["false_negatives"])
+        except CheckpointError:
+            raise
+        except CometError as exc:  # data root unreachable, layout changed, backbone weights missing
+            what = "ROC curve and anomaly maps" if record.scores is None else "anomaly maps"
+            record.notes.append(f"no {what}: {exc}")
+            if record.scores is not None and examples and not record.examples:
+                record.examples = worst_examples(record.scores, examples)
+    return records
+
+
+def _check_recomputed(record: RunRecord) -> None:
+    expected = record.metrics.get("image_auroc")
+    scores = record.scores
+    if expected is None or not isinstance(expected, (int, float)) or not math.isfinite(expected):
+        return
+    if scores.labels.all() or not scores.labels.any():
+        return
+    fpr, tpr = roc_curve(scores.scores, scores.labels)
+    got = roc_auc(fpr, tpr)
+    if abs(got - float(expected)) > 1e-3:
+        record.notes.append(
+            f"recomputed image AUROC {got:.4f} differs from metrics.json's {float(expected):.4f}: "
+            "the data or the backbone weights changed since training"
+        )
+
+
+# --- aggregation ---------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(float(value)) else None
+
+
+def mean_std(values: Iterable[Any]) -> tuple[float | None, float | None, int]:
+    """Mean and sample standard deviation (ddof 1; None for one value) of the finite numbers given."""
+    numbers = [v for v in (_number(x) for x in values) if v is not None]
+    if not numbers:
+        return None, None, 0
+    mean = sum(numbers) / len(numbers)
+    if len(numbers) < 2:
+        return mean, None, 1
+    var = sum((v - mean) ** 2 for v in numbers) / (len(numbers) - 1)
+    return mean, math.sqrt(var), len(numbers)
+
+
+def summarise(records: Sequence[RunRecord]) -> dict[str, list[dict]]:
+    """Per category, one row per (strategy, contamination): mean/std of each table metric over seeds."""
+    groups: dict[tuple[str, str, float], list[RunRecord]] = {}
+    for record in records:
+        groups.setdefault((record.category, record.strategy, record.contamination), []).append(record)
+    table: dict[str, list[dict]] = {}
+    for (category, strategy, contamination), members in sorted(groups.items()):
+        row = {"strategy": strategy, "contamination": contamination, "seeds": sorted(r.seed for r in members),
+               "runs": [str(r.path) for r in members]}
+        for key, _ in TABLE_METRICS:
+            row[key] = mean_std(r.metrics.get(key) for r in members)
+        table.setdefault(category, []).append(row)
+    return table
+
+
+# --- HTML ----------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:24px auto;max-width:1180px;
+color:#1d2330;padding:0 16px;line-height:1.4}
+h1{font-size:24px;margin-bottom:4px}h2{font-size:19px;border-bottom:2px solid #d9dee8;padding-bottom:4px;margin-top:32px}
+h3{font-size:16px;margin:18px 0 6px}.muted{color:#5d6677;font-size:13px}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}th,td{border:1px solid #d9dee8;padding:4px 9px;text-align:right}
+th{background:#f1f4f9}td.l,th.l{text-align:left}.figs{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
+.figs img{max-width:100%;border:1px solid #e3e7ee}.note{background:#fff6e0;border-left:4px solid #f0b429;padding:5px 10px;
+font-size:13px;margin:6px 0}.run{border:1px solid #d9dee8;border-radius:6px;padding:4px 14px 12px;margin:14px 0}
+summary{cursor:pointer;font-weight:600;font-size:15px;padding:6px 0}.panel img{max-width:100%;display:block;margin:6px 0}
+code{background:#f1f4f9;padding:1px 4px;border-radius:3px}
+"""
+
+
+def _img(data: bytes, alt: str) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" alt="{html.escape(alt)}">'
+
+
+def _fmt(stat: tuple[float | None, float | None, int], digits: int = 4) -> str:
+    mean, std, _ = stat
+    if mean is None:
+        return "–"
+    text = f"{mean:.{digits}f}"
+    return text if std is None else f"{text} ± {std:.{digits}f}"
+
+
+def _note(text: str) -> str:
+    return f'<div class="note">{html.escape(text)}</div>'
+
+
+def _metrics_html(summary: dict[str, list[dict]]) -> str:
+    parts = []
+    for category, rows in summary.items():
+        parts.append(f"<h3>{html.escape(category)}</h3><table><tr><th class='l'>strategy</th><th>contamination</th>"
+                     "<th>seeds</th>" + "".join(f"<th>{html.escape(label)}</th>" for _, label in TABLE_METRICS) + "</tr>")
+        for row in rows:
+            cells = [f"<td class='l'>{html.escape(row['strategy'])}</td>", f"<td>{row['contamination']:.0%}</td>",
+                     f"<td>{html.escape(', '.join(map(str, row['seeds'])))}</td>"]
+            for key, _ in TABLE_METRICS:
+                cells.append(f"<td>{_fmt(row[key], 1 if key == 'train_seconds' else 4)}</td>")
+            parts.append("<tr>" + "".join(cells) + "</tr>")
+        parts.append("</table>")
+    parts.append("<p class='muted'>mean ± sample standard deviation over the seeds listed; a single seed shows its value. "
+                 "Metrics are on each run's report split (never used for training, threshold or tuning).</p>")
+    return "".join(parts)
+
+
+def _contamination_html(summary: dict[str, list[dict]]) -> str:
+    from comet_ray.visualize import contamination_chart
+
+    figures = []
+    for category, rows in summary.items():
+        if len({row["contamination"] for row in rows}) < 2:
+            continue
+        for key, label in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC")):
+            series: dict[str, list[tuple[float, float, float]]] = {}
+            for row in rows:
+                mean, std, _ = row[key]
+                if mean is not None:
+                    series.setdefault(row["strategy"], []).append((row["contamination"], mean, std or 0.0))
+            if series:
+                figures.append(_img(contamination_chart(series, label, f"{category}: {label} vs contamination"),
+                                    f"{category} {label} vs contamination"))
+    if not figures:
+        return ""
+    return "<h2>Contamination curve</h2><div class='figs'>" + "".join(figures) + "</div>"
+
+
+def _roc_html(records: Sequence[RunRecord]) -> str:
+    from comet_ray.visualize import roc_chart
+
+    groups: dict[tuple[str, float], list[RunRecord]] = {}
+    for record in records:
+        groups.setdefault((record.category, record.contamination), []).append(record)
+    figures, notes = [], []
+    for (category, contamination), members in sorted(groups.items()):
+        curves = []
+        for record in members:
+            scores = record.scores
+            if scores is None:
+                continue
+            if scores.labels.all() or not scores.labels.any():
+                notes.append(f"{record.path}: the report split has a single class, no ROC curve")
+                continue
+            fpr, tpr = roc_curve(scores.scores, scores.labels)
+            curve = {"fpr": fpr, "tpr": tpr, "label": f"{record.label} (AUROC {roc_auc(fpr, tpr):.3f})"}
+            if record.threshold is not None:  # the checkpoint's operating point
+                flagged = scores.scores >= record.threshold
+                curve["point"] = (float(flagged[~scores.labels].mean()), float(flagged[scores.labels].mean()))
+            curves.append(curve)
+        if curves:
+            figures.append(_img(roc_chart(curves, f"{category}, contamination {contamination:.0%}: report split"),
+                                f"ROC {category} {contamination:.0%}"))
+    if not figures and not notes:
+        return "<h2>ROC curves</h2>" + _note("no run has report-split scores (scores.csv or a reachable data root)")
+    sources = sorted({r.scores.source for r in records if r.scores is not None})
+    return ("<h2>ROC curves</h2><div class='figs'>" + "".join(figures) + "</div>" + "".join(_note(n) for n in notes)
+            + f"<p class='muted'>Report-split image scores from {html.escape(', '.join(sources))}; "
+            "dots: each checkpoint's decision threshold (F1-optimal on the validation split).</p>")
+
+
+def _examples_html(record: RunRecord) -> str:
+    if not record.examples:
+        return ""
+    threshold = record.threshold
+    parts = []
+    titles = {
+        "false_positives": "Worst false positives: highest-scoring nominal images",
+        "false_negatives": "Worst false negatives: lowest-scoring anomalous images",
+    }
+    for key, title in titles.items():
+        items = record.examples.get(key, [])
+        if not items:
+            continue
+        parts.append(f"<h3>{title}</h3>")
+        if threshold is not None:
+            wrong = sum((e.score >= threshold) != e.label for e in items)
+            parts.append(f"<p class='muted'>decision threshold {threshold:.4g} (F1-optimal on the validation split); "
+                         f"{wrong} of these {len(items)} are misclassified at it.</p>")
+        if any(e.panel for e in items):
+            parts.append("<div class='panel'>" + "".join(_img(e.panel, e.sample_id) for e in items if e.panel) + "</div>")
+        listed = [e for e in items if not e.panel]
+        if listed:
+            parts.append("<table><tr><th class='l'>image</th><th>score</th></tr>" + "".join(
+                f"<tr><td class='l'>{html.escape(e.sample_id)}</td><td>{e.score:.4g}</td></tr>" for e in listed)
+                + "</table>")
+    return "".join(parts)
+
+
+def _run_html(record: RunRecord, open_: bool) -> str:
+    from comet_ray.visualize import history_chart, weight_histogram_chart
+
+    metrics = record.metrics
+    title = (f"{record.category} · {record.strategy} · contamination {record.contamination:.0%} · seed {record.seed}")
+    head = [f"<details class='run'{' open' if open_ else ''}><summary>{html.escape(title)}</summary>",
+            f"<p class='muted'><code>{html.escape(str(record.path))}</code> — image AUROC "
+            f"{_fmt(mean_std([metrics.get('image_auroc')]))}, pixel AUROC {_fmt(mean_std([metrics.get('pixel_auroc')]))}, "
+            f"{metrics.get('n_train', '?')} train / {metrics.get('n_test', '?')} report images, "
+            f"{metrics.get('epochs', len(record.history))} epochs</p>"]
+    figures = []
+    weights = (record.weights or {}).get("weights")
+    if weights:
+        injected_ids = set((record.weights or {}).get("injected", []))
+        nominal = [float(w) for i, w in weights.items() if i not in injected_ids]
+        injected = [float(w) for i, w in weights.items() if i in injected_ids]
+        figures.append(_img(weight_histogram_chart(nominal, injected, f"SCL weights after the last epoch ({record.strategy})"),
+                            "SCL weight histogram"))
+    else:
+        record.notes.append("no weights.json: no weight histogram")
+    if record.history:
+        figures.append(_img(history_chart(record.history), "lambda and det Sigma over epochs"))
+    else:
+        record.notes.append("no history.json entries: no λ(Σ) / det Σ chart")
+    body = "<div class='figs'>" + "".join(figures) + "</div>" + _examples_html(record)
+    notes = "".join(_note(n) for n in dict.fromkeys(record.notes))
+    return "".join(head) + body + notes + "</details>"
+
+
+def render_html(records: Sequence[RunRecord]) -> str:
+    """The whole report page as one string (every picture inlined)."""
+    from comet_ray import __version__
+
+    summary = summarise(records)
+    now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    categories = ", ".join(summary)
+    runs = "".join(_run_html(r, open_=len(records) <= 6) for r in records)
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>comet-ray report: {html.escape(categories)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>comet-ray report</h1><p class='muted'>{len(records)} run(s) · {html.escape(categories)} · generated {now} by comet-ray {html.escape(__version__)}</p>"
+        "<h2>Metrics</h2>" + _metrics_html(summary) + _contamination_html(summary) + _roc_html(records)
+        + "<h2>Runs</h2>" + runs + "</body></html>"
+    )
+
+
+def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike = "report.html", device: str = "auto",
+                 s3_endpoint: str | None = None, recompute: bool = True, examples: int = 3) -> Path:
+    """Collect the runs and write the self-contained HTML report atomically; returns its path."""
+    records = collect(run_dirs, device, s3_endpoint, recompute, examples)
+    page = render_html(records)
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(page)
+        _publish(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+# --- TensorBoard ---------------------------------------------------------------------------------
+
+
+def _summary_writer(log_dir: str | os.PathLike):
+    """tensorboardX's writer (installed with ray[tune]); torch's when the ``tensorboard`` package is there."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise CometError("TensorBoard logging needs the tensorboardX (or tensorboard) package") from None
+    return SummaryWriter(str(log_dir))
+
+
+_SCALARS = (
+    ("loss", "train/loss"),
+    ("lam", "comet/lambda"),
+    ("det_sigma", "comet/det_sigma"),
+    ("fence", "scl/fence"),
+    ("mean_weight", "scl/mean_weight"),
+    ("mean_weight_injected", "scl/mean_weight_injected"),
+    ("mean_weight_nominal", "scl/mean_weight_nominal"),
+    ("low_confidence", "scl/low_confidence"),
+    ("meta_l_tr", "meta/l_tr"),
+    ("meta_l_val", "meta/l_val"),
+    ("seconds", "time/epoch_seconds"),
+)
+
+
+def _as_dict(epoch_log: Any) -> dict:
+    return epoch_log.to_dict() if hasattr(epoch_log, "to_dict") else dict(epoch_log)
+
+
+def _log_epoch(writer, entry: dict) -> None:
+    step = int(entry.get("epoch", 0)) + 1
+    for key, tag in _SCALARS:
+        value = _number(entry.get(key))
+        if value is not None:
+            writer.add_scalar(tag, value, step)
+    for key, value in (entry.get("extra") or {}).items():
+        if _number(value) is not None:
+            writer.add_scalar(f"extra/{key}", float(value), step)
+    counts = entry.get("weight_histogram")
+    if counts and sum(counts) > 0:
+        # Counts over equal bins of [0, 1]; moments approximated at the bin centres.
+        edges = np.linspace(0.0, 1.0, len(counts) + 1)
+        centres = (edges[:-1] + edges[1:]) / 2
+        counts_np = np.asarray(counts, dtype=np.float64)
+        writer.add_histogram_raw("scl/weights", min=0.0, max=1.0, num=int(counts_np.sum()),
+                                 sum=float((counts_np * centres).sum()), sum_squares=float((counts_np * centres**2).sum()),
+                                 bucket_limits=edges[1:].tolist(), bucket_counts=counts_np.tolist(), global_step=step)
+
+
+def write_tensorboard(log_dir: str | os.PathLike, epoch_logs: Iterable[Any]) -> Path:
+    """Write per-epoch scalars (loss, λ, det Σ, SCL weights, ...) of ``EpochLog`` objects or their dicts.
+
+    Step = epoch + 1. Safe to call once per epoch with ``[epoch_log]``: each call appends a new event
+    file to ``log_dir``, which TensorBoard merges; :class:`TensorBoardLogger` keeps one file open instead.
+    """
+    writer = _summary_writer(log_dir)
+    try:
+        for epoch_log in epoch_logs:
+            _log_epoch(writer, _as_dict(epoch_log))
+    finally:
+        writer.close()
+    return Path(log_dir)
+
+
+class TensorBoardLogger:
+    """An ``on_epoch_end(trainer, epoch_log)`` callback writing to one TensorBoard event file."""
+
+    def __init__(self, log_dir: str | os.PathLike) -> None:
+        self.log_dir = Path(log_dir)
+        self.writer = _summary_writer(log_dir)
+
+    def __call__(self, _trainer: Any, epoch_log: Any) -> None:
+        _log_epoch(self.writer, _as_dict(epoch_log))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    target = build_report(args.runs, args.out, args.device, args.s3_endpoint, not args.no_recompute, args.examples)
+    print(f"report -> {target}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``comet-ray report`` to the CLI's subparsers."""
+    parser = subparsers.add_parser(
+        "report", help="one self-contained HTML report (metrics, ROC, SCL weights, lambda, worst images) from run folders",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="run folders written by train (or folders holding run folders, e.g. a demo output)")
+    parser.add_argument("--out", default="report.html", help="HTML file to write")
+    parser.add_argument("--examples", type=int, default=3,
+                        help="worst false positives and false negatives shown per run (0: none)")
+    parser.add_argument("--no-recompute", action="store_true",
+                        help="never read the dataset: ROC only from scores.csv, no anomaly maps")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (for recomputed scores and maps)")
+    parser.add_argument("--s3-endpoint", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3-compatible endpoint")
+    parser.set_defaults(func=cmd_report)

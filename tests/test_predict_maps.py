@@ -1,0 +1,154 @@
+"""``predict --maps``: per-image anomaly maps and their panel PNGs, on a tiny synthetic category."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comet_ray.cli import build_parser, main
+from comet_ray.data.images import preprocess_image, resize_size
+from comet_ray.data.synthetic import make_texture_category
+from comet_ray.inference import add_predict_map_options, predict_images
+from comet_ray.visualize import denormalise, map_file_names, map_panel
+
+TINY = ["--backbone", "mobilenet_v2", "--no-pretrained", "--image-size", "64", "--feature-dim", "32",
+        "--epochs", "2", "--passes", "1", "--set", "discriminator_hidden=32", "--set", "noise_std=0.1",
+        "--set", "inner_steps=1", "--set", "meta_tasks=2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("maps-data")
+    make_texture_category(root, "weave", n_train=16, n_test_good=6, defects={"spot": 8}, size=64, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained_run(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("maps-run") / "run"
+    assert main(["train", str(dataset), "--category", "weave", "--contamination", "0.2", "--out", str(out), *TINY]) == 0
+    return out
+
+
+@pytest.fixture
+def inbox(dataset: Path, tmp_path: Path) -> Path:
+    """Two good and two spot images, with the same file names in two folders, plus a broken file."""
+    folder = tmp_path / "inbox"
+    for defect in ("good", "spot"):
+        (folder / defect).mkdir(parents=True)
+        for source in sorted((dataset / "weave" / "test" / defect).glob("*.png"))[:2]:
+            (folder / defect / source.name).write_bytes(source.read_bytes())
+    (folder / "spot" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    return folder
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.verify()
+        return image.size
+
+
+def test_maps_are_returned_and_written_for_readable_images_only(trained_run: Path, inbox: Path, tmp_path: Path) -> None:
+    maps_dir = tmp_path / "pred" / "maps"
+    rows, maps = predict_images(str(trained_run), [str(inbox)], "cpu", maps_dir=maps_dir, return_maps=True)
+    scored = [r for r in rows if not r["error"]]
+    broken = [r for r in rows if r["error"]]
+    assert len(scored) == 4 and len(broken) == 1 and broken[0]["path"].endswith("broken.png")
+    assert set(maps) == {r["path"] for r in scored}
+    for row in scored:
+        amap = maps[row["path"]]
+        assert amap.shape == (64, 64) and amap.dtype == np.float32 and np.isfinite(amap).all()
+        # Bilinear upsampling and a normalised blur only average patch scores: the map never exceeds
+        # the image score (= the maximum patch score), so one threshold serves both.
+        assert float(amap.max()) <= row["score"] + 1e-5
+    written = sorted(p.name for p in maps_dir.iterdir())
+    assert written == ["good__000.png", "good__001.png", "spot__000.png", "spot__001.png"]  # no name collision
+    for name in written:
+        width, height = _png_size(maps_dir / name)
+        assert width > 2.5 * height  # three panels side by side
+    # The columns predictions.csv gets are unchanged by maps.
+    assert all(set(r) == {"path", "score", "normalised_score", "anomalous", "error"} for r in rows)
+
+
+def test_maps_without_return_keep_the_plain_row_list(trained_run: Path, inbox: Path) -> None:
+    rows = predict_images(str(trained_run), [str(inbox / "good")], "cpu")
+    assert isinstance(rows, list) and len(rows) == 2
+
+
+def _outline_pixels(png: bytes) -> int:
+    """Pixels of the region outline colour (#ff2d2d) in a panel."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return int((((pixels - [255, 45, 45]) ** 2).sum(-1) < 900).sum())
+
+
+def test_map_panel_outlines_the_region_at_or_above_the_threshold() -> None:
+    image = np.zeros((64, 64, 3), np.uint8)
+    amap = np.zeros((64, 64), np.float32)
+    amap[20:30, 20:30] = 2.0
+    crossed = _outline_pixels(map_panel(image, amap, threshold=1.0, nominal=0.0, score=2.0, title="x"))
+    never = _outline_pixels(map_panel(image, amap, threshold=3.0, nominal=0.0, score=2.0, title="x"))
+    assert crossed > never + 50
+
+
+def test_denormalise_recovers_the_crop_the_model_saw() -> None:
+    rng = np.random.default_rng(0)
+    side = resize_size(64)  # already at the resize size: preprocessing only crops the middle
+    pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    tensor = preprocess_image(Image.fromarray(pixels), 64)
+    restored = denormalise(tensor)
+    offset = int(round((side - 64) / 2))
+    assert restored.shape == (64, 64, 3) and restored.dtype == np.uint8
+    assert np.abs(restored.astype(int) - pixels[offset : offset + 64, offset : offset + 64].astype(int)).max() <= 1
+
+
+def test_map_file_names_are_unique_and_readable() -> None:
+    names = map_file_names(["/d/a/good/000.png", "/d/a/crack/000.png", "/d/a/crack/000.jpg", "/d/a/x y.png"])
+    assert names == ["good__000.png", "crack__000.png", "crack__000-2.png", "x_y.png"]
+    assert map_file_names(["s3://bucket/p/q/001.png"]) == ["001.png"]
+
+
+def test_add_predict_map_options() -> None:
+    parser = argparse.ArgumentParser()
+    add_predict_map_options(parser)
+    assert parser.parse_args(["--maps"]).maps is True
+    assert parser.parse_args([]).maps is False
+
+
+def _cli_has_maps() -> bool:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return any("--maps" in a.option_strings for a in sub.choices["predict"]._actions)
+
+
+def test_cli_predict_maps(trained_run: Path, inbox: Path, tmp_path: Path) -> None:
+    if not _cli_has_maps():
+        pytest.skip("comet_ray/cli.py does not wire `predict --maps` (add_predict_map_options) yet")
+    out = tmp_path / "pred"
+    assert main(["predict", str(trained_run), str(inbox), "--out", str(out), "--device", "cpu", "--maps"]) == 0
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 5
+    assert len(list((out / "maps").glob("*.png"))) == 4
+
+
+def test_maps_match_a_direct_forward_pass(trained_run: Path, inbox: Path) -> None:
+    from comet_ray.checkpoint import load_detector
+    from comet_ray.data.images import decode_image
+    from comet_ray.inference import extractor_for
+    from comet_ray.models.anomaly_map import anomaly_maps
+
+    path = str(inbox / "spot" / "000.png")
+    _, maps = predict_images(str(trained_run), [path], "cpu", return_maps=True)
+    model, meta = load_detector(trained_run, "cpu")
+    extractor = extractor_for(meta, torch.device("cpu"))
+    image = preprocess_image(decode_image(Path(path).read_bytes(), path), 64)[None]
+    with torch.no_grad():
+        expected = anomaly_maps(model.patch_scores(extractor(image)), tuple(meta["grid"]), 64)[0]
+    np.testing.assert_allclose(maps[path], expected.numpy(), atol=1e-6)
