@@ -131,7 +131,7 @@ def test_constant_features_stay_finite_even_when_trained_on(value: float, bf16: 
     features = torch.full((4, 4, dim), value)
     seeds = torch.arange(4)
     bound = -clamp * blocks * math.ceil(dim / 2) / dim  # the NLL can never go below this
-    for _ in range(40):
+    for _ in range(25):
         optimiser.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             losses = flow(features, seeds)
@@ -143,7 +143,7 @@ def test_constant_features_stay_finite_even_when_trained_on(value: float, bf16: 
             assert parameter.grad is None or torch.isfinite(parameter.grad).all()
         optimiser.step()
     flow.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         scores = flow.patch_scores(features)
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
     if value == 0.0:  # the flow squeezes the constant as far as the clamp allows
