@@ -49,7 +49,8 @@ from comet_ray.pipeline import prepare_data  # noqa: E402
 def write_category(root: Path, n_train: int, n_good: int = 6, n_defect: int = 8) -> None:
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:64, 0:64]
-    for split, defect, count in (("train", "good", n_train), ("test", "good", n_good), ("test", "dent", n_defect)):
+    layout = (("train", "good", n_train), ("test", "good", n_good), ("test", "dent", n_defect))
+    for split, defect, count in layout:
         folder = root / "bench" / split / defect
         folder.mkdir(parents=True)
         for i in range(count):
@@ -73,17 +74,23 @@ def make_config(data_root: Path, epochs: int) -> TrainConfig:
         passes=1,
         batch_size=4,
         device="cpu",
-        features=FeatureConfig(backbone="mobilenet_v2", pretrained=False, image_size=64, feature_dim=64, batch_size=16),
+        features=FeatureConfig(
+            backbone="mobilenet_v2", pretrained=False, image_size=64, feature_dim=64, batch_size=16
+        ),
         model=ModelConfig(discriminator_hidden=64, noise_std=0.1),
         comet=CometConfig(strategy="comet", warmup_epochs=1, meta_tasks=2, task_size=4, inner_steps=2),
     )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--train-images", type=int, default=32)
-    parser.add_argument("--health-check-interval", type=float, default=None, help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    parser.add_argument(
+        "--health-check-interval", type=float, default=None, help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    )
     args = parser.parse_args()
     if args.health_check_interval is not None:  # must be set before ray.init so the controller sees it
         os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(args.health_check_interval)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from comet_ray.config import STRATEGIES, FeatureConfig, TrainConfig, apply_overrides
 from comet_ray.errors import CometError
+from comet_ray.models import MODELS
 
 log = logging.getLogger("comet_ray")
 
@@ -40,7 +41,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--category", required=True, help="category folder name under DATA_ROOT")
     parser.add_argument("--strategy", choices=STRATEGIES, default="comet",
                         help="baseline: plain detector; scl: confidence weights only; meta: meta-learning + lambda(Sigma) only; comet: both (default)")
-    parser.add_argument("--model", choices=("simplenet",), default="simplenet", help="detector trained on the cached features")
+    parser.add_argument("--model", choices=MODELS, default="simplenet",
+                        help="detector trained on the cached features: SimpleNet or a normalizing flow")
     parser.add_argument("--contamination", type=float, default=0.0,
                         help="experiments: move this fraction of anomalous test images into train (SoftPatch no-overlap protocol); 0 = use train/ as it is")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seeds contamination, splits, batch order and noise")
@@ -218,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     demo.set_defaults(func=cmd_demo)
+
+    from comet_ray.distributed.submit import register as register_jobs
+    from comet_ray.upload import register as register_upload
+
+    register_upload(sub)
+    register_jobs(sub)  # submit, status, logs, stop
     return parser
 
 

@@ -47,6 +47,7 @@ class ModelConfig:
     flow_hidden: int = 512
     flow_lr: float = 2e-4
     flow_clamp: float = 2.0
+    flow_pos_dim: int = 32
 
 
 @dataclass
@@ -75,6 +76,10 @@ class CometConfig:
     window: int = 5
     det_clip: float = 100.0
     l2_include_norm_and_bias: bool = False
+    # "fan_in": each matrix contributes ||W||^2 / fan_in (about 1 at Xavier init, whatever the width), so
+    # lambda0 means the same for a 128- or 1536-wide head. "sum": the plain ||theta||^2 of the paper,
+    # which for a 1536-wide SimpleNet is ~14 at init against a hinge loss of ~1 and swamps it.
+    l2_normalisation: str = "fan_in"
 
     @property
     def uses_scl(self) -> bool:

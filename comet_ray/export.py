@@ -103,7 +103,7 @@ class ExportedDetector(nn.Module):
             parameter.requires_grad_(False)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | os.PathLike) -> "ExportedDetector":
+    def from_checkpoint(cls, checkpoint: str | os.PathLike) -> ExportedDetector:
         """Load ``model.pt`` (or a run folder) and rebuild the backbone it was trained on, on the CPU."""
         from comet_ray.features.backbone import BACKBONES
         from comet_ray.inference import extractor_for
@@ -165,6 +165,8 @@ def export_detector(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: 
     """
     if fmt not in FORMATS:
         raise CometError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        _onnx_module()  # fail before the (slow) model build when the package is missing
     exported = ExportedDetector.from_checkpoint(checkpoint)
     size = exported.image_size
     example = torch.randn(2, 3, size, size)
@@ -189,11 +191,17 @@ def export_detector(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: 
     return target
 
 
-def _export_onnx(exported: ExportedDetector, example: torch.Tensor, path: Path, opset: int, metadata: dict) -> None:
+def _onnx_module():
     try:
         import onnx
-    except ImportError:  # the legacy exporter needs only torch; metadata needs the onnx package
-        onnx = None
+    except ImportError:  # torch's ONNX exporter needs it too
+        raise CometError("ONNX export needs the onnx package (pip install onnx); "
+                         "--format torchscript needs nothing beyond torch") from None
+    return onnx
+
+
+def _export_onnx(exported: ExportedDetector, example: torch.Tensor, path: Path, opset: int, metadata: dict) -> None:
+    onnx = _onnx_module()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
         torch.onnx.export(
@@ -202,11 +210,10 @@ def _export_onnx(exported: ExportedDetector, example: torch.Tensor, path: Path, 
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}},
             do_constant_folding=True,
         )
-    if onnx is not None:
-        proto = onnx.load(str(path))
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
-        onnx.save(proto, str(path))
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    onnx.save(proto, str(path))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

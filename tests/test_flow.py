@@ -18,7 +18,14 @@ from comet_ray.models import build_detector, detector_from_hparams
 from comet_ray.models.flow import AffineCoupling, PatchFlow, positional_encoding_2d
 from comet_ray.models.protocol import Detector
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared CPU cores: keep each test on one thread, and give the setting back afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def randomise(module: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
@@ -76,7 +83,9 @@ def test_flow_log_det_and_nll_match_autograd_jacobian() -> None:
     torch.manual_seed(2)
     flow = randomise(PatchFlow(4, grid=(1, 1), blocks=3, hidden=8, pos_dim=4), std=0.5)
     x = torch.randn(1, 1, 4)
-    jacobian = torch.autograd.functional.jacobian(lambda v: flow.transform(v.view(1, 1, 4))[0].reshape(4), x.reshape(4))
+    jacobian = torch.autograd.functional.jacobian(
+        lambda v: flow.transform(v.view(1, 1, 4))[0].reshape(4), x.reshape(4)
+    )
     expected = torch.linalg.slogdet(jacobian).logabsdet
     z, log_det = flow.transform(x)
     assert abs(float(expected)) > 0.05
@@ -84,7 +93,8 @@ def test_flow_log_det_and_nll_match_autograd_jacobian() -> None:
     # NLL = -(log N(z; 0, I) + log|det J|) / D - 0.5 log(2 pi): the constant is dropped, nothing else.
     log_density = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum() + expected
     nll = flow.patch_losses(x, torch.tensor([0]))
-    torch.testing.assert_close(nll[0, 0], -log_density / 4 - 0.5 * math.log(2 * math.pi), atol=1e-5, rtol=1e-5)
+    expected_nll = -log_density / 4 - 0.5 * math.log(2 * math.pi)
+    torch.testing.assert_close(nll[0, 0], expected_nll, atol=1e-5, rtol=1e-5)
 
 
 def test_patches_are_independent_and_position_conditions_the_density() -> None:
@@ -167,7 +177,7 @@ def test_protocol_registry_and_json_hparams() -> None:
     assert isinstance(flow, Detector) and flow.name == "flow"
     hparams = flow.hparams()
     assert json.loads(json.dumps(hparams)) == hparams
-    assert hparams["blocks"] == 2 and hparams["hidden"] == 24 and hparams["clamp"] == 1.5 and hparams["grid"] == [4, 4]
+    assert (hparams["blocks"], hparams["hidden"], hparams["clamp"], hparams["grid"]) == (2, 24, 1.5, [4, 4])
     (optimiser,) = flow.make_optimizers(lr_scale=0.5)
     assert isinstance(optimiser, torch.optim.Adam) and optimiser.param_groups[0]["lr"] == pytest.approx(5e-4)
     regularised = flow.regularised_parameters()
@@ -232,7 +242,7 @@ def test_comet_trainer_trains_the_flow_and_downweights_planted_outliers() -> Non
 
 # ---------------------------------------------------------------------- real data
 BOTTLE_SEEDS = (0, 1)
-BOTTLE_EPOCHS = 6
+BOTTLE_EPOCHS = 4
 
 
 @pytest.mark.integration
@@ -249,7 +259,7 @@ def test_bottle_flow_comet_does_no_harm(bottle_root, imagenet_torch_home, tmp_pa
         config.model.model = "flow"
         config.model.flow_blocks = 4
         config.model.flow_hidden = 64
-        config.model.flow_lr = 5e-4
+        config.model.flow_lr = 1e-3
         data = prepare_data(config, torch.device("cpu"), cache_dir=str(cache))
         for strategy in results:
             config.comet.strategy = strategy

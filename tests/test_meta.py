@@ -53,3 +53,15 @@ def test_history_window_and_determinant() -> None:
     restored = CovarianceHistory()
     restored.load_state(history.state())
     assert list(restored.pairs) == list(history.pairs)
+
+
+def test_fan_in_l2_is_width_independent_at_init() -> None:
+    from comet_ray.comet.meta import l2_penalty
+
+    penalties = []
+    for width in (64, 1536):
+        layer = nn.Linear(width, width)
+        nn.init.xavier_normal_(layer.weight)
+        penalties.append(float(l2_penalty([layer.weight], "fan_in")))
+        assert float(l2_penalty([layer.weight], "sum")) == pytest.approx(width, rel=0.1)
+    assert penalties[0] == pytest.approx(1.0, rel=0.2) and penalties[1] == pytest.approx(1.0, rel=0.05)

@@ -104,7 +104,7 @@ def test_denormalise_recovers_the_crop_the_model_saw() -> None:
     pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
     tensor = preprocess_image(Image.fromarray(pixels), 64)
     restored = denormalise(tensor)
-    offset = int(round((side - 64) / 2))
+    offset = round((side - 64) / 2)
     assert restored.shape == (64, 64, 3) and restored.dtype == np.uint8
     assert np.abs(restored.astype(int) - pixels[offset : offset + 64, offset : offset + 64].astype(int)).max() <= 1
 
@@ -133,7 +133,8 @@ def test_cli_predict_maps(trained_run: Path, inbox: Path, tmp_path: Path) -> Non
         pytest.skip("comet_ray/cli.py does not wire `predict --maps` (add_predict_map_options) yet")
     out = tmp_path / "pred"
     assert main(["predict", str(trained_run), str(inbox), "--out", str(out), "--device", "cpu", "--maps"]) == 0
-    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    with open(out / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
     assert len(rows) == 5
     assert len(list((out / "maps").glob("*.png"))) == 4
 

@@ -61,8 +61,17 @@ def covariance_lambda(det: float, lambda0: float, gamma: float, det_clip: float)
     return lambda0 * (1.0 + gamma * d)
 
 
-def l2_penalty(parameters: list[nn.Parameter]) -> torch.Tensor:
-    return sum((p.float() ** 2).sum() for p in parameters)
+def l2_penalty(parameters: list[nn.Parameter], normalisation: str = "fan_in") -> torch.Tensor:
+    """||theta||^2 over ``parameters``; with "fan_in" each tensor's sum is divided by its fan-in."""
+    if normalisation not in ("fan_in", "sum"):
+        raise ValueError(f"unknown L2 normalisation {normalisation!r}; choose fan_in or sum")
+    total = 0.0
+    for p in parameters:
+        squared = (p.float() ** 2).sum()
+        if normalisation == "fan_in" and p.dim() > 1:
+            squared = squared / p[0].numel()
+        total = total + squared
+    return total
 
 
 @torch.no_grad()

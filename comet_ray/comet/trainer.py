@@ -138,7 +138,8 @@ class CometTrainer:
     def _regularisation(self, module: nn.Module) -> torch.Tensor | float:
         if self.lam <= 0:
             return 0.0
-        return self.lam * l2_penalty(module.regularised_parameters(self.comet.l2_include_norm_and_bias))
+        parameters = module.regularised_parameters(self.comet.l2_include_norm_and_bias)
+        return self.lam * l2_penalty(parameters, self.comet.l2_normalisation)
 
     def _batches(self, n: int, generator: torch.Generator) -> list[torch.Tensor]:
         """Shuffled global batches; a short tail merges into the previous batch (never a near-empty batch)."""

@@ -93,6 +93,34 @@ def read_bytes(uri: str, filesystem: pafs.FileSystem | None) -> bytes:
         raise ImageDecodeError(public_s3_uri(uri), f"cannot read file ({exc})") from exc
 
 
+def list_image_uris(uri: str, s3_endpoint: str | None = None) -> list[str]:
+    """Image files under an ``s3://`` prefix (recursive, hidden ones skipped, sorted), or that object.
+
+    For ``comet-ray predict``: storage failures (denied, missing bucket, endpoint down) are one
+    :class:`~comet_ray.errors.StorageError` line; a prefix with nothing under it gives ``[]``.
+    """
+    fs, base = open_dataset_filesystem(uri, s3_endpoint)
+    prefix = _uri_prefix(uri, fs)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        keys = [
+            i.path for i in infos
+            if i.type == pafs.FileType.File and _is_image(i.base_name)
+            and not any(_is_hidden(part) for part in posixpath.relpath(i.path, base).split("/"))
+        ]
+        if not keys:
+            info = fs.get_file_info(base)
+            if info.type == pafs.FileType.File:
+                keys = [base]
+            elif info.type == pafs.FileType.NotFound and isinstance(fs, pafs.S3FileSystem):
+                bucket = base.split("/", 1)[0]
+                if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                    raise StorageError(f"bucket '{bucket}' does not exist (asked for {public_s3_uri(uri)})")
+    except OSError as exc:
+        raise storage_error(exc, uri, fs) from exc
+    return [prefix + key for key in sorted(keys)]
+
+
 def list_categories(root: str, filesystem: pafs.FileSystem | None = None) -> list[str]:
     """Category folders under ``root`` (those with a ``train/`` folder), sorted.
 

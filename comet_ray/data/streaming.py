@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import posixpath
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -409,21 +410,33 @@ def _run(action):
         found = _find_comet_error(exc)
         if found is None:
             raise
-        kind = StorageError if isinstance(found, StorageError) else CometError
-        raise kind(str(found)) from None
+        raise found from None
+
+
+_WORKER_ERROR = re.compile(r"comet_ray\.errors\.(\w+): ([^\n]+)")
 
 
 def _find_comet_error(exc: BaseException | None, depth: int = 0) -> CometError | None:
+    """The CometError behind a Ray task failure, as a fresh one-line exception of the same kind.
+
+    Ray keeps the worker's exception object only partly (a chained cause is not pickled), but its
+    formatted traceback ends with ``comet_ray.errors.<Kind>: <message>``, which is enough.
+    """
     if exc is None or depth > 10:
         return None
     if isinstance(exc, CometError):
-        return exc
+        return StorageError(str(exc)) if isinstance(exc, StorageError) else CometError(str(exc))
     for attr in ("cause", "__cause__", "__context__"):
         inner = getattr(exc, attr, None)
         if isinstance(inner, BaseException) and inner is not exc:
             found = _find_comet_error(inner, depth + 1)
             if found is not None:
                 return found
+    if depth == 0:
+        matches = _WORKER_ERROR.findall(str(exc))
+        if matches:
+            kind, message = matches[-1]
+            return StorageError(message.strip()) if kind == "StorageError" else CometError(message.strip())
     return None
 
 

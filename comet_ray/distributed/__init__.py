@@ -1,19 +1,5 @@
-"""Ray layers over the plain-PyTorch core: data-parallel training with Ray Train."""
+"""Ray layers over the plain-PyTorch core: Ray Train (train.py), Ray Tune (tune.py), Ray Jobs (submit.py).
 
-from comet_ray.distributed.train import (
-    CrossWorkerBatchNorm,
-    DataParallelCollective,
-    fit_categories,
-    fit_distributed,
-    format_table,
-    train_loop_per_worker,
-)
-
-__all__ = [
-    "CrossWorkerBatchNorm",
-    "DataParallelCollective",
-    "fit_categories",
-    "fit_distributed",
-    "format_table",
-    "train_loop_per_worker",
-]
+Nothing is imported eagerly: the CLI imports ``comet_ray.distributed.submit`` on every call, and
+importing Ray Train costs seconds.
+"""

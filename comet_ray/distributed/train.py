@@ -121,7 +121,8 @@ class CrossWorkerBatchNorm(nn.BatchNorm1d):
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                tracked = float(self.num_batches_tracked)
+                momentum = self.momentum if self.momentum is not None else 1.0 / tracked
                 n = float(count)
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
                 unbiased = var.detach() * (n / max(n - 1.0, 1.0))
@@ -221,7 +222,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if history_path.exists():
                 history = json.loads(history_path.read_text())
     start_epoch = int(trainer_state["epoch"]) if trainer_state is not None else 0
-    _record_attempt(out, {"rank": rank, "world_size": world, "start_epoch": start_epoch, "pid": os.getpid(), "time": time.time()})
+    _record_attempt(out, {"rank": rank, "world_size": world, "start_epoch": start_epoch, "pid": os.getpid()})
 
     kill_at = loop_config.get("kill_at_epoch")
     kill_rank = int(loop_config.get("kill_rank", 0))
@@ -324,7 +325,9 @@ def fit_distributed(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources
+        ),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -342,6 +345,8 @@ def fit_distributed(
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of per-category results."""
     columns = ("category", "strategy", "image_auroc", "pixel_auroc", "f1_max", "train_seconds")
+    if any("error" in row for row in rows):
+        columns += ("error",)
     cells = [[c for c in columns]]
     for row in rows:
         cells.append(
@@ -366,10 +371,11 @@ def fit_categories(
     """Train many categories at once: one ``fit_distributed`` per category, each from a Ray task.
 
     Each category's run name is the default of ``fit_distributed`` (category-strategy-seed) and its
-    outputs go to ``config.out`` (or the run's ``output`` folder). The tasks take no CPU themselves (each only drives a ``TorchTrainer``); Ray queues trainers whose
-    workers don't fit yet. Writes ``summary.json`` (default ``storage_path/summary.json``) and returns
-    (metrics in the order of ``configs``, a printable table). A category that fails is reported with
-    its error instead of failing the others.
+    outputs go to ``config.out`` (or the run's ``output`` folder). The tasks take no CPU themselves
+    (each only drives a ``TorchTrainer``); Ray queues trainers whose workers don't fit yet. Writes
+    ``summary.json`` (default ``storage_path/summary.json``) and returns (metrics in the order of
+    ``configs``, a printable table). A category that fails is reported with its error instead of
+    failing the others.
     """
     import ray
 
@@ -383,7 +389,8 @@ def fit_categories(
                 config, workers, gpus_per_worker, cpus_per_worker, storage_path=storage_path, **fit_kwargs
             )
         except Exception as exc:  # noqa: BLE001 - one category's failure must not sink the rest
-            return {"category": config.category, "strategy": config.comet.strategy, "error": f"{type(exc).__name__}: {exc}"}
+            error = f"{type(exc).__name__}: {exc}"
+            return {"category": config.category, "strategy": config.comet.strategy, "error": error}
 
     results = ray.get([_fit_one.remote(c.to_dict()) for c in configs])
     summary = Path(summary_path or os.path.join(storage_path, "summary.json"))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from comet_ray.errors import CometError
+
+if TYPE_CHECKING:  # torch is imported by the detectors themselves: `comet-ray --help` stays instant
+    from torch import nn
 
 MODELS = ("simplenet", "flow")
 

@@ -71,7 +71,7 @@ def positional_encoding_2d(height: int, width: int, channels: int) -> torch.Tens
 
 
 class AffineCoupling(nn.Module):
-    """One conditional affine coupling: the first D//2 channels (and the condition) set the others' scale and shift."""
+    """Conditional affine coupling: the first D//2 channels and the condition set the rest's scale, shift."""
 
     def __init__(self, dim: int, cond_dim: int, hidden: int, clamp: float) -> None:
         super().__init__()
@@ -88,14 +88,18 @@ class AffineCoupling(nn.Module):
         nn.init.zeros_(self.subnet[-1].weight)
         nn.init.zeros_(self.subnet[-1].bias)
 
-    def _log_scale_shift(self, passive: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = passive if cond is None else torch.cat([passive, cond.to(passive.dtype)], dim=-1)
-        raw = self.subnet(inputs).float()  # bf16 under autocast -> float32 for exp and the log-det
+    def _log_scale_shift(
+        self, passive: torch.Tensor, cond: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if cond is not None:  # [..., C] broadcast over the leading dims (e.g. [P, C] against [B, P, D/2])
+            cond = cond.to(passive.dtype).expand(*passive.shape[:-1], cond.shape[-1])
+            passive = torch.cat([passive, cond], dim=-1)
+        raw = self.subnet(passive).float()  # bf16 under autocast -> float32 for exp and the log-det
         log_scale, shift = raw.chunk(2, dim=-1)
         return self.clamp * torch.tanh(log_scale / self.clamp), shift
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, D] -> (y [N, D] float32, log|det dy/dx| [N] float32)."""
+        """x [..., D] -> (y [..., D] float32, log|det dy/dx| [...] float32); cond [..., C] broadcasts."""
         x = x.float()
         passive, active = x[..., : self.split], x[..., self.split :]
         log_scale, shift = self._log_scale_shift(passive, cond)
@@ -163,7 +167,8 @@ class PatchFlow(nn.Module):
         self.grid = None if grid_list is None else tuple(grid_list)
         self.pos_dim = int(pos_dim)
         self.blocks = nn.ModuleList(
-            FlowBlock(self.feature_dim, self.pos_dim, int(hidden), float(clamp), seed=index) for index in range(blocks)
+            FlowBlock(self.feature_dim, self.pos_dim, int(hidden), float(clamp), seed=index)
+            for index in range(blocks)
         )
         self._encodings: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -173,7 +178,8 @@ class PatchFlow(nn.Module):
     # ------------------------------------------------------------------ the flow
     def _grid_for(self, num_patches: int) -> tuple[int, int]:
         if self.grid is not None:
-            if self.grid[0] * self.grid[1] != num_patches:
+            # Not while tracing for export: the patch count is then a traced value (the checkpoint fixes it).
+            if not torch.jit.is_tracing() and self.grid[0] * self.grid[1] != num_patches:
                 raise ValueError(f"features have {num_patches} patches but the flow's grid is {self.grid}")
             return self.grid
         side = math.isqrt(num_patches)
@@ -185,35 +191,27 @@ class PatchFlow(nn.Module):
             return None
         key = (num_patches, str(device))
         if key not in self._encodings:
-            self._encodings[key] = positional_encoding_2d(*self._grid_for(num_patches), self.pos_dim).to(device)
+            encoding = positional_encoding_2d(*self._grid_for(num_patches), self.pos_dim)
+            self._encodings[key] = encoding.to(device)
         return self._encodings[key]
-
-    def _flat_condition(self, features: torch.Tensor) -> torch.Tensor | None:
-        batch, num_patches = features.shape[0], features.shape[1]
-        cond = self._condition(num_patches, features.device)
-        if cond is None:
-            return None
-        return cond.unsqueeze(0).expand(batch, -1, -1).reshape(batch * num_patches, -1)
 
     def transform(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, P, D] -> (z [B, P, D] float32, log|det dz/dx| [B, P] float32)."""
-        batch, num_patches, dim = features.shape
-        cond = self._flat_condition(features)
-        z = features.reshape(batch * num_patches, dim).float()
-        log_det = torch.zeros(batch * num_patches, device=features.device, dtype=torch.float32)
+        cond = self._condition(features.shape[1], features.device)  # [P, C], broadcast over the batch
+        z = features.float()
+        log_det: torch.Tensor | float = 0.0  # no zeros(B, P): a traced export keeps its batch dimension free
         for block in self.blocks:
             z, block_log_det = block(z, cond)
             log_det = log_det + block_log_det
-        return z.reshape(batch, num_patches, dim), log_det.reshape(batch, num_patches)
+        return z, log_det
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, P, D] -> x [B, P, D]: the exact inverse of ``transform``."""
-        batch, num_patches, dim = z.shape
-        cond = self._flat_condition(z)
-        x = z.reshape(batch * num_patches, dim).float()
+        cond = self._condition(z.shape[1], z.device)
+        x = z.float()
         for block in reversed(self.blocks):
             x = block.inverse(x, cond)
-        return x.reshape(batch, num_patches, dim)
+        return x
 
     def nll(self, features: torch.Tensor) -> torch.Tensor:
         """Per-patch NLL in nats per channel, constant 0.5*log(2*pi) dropped: [B, P] float32."""

@@ -1,0 +1,673 @@
+"""Run comet-ray commands on a Ray cluster through the Ray Jobs API.
+
+``comet-ray submit [--address URL] [--no-wait] [--runtime-env FILE] -- train DATA --category C --out DIR``
+uploads the project (the folder holding ``pyproject.toml``; ``.venv``, ``.git``, run and data folders
+excluded) as the job's ``working_dir`` and runs ``python -m comet_ray train ...`` as the job's
+entrypoint. Whatever follows ``--`` is passed through unchanged, so every command the CLI has
+(``train``, ``tune``, ``evaluate``, ...) runs remotely as it runs locally. The submit command then
+streams the job's output with a status line (job id, status, elapsed time) and exits with the job's
+result: 0 when it SUCCEEDED, 1 when it FAILED or was STOPPED.
+
+``comet-ray status JOB_ID``, ``comet-ray logs JOB_ID [--follow]`` and ``comet-ray stop JOB_ID`` look
+after a job submitted earlier (``--no-wait``, or a terminal that was closed: Ctrl-C detaches, the job
+keeps running).
+
+Address: ``--address``, else ``RAY_ADDRESS``, else ``http://127.0.0.1:8265`` (the local end of
+``ray dashboard cluster.yaml`` or ``kubectl port-forward``). The job API runs code on the cluster,
+so a plain ``http://`` address that is not loopback is refused unless ``--insecure`` is given: reach
+remote clusters through a port-forward or over https.
+
+Token authentication (Ray >= 2.52, ``RAY_AUTH_MODE=token`` on the cluster): the token is read the way
+Ray reads it -- ``RAY_AUTH_TOKEN``, else the file named by ``RAY_AUTH_TOKEN_PATH``, else
+``~/.ray/auth_token`` -- and sent as ``Authorization: Bearer ...`` on every request (the header Ray's
+dashboard checks; the same header Ray's own client sends). It is never printed. A cluster without
+token auth ignores the header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import shlex
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, TextIO
+from urllib.parse import urlsplit
+
+from comet_ray.errors import CometError
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+TOKEN_ENV = "RAY_AUTH_TOKEN"
+TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
+RESULTS_URI_ENV = "COMET_RAY_RESULTS_URI"
+
+# gitignore-style patterns, relative to the working dir (Ray also honours the project's .gitignore).
+DEFAULT_EXCLUDES = [
+    ".venv/", "venv/", ".git/", "**/__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/",
+    ".ruff_cache/", ".mypy_cache/", "runs/", "out/", "data/", "datasets/", ".cache/", "cache/",
+    ".whl/", ".gpu/", "dist/", "build/", "comet-ray-demo/", "predictions/",
+]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+POLL_SECONDS = 2.0
+HEARTBEAT_SECONDS = 30.0
+
+
+# --------------------------------------------------------------------------- address and token
+def resolve_address(address: str | None) -> str:
+    """``--address``, else ``RAY_ADDRESS``, else the local port-forward; always ``scheme://host:port``."""
+    text = (address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS).strip().rstrip("/")
+    if "://" not in text:
+        if text == "auto":
+            return DEFAULT_ADDRESS
+        text = "http://" + text
+    scheme = text.split("://", 1)[0].lower()
+    if scheme not in ("http", "https"):
+        raise CometError(f"address {text} is not the job API: use the dashboard's http(s)://HOST:8265 address "
+                         f"(for a remote cluster: `ray dashboard cluster.yaml`, then {DEFAULT_ADDRESS})")
+    return text
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_address(url: str, insecure: bool) -> str:
+    """Refuse a plain-http address that leaves this machine unless ``insecure``; returns ``url``."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise CometError(f"address {url} has no host")
+    try:
+        parts.port
+    except ValueError:
+        raise CometError(f"address {url} has an invalid port") from None
+    if parts.scheme == "http" and not is_loopback(parts.hostname) and not insecure:
+        raise CometError(f"refusing plain-http address {url}: code and token would cross the network unencrypted; "
+                         f"port-forward (`ray dashboard cluster.yaml`, then {DEFAULT_ADDRESS}), use https://, "
+                         "or pass --insecure")
+    return url
+
+
+def find_token() -> tuple[str | None, str]:
+    """The cluster token and its source: ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``."""
+    value = os.environ.get(TOKEN_ENV, "").strip()
+    if value:
+        return value, TOKEN_ENV
+    named = os.environ.get(TOKEN_PATH_ENV, "").strip()
+    if named:
+        path = Path(named).expanduser()
+        try:
+            value = path.read_text().strip()
+        except OSError as exc:
+            raise CometError(f"{TOKEN_PATH_ENV}={path}: cannot read the token file ({exc.strerror})") from None
+        if not value:
+            raise CometError(f"{TOKEN_PATH_ENV}={path}: the token file is empty")
+        return value, str(path)
+    path = DEFAULT_TOKEN_FILE.expanduser()
+    if path.is_file():
+        try:
+            value = path.read_text().strip()
+        except OSError:
+            value = ""
+        if value:
+            return value, str(path)
+    return None, ""
+
+
+def auth_headers() -> dict[str, str]:
+    token, _ = find_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _scrub(text: str) -> str:
+    """Never let a token reach the terminal, whatever an error message quotes."""
+    try:
+        token = find_token()[0]
+    except CometError:
+        token = None
+    return text.replace(token, "***") if token else text
+
+
+def _probe(url: str, timeout: float = 5.0) -> None:
+    """Fail fast (one line) when nothing listens at ``url`` instead of hanging in a TCP connect."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or exc.__class__.__name__
+        hint = ""
+        if is_loopback(parts.hostname or ""):
+            hint = (" -- is the port-forward running (`ray dashboard cluster.yaml` or "
+                    "`kubectl port-forward svc/<cluster>-head-svc 8265:8265`)?")
+        raise CometError(f"cannot reach the Ray job API at {url}: {reason}{hint}") from None
+
+
+_RAY_CHATTER = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                "ray._private.runtime_env.packaging")
+
+
+def _quiet_ray() -> None:
+    """Ray's client logs every ignored file and websocket event at INFO; keep them for ``-v`` only."""
+    if logging.getLogger("comet_ray").isEnabledFor(logging.DEBUG):
+        return
+    for name in _RAY_CHATTER:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def connect(address: str | None, insecure: bool = False, verify: bool | str = True):
+    """A ``JobSubmissionClient`` for ``address`` with the token attached; user errors as one line."""
+    url = check_address(resolve_address(address), insecure)
+    _probe(url)
+    _quiet_ray()
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(url, headers=auth_headers(), verify=verify)
+    except AuthenticationError as exc:
+        raise CometError(_auth_message(url, str(exc))) from None
+    except ConnectionError:
+        raise CometError(f"cannot reach the Ray job API at {url} (connection refused or reset)") from None
+    except Exception as exc:  # noqa: BLE001 - anything else: not a Ray dashboard
+        first = _scrub(str(exc)).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
+        raise CometError(f"{url} does not answer like a Ray {_ray_version()} job API: {first}") from None
+
+
+def _auth_message(url: str, text: str) -> str:
+    _, source = find_token()
+    if text.startswith("Authentication failed"):
+        return f"the cluster at {url} rejected the token from {source or 'nowhere'} (403); use the cluster's token"
+    return (f"the cluster at {url} requires a token (401): set {TOKEN_ENV}, or {TOKEN_PATH_ENV}, "
+            f"or write it to {DEFAULT_TOKEN_FILE}")
+
+
+def _ray_version() -> str:
+    import ray
+
+    return ray.__version__
+
+
+def _call(fn: Callable, *args, url: str = "", job_id: str = ""):
+    """Run one client call; turn Ray's RuntimeErrors (HTTP errors) into one line."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        return fn(*args)
+    except AuthenticationError as exc:
+        raise CometError(_auth_message(url, str(exc))) from None
+    except (ConnectionError, OSError) as exc:
+        raise CometError(f"lost the Ray job API at {url}: {exc.__class__.__name__}") from None
+    except RuntimeError as exc:
+        text = _scrub(str(exc))
+        if job_id and ("404" in text or "does not exist" in text):
+            raise CometError(f"no job {job_id} on the cluster at {url}") from None
+        raise CometError(text.strip().splitlines()[0][:300] if text.strip() else "job API request failed") from None
+
+
+# --------------------------------------------------------------------------- runtime env and entrypoint
+def project_root() -> Path | None:
+    """The source tree this package runs from (editable install / checkout), or None for a wheel install."""
+    import comet_ray
+
+    root = Path(comet_ray.__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    try:
+        if pyproject.is_file() and 'name = "comet-ray"' in pyproject.read_text():
+            return root
+    except OSError:
+        pass
+    return None
+
+
+def load_runtime_env(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import yaml
+
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text())
+    except OSError as exc:
+        raise CometError(f"--runtime-env {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise CometError(f"--runtime-env {path}: not valid YAML/JSON ({exc.__class__.__name__})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CometError(f"--runtime-env {path}: expected a mapping (working_dir, pip, env_vars, ...)")
+    return data
+
+
+_DETECT = Path("<detect>")
+
+
+def build_runtime_env(file_env: dict[str, Any] | None = None, root: Path | None = _DETECT) -> dict[str, Any]:
+    """The job's runtime env: ``file_env`` (``--runtime-env``) plus the project as ``working_dir``.
+
+    A local ``working_dir`` (relative paths are relative to the current directory, as with
+    ``ray job submit``) gets :data:`DEFAULT_EXCLUDES` added to its ``excludes``. Without any
+    ``working_dir`` the project root is used; a wheel install without a source tree ships the
+    ``comet_ray`` package as ``py_modules`` instead.
+    """
+    env = dict(file_env or {})
+    root = project_root() if root is _DETECT else root
+    if "working_dir" not in env:
+        if root is not None:
+            env["working_dir"] = str(root)
+        else:
+            import comet_ray
+
+            modules = list(env.get("py_modules") or [])
+            package = str(Path(comet_ray.__file__).resolve().parent)
+            if package not in modules:
+                modules.append(package)
+            env["py_modules"] = modules
+    working_dir = env.get("working_dir")
+    if isinstance(working_dir, str) and "://" not in working_dir:
+        local = Path(working_dir).expanduser().resolve()
+        if not local.is_dir():
+            raise CometError(f"runtime env working_dir {working_dir} is not a folder")
+        if not (local / "comet_ray" / "__init__.py").is_file() and not env.get("py_modules"):
+            raise CometError(f"runtime env working_dir {local} does not hold the comet_ray package: run from the "
+                             "project root (relative working_dir paths are relative to the current directory)")
+        env["working_dir"] = str(local)
+        excludes = list(env.get("excludes") or [])
+        env["excludes"] = excludes + [p for p in DEFAULT_EXCLUDES if p not in excludes]
+    env_vars = {str(k): str(v) for k, v in (env.get("env_vars") or {}).items()}
+    env_vars.setdefault("PYTHONUNBUFFERED", "1")
+    env["env_vars"] = env_vars
+    return env
+
+
+def known_commands() -> set[str] | None:
+    """The comet-ray subcommands this checkout has (None if the parser cannot be inspected)."""
+    try:
+        from comet_ray.cli import build_parser
+
+        parser = build_parser()
+        for action in parser._actions:  # noqa: SLF001 - argparse keeps subparsers here
+            if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+                return set(action.choices)
+    except Exception:  # noqa: BLE001
+        return None
+    return None
+
+
+def command_args(raw: list[str]) -> list[str]:
+    """The arguments after ``--``: a comet-ray command line (``train DATA ...``)."""
+    args = list(raw)
+    if args and args[0] == "--":
+        args = args[1:]
+    if not args:
+        raise CometError("nothing to run: give a comet-ray command after --, e.g. "
+                         "comet-ray submit -- train DATA --category bottle --out runs/bottle")
+    if args[0] in ("comet-ray", "comet_ray"):
+        args = args[1:]
+    if not args or args[0].startswith("-"):
+        raise CometError(f"expected a comet-ray command after --, got {' '.join(raw)!r}")
+    known = known_commands()
+    if known is not None and args[0] not in known:
+        raise CometError(f"'{args[0]}' is not a comet-ray command here (known: {', '.join(sorted(known))})")
+    if args[0] in ("submit", "status", "logs", "stop"):
+        raise CometError(f"'{args[0]}' runs on your machine, not as a cluster job")
+    return args
+
+
+def option_value(args: list[str], name: str) -> str | None:
+    """The value of ``--name X`` / ``--name=X`` in a pass-through command line (last one wins)."""
+    value = None
+    for i, item in enumerate(args):
+        if item == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif item.startswith(name + "="):
+            value = item.split("=", 1)[1]
+    return value
+
+
+def build_entrypoint(args: list[str], results_uri: str | None = None, python: str = "python") -> str:
+    """``python -m comet_ray ARGS`` (shell-quoted), then the results upload when ``results_uri`` is set."""
+    entry = shlex.join([python, "-m", "comet_ray", *args])
+    out = option_value(args, "--out")
+    if results_uri and out and not out.startswith("s3://"):
+        entry += " && " + shlex.join([python, "-m", "comet_ray.distributed.submit", "push-results", out,
+                                      results_destination(out, results_uri)])
+    return entry
+
+
+def results_destination(out: str, results_uri: str) -> str:
+    return f"{results_uri.rstrip('/')}/{Path(out.rstrip('/')).name}"
+
+
+def where_results_go(args: list[str], results_uri: str | None = None) -> str | None:
+    out = option_value(args, "--out")
+    if out is None:
+        return None
+    if out.startswith("s3://"):
+        return f"results: {out}"
+    if results_uri:
+        return f"results: {results_destination(out, results_uri)} (copied from {out} on the node that ran the job)"
+    return (f"results: {out} on the cluster's filesystem (the node that ran the job, relative to its working dir "
+            "unless absolute), not on this machine; pass --results-uri s3://... to copy them out")
+
+
+def new_submission_id(command: str) -> str:
+    return f"comet-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+# --------------------------------------------------------------------------- following a job
+def _elapsed(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def status_line(job_id: str, status: str, elapsed: float) -> str:
+    return f"[comet-ray] job {job_id} | {status} | {_elapsed(elapsed)} elapsed"
+
+
+async def _follow(client, job_id: str, started: float, out: TextIO, err: TextIO, url: str,
+                  logs: bool = True, poll: float = POLL_SECONDS, heartbeat: float = HEARTBEAT_SECONDS) -> str:
+    """Stream the job's output to ``out`` and a status line to ``err`` until it ends; returns its status."""
+    printed = 0
+    tail_failed = False
+
+    async def tail() -> None:
+        nonlocal printed, tail_failed
+        try:
+            async for chunk in client.tail_job_logs(job_id):
+                out.write(chunk)
+                out.flush()
+                printed += len(chunk)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a dropped websocket: fall back to get_job_logs at the end
+            tail_failed = True
+
+    tail_task = asyncio.create_task(tail()) if logs else None
+    last_status, last_line = None, 0.0
+    try:
+        while True:
+            status = str(await asyncio.to_thread(_call, client.get_job_status, job_id, url=url, job_id=job_id))
+            now = time.monotonic()
+            if status != last_status or now - last_line >= heartbeat:
+                print(status_line(job_id, status, time.time() - started), file=err, flush=True)
+                last_status, last_line = status, now
+            if status in TERMINAL:
+                break
+            await asyncio.sleep(poll)
+        if tail_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(tail_task), timeout=15)
+            except asyncio.TimeoutError:
+                tail_failed = True
+            if tail_failed:
+                full = await asyncio.to_thread(_call, client.get_job_logs, job_id, url=url, job_id=job_id)
+                if len(full) > printed:
+                    out.write(full[printed:])
+                    out.flush()
+        return status
+    finally:
+        if tail_task is not None and not tail_task.done():
+            tail_task.cancel()
+            try:
+                await tail_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+
+
+def follow(client, job_id: str, url: str, started: float | None = None, logs: bool = True,
+           out: TextIO | None = None, err: TextIO | None = None) -> str:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    return asyncio.run(_follow(client, job_id, started if started is not None else time.time(), out, err, url, logs))
+
+
+def exit_code(status: str) -> int:
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _job_start_time(client, job_id: str, url: str) -> float:
+    info = _call(client.get_job_info, job_id, url=url, job_id=job_id)
+    start = getattr(info, "start_time", None)
+    return start / 1000.0 if start else time.time()
+
+
+def _detach_hint(job_id: str, address_flag: str) -> str:
+    return (f"detached; the job keeps running. Follow it: comet-ray logs {job_id} --follow{address_flag}  "
+            f"stop it: comet-ray stop {job_id}{address_flag}")
+
+
+def _address_flag(args: argparse.Namespace) -> str:
+    flag = f" --address {args.address}" if args.address else ""
+    return flag + (" --insecure" if getattr(args, "insecure", False) else "")
+
+
+# --------------------------------------------------------------------------- commands
+def _failure_reason(message: str) -> str:
+    first = _scrub(message).strip().splitlines()[0] if message.strip() else ""
+    return first.split(", last available logs")[0][:300]
+
+
+def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    command = command_args(args.command)
+    if args.results_uri and not args.results_uri.startswith("s3://"):
+        raise CometError(f"--results-uri must be s3://bucket/prefix, got {args.results_uri}")
+    if args.results_uri and option_value(command, "--out") is None:
+        raise CometError("--results-uri copies the command's --out folder, but the command has no --out")
+    runtime_env = build_runtime_env(load_runtime_env(args.runtime_env))
+    entrypoint = build_entrypoint(command, args.results_uri)
+    url = check_address(resolve_address(args.address), args.insecure)
+    client = connect(args.address, args.insecure)
+    submission_id = args.submission_id or new_submission_id(command[0])
+    options: dict[str, Any] = {}
+    if args.entrypoint_num_cpus:
+        options["entrypoint_num_cpus"] = args.entrypoint_num_cpus
+    if args.entrypoint_num_gpus:
+        options["entrypoint_num_gpus"] = args.entrypoint_num_gpus
+    metadata = {"comet_ray_command": command[0]}
+    out_dir = option_value(command, "--out")
+    if out_dir:
+        metadata["out"] = out_dir
+    shipped = runtime_env.get("working_dir") or ", ".join(runtime_env.get("py_modules") or [])
+    print(f"[comet-ray] uploading {shipped} to {url} (without {', '.join(DEFAULT_EXCLUDES[:3])}, ...)",
+          file=err, flush=True)
+    started = time.time()
+    try:
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
+                                   metadata=metadata, **options)
+    except Exception as exc:  # noqa: BLE001 - upload/validation problems reported as one line
+        from ray.exceptions import AuthenticationError
+
+        if isinstance(exc, AuthenticationError):
+            raise CometError(_auth_message(url, str(exc))) from None
+        text = _scrub(str(exc)).strip()
+        first = text.splitlines()[0][:300] if text else exc.__class__.__name__
+        raise CometError(f"submitting to {url} failed: {first}") from None
+    print(f"[comet-ray] submitted job {job_id}: {entrypoint}", file=err, flush=True)
+    results = where_results_go(command, args.results_uri)
+    flag = _address_flag(args)
+    if args.no_wait:
+        print(job_id, file=out, flush=True)
+        print(f"[comet-ray] follow: comet-ray logs {job_id} --follow{flag} | status: comet-ray status {job_id}{flag} "
+              f"| stop: comet-ray stop {job_id}{flag}", file=err)
+        if results:
+            print(f"[comet-ray] {results}", file=err)
+        return 0
+    try:
+        status = follow(client, job_id, url, started=started, out=out, err=err)
+    except KeyboardInterrupt:
+        print(f"\n[comet-ray] {_detach_hint(job_id, flag)}", file=err)
+        return 130
+    print(f"[comet-ray] job {job_id} {status} after {_elapsed(time.time() - started)}", file=err, flush=True)
+    if status == "SUCCEEDED" and results:
+        print(f"[comet-ray] {results}", file=out, flush=True)
+    elif status != "SUCCEEDED":
+        info = _call(client.get_job_info, job_id, url=url, job_id=job_id)
+        reason = _failure_reason(getattr(info, "message", None) or "")
+        if reason:
+            print(f"[comet-ray] {reason}", file=err, flush=True)
+    return exit_code(status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    url = check_address(resolve_address(args.address), args.insecure)
+    client = connect(args.address, args.insecure)
+    info = _call(client.get_job_info, args.job_id, url=url, job_id=args.job_id)
+    start = info.start_time / 1000.0 if info.start_time else None
+    end = info.end_time / 1000.0 if info.end_time else None
+    elapsed = ((end or time.time()) - start) if start else 0.0
+    print(status_line(args.job_id, str(info.status), elapsed))
+    print(f"entrypoint: {info.entrypoint}")
+    if start:
+        print(f"started:    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(start))}")
+    if end:
+        print(f"ended:      {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(end))}")
+    if info.message and _failure_reason(info.message):
+        print(f"message:    {_failure_reason(info.message)}")
+    out = (info.metadata or {}).get("out")
+    if out:
+        print(f"out:        {out} (on the cluster unless s3://)")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    url = check_address(resolve_address(args.address), args.insecure)
+    client = connect(args.address, args.insecure)
+    if not args.follow:
+        sys.stdout.write(_call(client.get_job_logs, args.job_id, url=url, job_id=args.job_id))
+        sys.stdout.flush()
+        return 0
+    started = _job_start_time(client, args.job_id, url)
+    try:
+        status = follow(client, args.job_id, url, started=started)
+    except KeyboardInterrupt:
+        print(f"\n[comet-ray] stopped following {args.job_id}; it keeps running", file=sys.stderr)
+        return 130
+    print(f"[comet-ray] job {args.job_id} {status}", file=sys.stderr)
+    return exit_code(status)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    url = check_address(resolve_address(args.address), args.insecure)
+    client = connect(args.address, args.insecure)
+    stopped = _call(client.stop_job, args.job_id, url=url, job_id=args.job_id)
+    if stopped:
+        print(f"stop requested for job {args.job_id}")
+    else:
+        status = _call(client.get_job_status, args.job_id, url=url, job_id=args.job_id)
+        print(f"job {args.job_id} already finished ({status})")
+    return 0
+
+
+def push_results(local: str, destination: str, s3_endpoint: str | None = None) -> int:
+    """Copy a finished run folder to object storage (runs on the cluster, after the command)."""
+    from comet_ray.upload import upload_tree
+
+    if not Path(local).is_dir():
+        raise CometError(f"no results folder {local} to copy to {destination}")
+    summary = upload_tree(local, destination, s3_endpoint, False, 8, progress=False)
+    print(summary.line(), flush=True)
+    return 0
+
+
+def run_command(argv: list[str]) -> int:
+    """Run a comet-ray command line (``train ...``) and, when ``COMET_RAY_RESULTS_URI`` is set, copy its
+    ``--out`` folder there afterwards. Used by ``jobs/train.py`` / ``jobs/sweep.py`` (RayJob entrypoints)."""
+    from comet_ray.cli import main
+
+    code = main(argv)
+    uri = os.environ.get(RESULTS_URI_ENV, "").strip()
+    out = option_value(argv, "--out")
+    if code == 0 and uri and out and not out.startswith("s3://"):
+        try:
+            return push_results(out, results_destination(out, uri), os.environ.get("AWS_ENDPOINT_URL"))
+        except CometError as exc:
+            print(f"comet-ray: error: {exc}", file=sys.stderr)
+            return 2
+    return code
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None,
+                        help=f"job API of the cluster (env RAY_ADDRESS; default {DEFAULT_ADDRESS}, "
+                             "the local end of `ray dashboard` / `kubectl port-forward`)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a plain-http address that is not loopback (code and token travel unencrypted)")
+
+
+def register(subparsers) -> None:
+    """Add ``comet-ray submit``, ``status``, ``logs`` and ``stop`` to the CLI's subparsers."""
+    submit = subparsers.add_parser(
+        "submit", help="run a comet-ray command on a Ray cluster (Ray Jobs API) and stream its output",
+        usage="comet-ray submit [options] -- COMMAND [ARGS ...]",
+        description="Upload this project and run `python -m comet_ray COMMAND ARGS` as a Ray job. "
+                    "Exit status: 0 when the job SUCCEEDED, 1 when it FAILED or was STOPPED.",
+    )
+    _add_connection_options(submit)
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return after submitting")
+    submit.add_argument("--runtime-env", default=None, metavar="FILE",
+                        help="runtime env YAML/JSON (e.g. jobs/runtime_env.yaml: installs the project with pip on "
+                             "clusters whose image lacks it); the project is added as working_dir unless it sets one")
+    submit.add_argument("--submission-id", default=None, help="job id to use (default: comet-COMMAND-TIME-RANDOM)")
+    submit.add_argument("--entrypoint-num-gpus", type=float, default=0.0,
+                        help="GPUs reserved for the command's own process (1 for a single-GPU `train`; 0 when "
+                             "it starts Ray Train / Tune workers that reserve their own; default 0)")
+    submit.add_argument("--entrypoint-num-cpus", type=float, default=0.0,
+                        help="CPUs reserved for the command's process (default 0)")
+    submit.add_argument("--results-uri", default=None, metavar="S3_URI",
+                        help="after success, copy the --out folder to S3_URI/<name of --out> (from the cluster, "
+                             "with the nodes' IAM role)")
+    submit.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                        help="the comet-ray command line to run, e.g. -- train s3://bucket/mvtec --category bottle "
+                             "--out runs/bottle")
+    submit.set_defaults(func=cmd_submit)
+
+    status = subparsers.add_parser("status", help="status of a cluster job")
+    status.add_argument("job_id", help="submission id printed by comet-ray submit")
+    _add_connection_options(status)
+    status.set_defaults(func=cmd_status)
+
+    logs = subparsers.add_parser("logs", help="output of a cluster job")
+    logs.add_argument("job_id", help="submission id printed by comet-ray submit")
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="keep streaming until the job ends; exit 0/1 like submit")
+    _add_connection_options(logs)
+    logs.set_defaults(func=cmd_logs)
+
+    stop = subparsers.add_parser("stop", help="stop a cluster job")
+    stop.add_argument("job_id", help="submission id printed by comet-ray submit")
+    _add_connection_options(stop)
+    stop.set_defaults(func=cmd_stop)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m comet_ray.distributed.submit push-results LOCAL S3_URI`` (used inside jobs)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 3 and argv[0] == "push-results":
+        try:
+            return push_results(argv[1], argv[2], os.environ.get("AWS_ENDPOINT_URL"))
+        except CometError as exc:
+            print(f"comet-ray: error: {exc}", file=sys.stderr)
+            return 2
+    print("usage: python -m comet_ray.distributed.submit push-results LOCAL_DIR s3://bucket/prefix", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,391 @@
+"""Ray Tune sweeps of the SCL and regularisation knobs, one contamination level at a time.
+
+Contamination is an experimental condition: each level gets its own seeded Optuna search with ASHA
+early stopping on the per-epoch objective. The objective is image AUROC on the validation split
+(carved from test, disjoint from the reported images) or, with ``objective="unsupervised"``, the
+detector's own loss on the training images (no labels anywhere). Each trial evaluates its final model
+once on the report split so ``results.csv`` can show it, but :func:`select_best` reads only the
+objective column: test numbers never choose anything.
+
+A trial runs the plain core in-process (``workers=0``) or builds and fits a ``TorchTrainer`` over
+``workers`` Ray Train workers (the Ray 2.60 pattern: Train V2 forbids ``Tuner(trainer)``), with the
+workers' per-epoch reports forwarded to Tune by ``TuneReportCallback``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from comet_ray.config import TrainConfig, apply_overrides
+from comet_ray.errors import CometError
+
+DEFAULT_SPACE = Path(__file__).with_name("search_space.yaml")
+BASE_DETECTOR_KNOBS = {"noise_std", "margin", "adaptor_lr", "discriminator_lr"}
+RESULT_COLUMNS = [
+    "level", "trial_id", "objective", "epochs_run", "test_image_auroc", "test_pixel_auroc", "test_aupro",
+    "test_f1_max", "seconds",
+]
+
+
+# --------------------------------------------------------------------------- search space
+def load_search_space(path: str | os.PathLike | None = None, objective: str = "validation") -> dict[str, dict]:
+    """The editable YAML search space; base-detector knobs are dropped for the unsupervised objective,
+    whose loss scale they change (a lower loss would not mean a better detector)."""
+    path = Path(path) if path else DEFAULT_SPACE
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise CometError(f"cannot read search space {path}: {exc}") from None
+    probe = TrainConfig()
+    for knob, dist in spec.items():
+        if knob != "l2":
+            try:
+                apply_overrides(probe, {knob: None})
+            except KeyError:
+                raise CometError(f"search space {path}: {knob!r} is not a comet-ray knob") from None
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in (
+            "uniform", "loguniform", "randint", "choice"
+        ):
+            raise CometError(f"search space {path}: {knob!r} needs one of uniform/loguniform/randint/choice")
+    if objective == "unsupervised":
+        spec = {k: v for k, v in spec.items() if k not in BASE_DETECTOR_KNOBS}
+    return spec
+
+
+def param_space(spec: dict[str, dict]) -> dict[str, Any]:
+    from ray import tune
+
+    space = {}
+    for knob, dist in spec.items():
+        (kind, args), = dist.items()
+        if kind == "uniform":
+            space[knob] = tune.uniform(float(args[0]), float(args[1]))
+        elif kind == "loguniform":
+            space[knob] = tune.loguniform(float(args[0]), float(args[1]))
+        elif kind == "randint":
+            space[knob] = tune.randint(int(args[0]), int(args[1]) + 1)
+        else:
+            space[knob] = tune.choice(list(args))
+    return space
+
+
+def knob_overrides(params: dict[str, Any]) -> dict[str, Any]:
+    """Trial parameters -> config overrides (``l2: off`` means lambda0 = 0)."""
+    overrides = {k: v for k, v in params.items() if not k.startswith("_") and k != "l2"}
+    if params.get("l2") == "off":
+        overrides["lambda0"] = 0.0
+    for key, value in list(overrides.items()):
+        if hasattr(value, "item"):  # numpy scalars from the searcher
+            overrides[key] = value.item()
+    return overrides
+
+
+# --------------------------------------------------------------------------- the trial
+@torch.no_grad()
+def unsupervised_loss(model: torch.nn.Module, store, device: torch.device) -> float:
+    """Mean training loss of every training image under fixed noise: the label-free objective."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(store), 32):
+        rows = torch.arange(start, min(start + 32, len(store)))
+        losses = model(store.batch(rows, device), rows + 10_000_019)
+        total += float(losses.mean(dim=1).sum())
+        count += rows.numel()
+    model.train()
+    return total / max(count, 1)
+
+
+def _test_metrics(metrics: dict) -> dict:
+    return {
+        "test_image_auroc": metrics.get("image_auroc"),
+        "test_pixel_auroc": metrics.get("pixel_auroc"),
+        "test_aupro": metrics.get("aupro"),
+        "test_f1_max": metrics.get("f1_max"),
+    }
+
+
+def run_trial(params: dict[str, Any]) -> None:
+    """Tune function trainable: one configuration at one contamination level."""
+    from ray import tune
+
+    context = params["_context"]
+    torch.set_num_threads(int(context.get("torch_threads", 1)))
+    config = apply_overrides(TrainConfig.from_dict(context["base"]), knob_overrides(params))
+    start = time.perf_counter()
+    if int(context.get("workers", 0)) > 0:
+        _run_distributed_trial(config, context, start)
+        return
+
+    from comet_ray.evaluate import validation_auroc
+    from comet_ray.pipeline import prepare_data, resolve_device, train_category
+
+    device = resolve_device(config.device)
+    data = prepare_data(config, device, cache_dir=context.get("feature_cache"))
+    state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / "trainer_state.pt", map_location="cpu", weights_only=True)
+    supervised = context["objective"] == "validation"
+
+    def on_epoch_end(trainer, log) -> None:
+        if supervised:
+            value = validation_auroc(trainer.model, data.validation, data.validation_labels, device)
+        else:
+            value = unsupervised_loss(trainer.model, trainer.store, device)
+        metrics = {"objective": value, "epoch": log.epoch, "loss": log.loss, "lambda": log.lam,
+                   "mean_weight": log.mean_weight}
+        with tempfile.TemporaryDirectory(prefix="comet-trial-") as tmp:
+            torch.save(trainer.state_dict(), Path(tmp) / "trainer_state.pt")
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    result = train_category(config, data, device, on_epoch_end=on_epoch_end, trainer_state=state)
+    last = supervised and result.validation_metrics.get("image_auroc")
+    objective = last if supervised else unsupervised_loss(result.model, data.train.store, device)
+    tune.report({"objective": objective, "epoch": config.epochs, "done": True,
+                 "seconds": time.perf_counter() - start, **_test_metrics(result.metrics)})
+
+
+def _run_distributed_trial(config: TrainConfig, context: dict, start: float) -> None:
+    """Build and fit a TorchTrainer inside the trial; its per-epoch reports reach Tune via the callback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from comet_ray.distributed.train import fit_distributed
+
+    if context["objective"] != "validation":
+        raise CometError("the unsupervised objective runs with --workers 0 (in-process trials)")
+    trial = tune.get_context()
+    metrics = fit_distributed(
+        config,
+        workers=int(context["workers"]),
+        gpus_per_worker=float(context.get("gpus_per_worker", 0)),
+        cpus_per_worker=float(context.get("cpus_per_worker", 0.5)),
+        storage_path=context["storage_path"],
+        run_name=f"{trial.get_experiment_name()}-{trial.get_trial_id()}-train",
+        feature_cache=context.get("feature_cache"),
+        out=os.path.join(context["storage_path"], trial.get_experiment_name(), trial.get_trial_id(), "output"),
+        callbacks=[TuneReportCallback()],
+    )
+    tune.report({"objective": metrics.get("validation_image_auroc"), "epoch": config.epochs, "done": True,
+                 "seconds": time.perf_counter() - start, **_test_metrics(metrics)})
+
+
+# --------------------------------------------------------------------------- selection (no test labels)
+def select_best(rows: list[dict], objective: str = "validation") -> dict[float, dict]:
+    """Best finished trial per level by the objective column alone (max AUROC / min loss)."""
+    best: dict[float, dict] = {}
+    for row in rows:
+        value = row.get("objective")
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        level = float(row["level"])
+        current = best.get(level)
+        better = current is None or (
+            value > current["objective"] if objective == "validation" else value < current["objective"]
+        )
+        if better:
+            best[level] = row
+    return best
+
+
+# --------------------------------------------------------------------------- the sweep
+@dataclasses.dataclass
+class SweepSettings:
+    levels: list[float]
+    trials: int = 32
+    objective: str = "validation"
+    space_file: str | None = None
+    storage_path: str = "tune-runs"
+    out: str = "tune-results"
+    search_seed: int = 0
+    seeds: int = 1
+    workers: int = 0
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    max_concurrent_trials: int | None = None
+    grace_period: int = 2
+    feature_cache: str | None = None
+
+
+def _max_concurrent(settings: SweepSettings) -> int:
+    import ray
+
+    if settings.max_concurrent_trials:
+        return settings.max_concurrent_trials
+    resources = ray.cluster_resources()
+    cpus = resources.get("CPU", 1.0)
+    per_trial = settings.cpus_per_trial + settings.workers * settings.cpus_per_worker
+    limit = max(1, int(cpus // max(per_trial, 1e-3)))
+    gpu_need = settings.gpus_per_trial + settings.workers * settings.gpus_per_worker
+    if gpu_need > 0:
+        limit = min(limit, max(1, int(resources.get("GPU", 0) // gpu_need)))
+    return limit
+
+
+def _experiment_name(config: TrainConfig, level: float) -> str:
+    return f"tune-{config.category}-{config.model.model}-rho{level:g}"
+
+
+def tune_level(base: TrainConfig, level: float, settings: SweepSettings) -> list[dict]:
+    """One Optuna + ASHA search at one contamination level; returns a row per trial."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    config = dataclasses.replace(base, contamination=level)
+    config.comet = dataclasses.replace(base.comet, strategy="comet")
+    metric, mode = ("objective", "max") if settings.objective == "validation" else ("objective", "min")
+    storage = os.path.abspath(settings.storage_path) if "://" not in settings.storage_path else settings.storage_path
+    context = {
+        "base": config.to_dict(),
+        "objective": settings.objective,
+        "workers": settings.workers,
+        "cpus_per_worker": settings.cpus_per_worker,
+        "gpus_per_worker": settings.gpus_per_worker,
+        "feature_cache": settings.feature_cache,
+        "storage_path": storage,
+    }
+    space = {**param_space(load_search_space(settings.space_file, settings.objective)), "_context": context}
+    trainable = tune.with_resources(run_trial, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
+    name = _experiment_name(config, level)
+    path = os.path.join(storage, name)
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=space)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=mode,
+                num_samples=settings.trials,
+                search_alg=OptunaSearch(seed=settings.search_seed),
+                scheduler=ASHAScheduler(
+                    max_t=config.epochs + 1, grace_period=min(settings.grace_period, config.epochs)
+                ),
+                max_concurrent_trials=_max_concurrent(settings),
+                trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
+        )
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        if result.config is None:
+            continue
+        metrics = result.metrics or {}
+        knobs = {k: v for k, v in result.config.items() if not k.startswith("_")}
+        finished = bool(metrics.get("done"))
+        row = {
+            "level": level,
+            "trial_id": metrics.get("trial_id", ""),
+            "objective": metrics.get("objective") if finished else None,
+            "epochs_run": metrics.get("training_iteration"),
+            "seconds": metrics.get("seconds", metrics.get("time_total_s")),
+            **{k: metrics.get(k) for k in ("test_image_auroc", "test_pixel_auroc", "test_aupro", "test_f1_max")},
+            **{f"knob_{k}": v for k, v in knobs.items()},
+        }
+        if not finished:
+            row["stopped_early_objective"] = metrics.get("objective")
+        rows.append(row)
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    columns = list(RESULT_COLUMNS)
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def repeat_over_seeds(base: TrainConfig, best: dict[float, dict], settings: SweepSettings) -> list[dict]:
+    """Baseline and the best CoMet configuration of every level, trained on ``settings.seeds`` seeds."""
+    from comet_ray.pipeline import prepare_data, resolve_device, train_category
+
+    device = resolve_device(base.device)
+    rows = []
+    for level, row in sorted(best.items()):
+        knobs = {k.removeprefix("knob_"): v for k, v in row.items() if k.startswith("knob_")}
+        for seed in range(settings.seeds):
+            for strategy in ("baseline", "comet"):
+                config = dataclasses.replace(base, contamination=level, seed=seed)
+                config = apply_overrides(config, knob_overrides(knobs) if strategy == "comet" else {})
+                config.comet = dataclasses.replace(config.comet, strategy=strategy)
+                data = prepare_data(config, device, cache_dir=settings.feature_cache)
+                metrics = train_category(config, data, device).metrics
+                rows.append({"level": level, "seed": seed, "strategy": strategy, **_test_metrics(metrics)})
+    return rows
+
+
+def plot_contamination(rows: list[dict], path: Path) -> None:
+    """Test image AUROC and AUPRO vs contamination, baseline vs best CoMet, mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for axis, key, title in zip(axes, ("test_image_auroc", "test_aupro"), ("image AUROC", "AUPRO@0.3")):
+        for strategy, colour in (("baseline", "tab:gray"), ("comet", "tab:blue")):
+            levels = sorted({r["level"] for r in rows if r["strategy"] == strategy})
+            means, stds = [], []
+            for level in levels:
+                values = [r[key] for r in rows if r["strategy"] == strategy and r["level"] == level
+                          and r[key] is not None and not math.isnan(r[key])]
+                means.append(statistics.mean(values) if values else float("nan"))
+                stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+            xs = [100 * level for level in levels]
+            axis.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=colour,
+                          label="CoMet (best config)" if strategy == "comet" else "baseline")
+        axis.set_xlabel("training-set contamination (%)")
+        axis.set_title(f"test {title}")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep(base: TrainConfig, settings: SweepSettings) -> dict:
+    """Tune every level, pick the best configuration per level by the objective, repeat, plot."""
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if settings.feature_cache is None:
+        settings.feature_cache = os.path.join(os.path.abspath(settings.storage_path), "feature_cache")
+    rows: list[dict] = []
+    for level in settings.levels:
+        rows.extend(tune_level(base, level, settings))
+        _write_csv(out / "results.csv", rows)  # after every level: an interrupted sweep keeps its rows
+    best = select_best(rows, settings.objective)
+    for level, row in best.items():
+        level_dir = out / f"rho_{level:g}"
+        level_dir.mkdir(exist_ok=True)
+        (level_dir / "best.json").write_text(json.dumps(row, indent=2, default=str))
+    summary: dict[str, Any] = {"best": {f"{k:g}": v for k, v in best.items()}}
+    if settings.seeds > 0 and best:
+        repeats = repeat_over_seeds(base, best, settings)
+        _write_csv(out / "seeds.csv", repeats)
+        plot_contamination(repeats, out / "contamination.png")
+        summary["repeats"] = repeats
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
