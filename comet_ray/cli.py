@@ -34,7 +34,7 @@ def _parse_value(text: str):
     return text
 
 
-def _add_training_options(parser: argparse.ArgumentParser) -> None:
+def _add_training_options(parser: argparse.ArgumentParser, contamination_list: bool = False) -> None:
     defaults = TrainConfig()
     features = FeatureConfig()
     parser.add_argument("data_root", help="dataset root holding <category>/{train,test,ground_truth} (or a category folder)")
@@ -43,8 +43,12 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                         help="baseline: plain detector; scl: confidence weights only; meta: meta-learning + lambda(Sigma) only; comet: both (default)")
     parser.add_argument("--model", choices=MODELS, default="simplenet",
                         help="detector trained on the cached features: SimpleNet or a normalizing flow")
-    parser.add_argument("--contamination", type=float, default=0.0,
-                        help="experiments: move this fraction of anomalous test images into train (SoftPatch no-overlap protocol); 0 = use train/ as it is")
+    if contamination_list:
+        parser.add_argument("--contamination", default="0,0.05,0.1,0.2",
+                            help="comma-separated contamination levels (experimental conditions, never searched)")
+    else:
+        parser.add_argument("--contamination", type=float, default=0.0,
+                            help="experiments: move this fraction of anomalous test images into train (SoftPatch no-overlap protocol); 0 = use train/ as it is")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seeds contamination, splits, batch order and noise")
     parser.add_argument("--backbone", default=features.backbone, choices=("wide_resnet50_2", "resnet18", "mobilenet_v2"),
                         help="frozen feature extractor (paper: wide_resnet50_2)")
@@ -224,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     from comet_ray.distributed.submit import register as register_jobs
     from comet_ray.upload import register as register_upload
 
+    from comet_ray.distributed.tune import register as register_tune
+
+    register_tune(sub)
     register_upload(sub)
     register_jobs(sub)  # submit, status, logs, stop
     return parser

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from comet_ray.config import TrainConfig, apply_overrides
@@ -93,14 +92,16 @@ def knob_overrides(params: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the trial
-@torch.no_grad()
-def unsupervised_loss(model: torch.nn.Module, store, device: torch.device) -> float:
+def unsupervised_loss(model, store, device) -> float:
     """Mean training loss of every training image under fixed noise: the label-free objective."""
+    import torch
+
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(store), 32):
         rows = torch.arange(start, min(start + 32, len(store)))
-        losses = model(store.batch(rows, device), rows + 10_000_019)
+        with torch.no_grad():
+            losses = model(store.batch(rows, device), rows + 10_000_019)
         total += float(losses.mean(dim=1).sum())
         count += rows.numel()
     model.train()
@@ -118,6 +119,7 @@ def _test_metrics(metrics: dict) -> dict:
 
 def run_trial(params: dict[str, Any]) -> None:
     """Tune function trainable: one configuration at one contamination level."""
+    import torch
     from ray import tune
 
     context = params["_context"]
@@ -154,7 +156,7 @@ def run_trial(params: dict[str, Any]) -> None:
     result = train_category(config, data, device, on_epoch_end=on_epoch_end, trainer_state=state)
     last = supervised and result.validation_metrics.get("image_auroc")
     objective = last if supervised else unsupervised_loss(result.model, data.train.store, device)
-    tune.report({"objective": objective, "epoch": config.epochs, "done": True,
+    tune.report({"objective": objective, "epoch": config.epochs, "final": True,
                  "seconds": time.perf_counter() - start, **_test_metrics(result.metrics)})
 
 
@@ -179,7 +181,7 @@ def _run_distributed_trial(config: TrainConfig, context: dict, start: float) -> 
         out=os.path.join(context["storage_path"], trial.get_experiment_name(), trial.get_trial_id(), "output"),
         callbacks=[TuneReportCallback()],
     )
-    tune.report({"objective": metrics.get("validation_image_auroc"), "epoch": config.epochs, "done": True,
+    tune.report({"objective": metrics.get("validation_image_auroc"), "epoch": config.epochs, "final": True,
                  "seconds": time.perf_counter() - start, **_test_metrics(metrics)})
 
 
@@ -290,7 +292,7 @@ def tune_level(base: TrainConfig, level: float, settings: SweepSettings) -> list
             continue
         metrics = result.metrics or {}
         knobs = {k: v for k, v in result.config.items() if not k.startswith("_")}
-        finished = bool(metrics.get("done"))
+        finished = bool(metrics.get("final"))  # Ray sets its own "done" on every last result
         row = {
             "level": level,
             "trial_id": metrics.get("trial_id", ""),
@@ -389,3 +391,62 @@ def sweep(base: TrainConfig, settings: SweepSettings) -> dict:
         summary["repeats"] = repeats
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+# --------------------------------------------------------------------------- command line
+def register(subparsers) -> None:
+    """``comet-ray tune``: the sweep, with the training options of ``comet-ray train``."""
+    import argparse
+
+    from comet_ray.cli import _add_training_options, _train_config
+
+    parser = subparsers.add_parser(
+        "tune", help="Optuna + ASHA sweep of the CoMet knobs per contamination level (Ray Tune)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_training_options(parser, contamination_list=True)
+    parser.add_argument("--trials", type=int, default=32, help="Optuna trials per contamination level")
+    parser.add_argument("--objective", choices=("validation", "unsupervised"), default="validation",
+                        help="validation: image AUROC on the validation split; unsupervised: training loss, no labels")
+    parser.add_argument("--space", default=None, help=f"search-space YAML (default: {DEFAULT_SPACE.name} in the package)")
+    parser.add_argument("--seeds", type=int, default=3, help="repeat baseline and the best configuration per level over this many seeds (0: skip)")
+    parser.add_argument("--search-seed", type=int, default=0, help="seed of the Optuna sampler")
+    parser.add_argument("--storage-path", default="tune-runs", help="Tune storage (local folder or s3://); same path = resume")
+    parser.add_argument("--workers", type=int, default=0, help="Ray Train workers per trial (0: train in the trial process)")
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved for each trial process")
+    parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs for each in-process trial")
+    parser.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs per Ray Train worker")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker")
+    parser.add_argument("--max-concurrent-trials", type=int, default=None, help="default: derived from the cluster's resources")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    parser.add_argument("--out", required=True, help="results.csv, rho_*/best.json, seeds.csv, contamination.png")
+    parser.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(args) -> int:
+    import ray
+
+    levels = [float(x) for x in str(args.contamination).split(",") if x.strip()]
+    args.contamination = 0.0
+    base = _base_config(args)
+    settings = SweepSettings(
+        levels=levels, trials=args.trials, objective=args.objective, space_file=args.space,
+        storage_path=args.storage_path, out=args.out, search_seed=args.search_seed, seeds=args.seeds,
+        workers=args.workers, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+        max_concurrent_trials=args.max_concurrent_trials, feature_cache=args.cache_dir,
+    )
+    if not ray.is_initialized():
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    summary = sweep(base, settings)
+    for level, row in sorted(summary["best"].items(), key=lambda kv: float(kv[0])):
+        print(f"rho {level}: best validation objective {row['objective']:.4f} "
+              f"-> test image AUROC {row.get('test_image_auroc')}")
+    print(f"results in {args.out}")
+    return 0
+
+
+def _base_config(args) -> TrainConfig:
+    from comet_ray.cli import _train_config
+
+    return _train_config(args)
