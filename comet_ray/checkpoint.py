@@ -45,6 +45,7 @@ def save_detector(
     threshold: float,
     nominal_score: float,
     extra: dict | None = None,
+    pixel_threshold: float | None = None,
 ) -> None:
     """Write a self-describing detector checkpoint (model + how to compute its inputs + threshold)."""
     payload = {
@@ -58,6 +59,7 @@ def save_detector(
         "config": config,
         "threshold": float(threshold),
         "nominal_score": float(nominal_score),
+        "pixel_threshold": None if pixel_threshold is None else float(pixel_threshold),
         "extra": extra or {},
     }
     atomic_torch_save(payload, path)
@@ -83,7 +85,10 @@ def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu") -
             f"{path} has checkpoint format version {payload.get('format_version')}; "
             f"this comet-ray reads version {FORMAT_VERSION}"
         )
-    model = detector_from_hparams(payload["model_name"], payload["model_hparams"])
+    try:
+        model = detector_from_hparams(payload["model_name"], payload["model_hparams"])
+    except TypeError as exc:
+        raise CheckpointError(f"{path} holds settings that do not fit model {payload['model_name']!r}: {exc}") from None
     try:
         model.load_state_dict(payload["model_state"])
     except RuntimeError as exc:

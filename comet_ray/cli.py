@@ -140,8 +140,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from comet_ray.inference import predict_images
 
-    rows = predict_images(args.checkpoint, args.images, args.device, args.threshold, args.s3_endpoint)
     out = Path(args.out)
+    maps_dir = out / "maps" if args.maps else None
+    rows = predict_images(args.checkpoint, args.images, args.device, args.threshold, args.s3_endpoint,
+                          maps_dir=maps_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / "predictions.csv"
     fields = ["path", "score", "normalised_score", "anomalous", "error"]
@@ -153,6 +155,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     n_bad = sum(1 for r in rows if r["error"])
     n_anomalous = sum(1 for r in rows if r["anomalous"] == 1)
     print(f"{len(rows) - n_bad} image(s) scored, {n_anomalous} anomalous, {n_bad} unreadable -> {target}")
+    if maps_dir is not None:
+        print(f"anomaly maps -> {maps_dir}")
     return 0
 
 
@@ -181,7 +185,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _wants(commands: tuple[str, ...], argv: list[str] | None) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return any(arg in commands for arg in argv[:2])
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comet-ray",
         description="Anomaly detection from uncurated image sets: CoMet (confident meta-learning) on SimpleNet.",
@@ -215,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="decision threshold on the image score (default: F1-optimal on the validation split, from the checkpoint)")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     predict.add_argument("--s3-endpoint", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3-compatible endpoint")
+    predict.add_argument("--maps", action="store_true",
+                         help="also write one PNG per image into OUT/maps/: the center crop the model saw, the "
+                              "anomaly-map overlay and the outline of the anomalous region")
     predict.set_defaults(func=cmd_predict)
 
     demo = sub.add_parser("demo", help="offline end-to-end demo: synthetic contaminated set, baseline vs CoMet",
@@ -231,13 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
     from comet_ray.distributed.tune import register as register_tune
 
     register_tune(sub)
+    if _wants(("export", "report"), argv):  # torch-heavy modules: imported only when their command is used
+        from comet_ray import export, report
+
+        export.register(sub)
+        report.register(sub)
+    else:
+        sub.add_parser("export", help="export a checkpoint as one ONNX or TorchScript graph (image -> scores, maps)")
+        sub.add_parser("report", help="one self-contained report.html from run folders")
     register_upload(sub)
     register_jobs(sub)  # submit, status, logs, stop
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -106,13 +106,6 @@ def normalised_score(score: float, nominal: float, threshold: float) -> float:
     return 0.5 * (score - nominal) / span
 
 
-def add_predict_map_options(parser) -> None:
-    """``predict --maps``: the options :func:`predict_images` takes for anomaly-map panels."""
-    parser.add_argument("--maps", action="store_true",
-                        help="also write one PNG per image into OUT/maps/: the center crop the model saw, the "
-                             "anomaly-map overlay and the outline of the region at or above the threshold")
-
-
 @torch.no_grad()
 def score_images(
     model: torch.nn.Module, extractor: PatchFeatureExtractor, images: torch.Tensor, grid: tuple[int, int],
@@ -150,6 +143,7 @@ def predict_images(
     grid = tuple(meta["grid"])
     cut = float(meta["threshold"]) if threshold is None else float(threshold)
     nominal = float(meta["nominal_score"])
+    pixel_cut = meta.get("pixel_threshold") if threshold is None else None
     paths = expand_inputs(inputs, s3_endpoint)
     if not paths:
         raise CometError(f"no images found in {' '.join(inputs)}")
@@ -176,7 +170,7 @@ def predict_images(
                          "anomalous": int(score >= cut), "error": ""})
             if batch_maps is not None:
                 if writer is not None:
-                    writer(path, tensor, batch_maps[index], score, cut, nominal)
+                    writer(path, tensor, batch_maps[index], score, cut, nominal, pixel_cut)
                 if return_maps:
                     maps[path] = batch_maps[index].numpy()
         pending.clear()

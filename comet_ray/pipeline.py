@@ -166,6 +166,8 @@ class RunResult:
     threshold: float
     nominal_score: float
     final_weights: dict[str, float]
+    pixel_threshold: float | None = None
+    report_scores: list[float] = field(default_factory=list)
 
 
 def decision_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -175,6 +177,22 @@ def decision_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[floa
     if labels.any() and (~labels).any():
         return float(f1_max(scores, labels)[1]), median
     return float(scores.max()), median
+
+
+def pixel_threshold(model, split: ExtractedSplit, image_size: int, device, precision: str) -> float | None:
+    """F1-optimal pixel threshold on the validation split's masks (for region outlines), if it has any."""
+    from comet_ray.evaluate import score_patches
+    from comet_ray.models.anomaly_map import anomaly_maps
+
+    if split.masks is None or not bool(split.mask_available.any()):
+        return None
+    keep = split.mask_available
+    masks = split.masks[keep]
+    if not bool(masks.any()) or bool(masks.all()):
+        return None
+    patch = score_patches(model, split.store, device, precision=precision)
+    maps = anomaly_maps(patch[keep.to(patch.device)], split.store.grid, image_size)
+    return float(f1_max(maps.flatten(), masks.to(maps.device).flatten())[1])
 
 
 def train_category(
@@ -202,6 +220,7 @@ def train_category(
     )
     report = evaluate_split(model, data.report, data.report_labels, size, device, precision=precision)
     threshold, nominal = decision_threshold(validation.image_scores, validation.labels)
+    pixel_cut = pixel_threshold(model, data.validation, size, device, precision)
     contamination = data.manifest["contamination"]
     metrics = {
         "image_auroc": report.metrics.get("image_auroc"),
@@ -228,7 +247,8 @@ def train_category(
         metrics["mean_weight_injected"] = last.mean_weight_injected
         metrics["mean_weight_nominal"] = last.mean_weight_nominal
     final_weights = dict(zip(data.train.store.ids, trainer.sample_weights.tolist()))
-    return RunResult(metrics, validation.metrics, epochs, model, threshold, nominal, final_weights)
+    return RunResult(metrics, validation.metrics, epochs, model, threshold, nominal, final_weights, pixel_cut,
+                     report.image_scores.tolist())
 
 
 def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResult) -> Path:
@@ -260,7 +280,11 @@ def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResu
             result.threshold,
             result.nominal_score,
             extra={"metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}},
+            pixel_threshold=result.pixel_threshold,
         )
+        from comet_ray.report import write_scores
+
+        write_scores(staging, data.report.store.ids, result.report_scores, data.report_labels)
         target.mkdir(parents=True, exist_ok=True)
         for item in staging.iterdir():
             os.replace(item, target / item.name)

@@ -85,6 +85,7 @@ def map_panel(
     title: str | None = None,
     mask: np.ndarray | torch.Tensor | None = None,
     dpi: int = 80,
+    region_threshold: float | None = None,
 ) -> bytes:
     """Image | heat-map overlay | thresholded region outline, side by side, as PNG bytes.
 
@@ -96,6 +97,9 @@ def map_panel(
     amap = amap.detach().float().cpu().numpy() if isinstance(amap, torch.Tensor) else np.asarray(amap, np.float32)
     if isinstance(mask, torch.Tensor):
         mask = mask.cpu().numpy()
+    # The image decision uses ``threshold``; regions use the pixel threshold chosen on the validation
+    # masks when the checkpoint has one (the blur lowers map peaks below the image-score scale).
+    decision_threshold, threshold = threshold, threshold if region_threshold is None else region_threshold
     vmin, vmax = heat_range(threshold, nominal, amap)
     figure = _figure(10.5, 3.6, dpi)
     # A fixed layout (no tight bounding box: that draws the figure twice, and panels are the slow part).
@@ -114,7 +118,7 @@ def map_panel(
     elif region.all():
         axes[2].add_patch(_frame(amap.shape, REGION_COLOUR))
     label = f"map ≥ {threshold:.3g}" + ("" if region.any() else ": none")
-    if not region.any() and score is not None and score >= threshold:
+    if not region.any() and score is not None and score >= decision_threshold:
         # Flagged by a patch whose peak the blur pulled under the threshold: circle where it is.
         row, col = np.unravel_index(int(np.argmax(amap)), amap.shape)
         axes[2].plot(col, row, "o", markersize=18, markerfacecolor="none", markeredgecolor=REGION_COLOUR,
@@ -138,8 +142,8 @@ def map_panel(
     if title or score is not None:
         text = title or ""
         if score is not None:
-            verdict = "ANOMALOUS" if score >= threshold else "nominal"
-            text = f"{text}   score {score:.4g} (threshold {threshold:.4g}) → {verdict}".strip()
+            verdict = "ANOMALOUS" if score >= decision_threshold else "nominal"
+            text = f"{text}   score {score:.4g} (threshold {decision_threshold:.4g}) → {verdict}".strip()
         figure.suptitle(text, fontsize=11, y=0.985)
     return figure_png(figure, tight=False)
 
@@ -187,11 +191,11 @@ class MapWriter:
         self.written: dict[str, Path] = {}
 
     def __call__(self, path: str, image: torch.Tensor, amap: torch.Tensor, score: float, threshold: float,
-                 nominal: float | None = None) -> Path:
+                 nominal: float | None = None, region_threshold: float | None = None) -> Path:
         name = self.names.get(path) or map_file_names([path])[0]
         target = self.out_dir / name
         shown = "/".join(path.replace("\\", "/").rstrip("/").split("/")[-2:])
-        data = map_panel(image, amap, threshold, nominal, score=score, title=shown)
+        data = map_panel(image, amap, threshold, nominal, score=score, title=shown, region_threshold=region_threshold)
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, target)

@@ -15,7 +15,7 @@ from PIL import Image
 from comet_ray.cli import build_parser, main
 from comet_ray.data.images import preprocess_image, resize_size
 from comet_ray.data.synthetic import make_texture_category
-from comet_ray.inference import add_predict_map_options, predict_images
+from comet_ray.inference import predict_images
 from comet_ray.visualize import denormalise, map_file_names, map_panel
 
 TINY = ["--backbone", "mobilenet_v2", "--no-pretrained", "--image-size", "64", "--feature-dim", "32",
@@ -115,22 +115,14 @@ def test_map_file_names_are_unique_and_readable() -> None:
     assert map_file_names(["s3://bucket/p/q/001.png"]) == ["001.png"]
 
 
-def test_add_predict_map_options() -> None:
-    parser = argparse.ArgumentParser()
-    add_predict_map_options(parser)
-    assert parser.parse_args(["--maps"]).maps is True
-    assert parser.parse_args([]).maps is False
-
-
 def _cli_has_maps() -> bool:
-    parser = build_parser()
+    parser = build_parser(["predict"])
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return any("--maps" in a.option_strings for a in sub.choices["predict"]._actions)
 
 
 def test_cli_predict_maps(trained_run: Path, inbox: Path, tmp_path: Path) -> None:
-    if not _cli_has_maps():
-        pytest.skip("comet_ray/cli.py does not wire `predict --maps` (add_predict_map_options) yet")
+    assert _cli_has_maps()
     out = tmp_path / "pred"
     assert main(["predict", str(trained_run), str(inbox), "--out", str(out), "--device", "cpu", "--maps"]) == 0
     with open(out / "predictions.csv", newline="") as handle:
