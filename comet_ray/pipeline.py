@@ -282,9 +282,11 @@ def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResu
             extra={"metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}},
             pixel_threshold=result.pixel_threshold,
         )
-        from comet_ray.report import write_scores
+        from comet_ray.report import write_scores, write_tensorboard
 
         write_scores(staging, data.report.store.ids, result.report_scores, data.report_labels)
+        if result.epochs:
+            write_tensorboard(staging / "tensorboard", result.epochs)
         target.mkdir(parents=True, exist_ok=True)
         for item in staging.iterdir():
             os.replace(item, target / item.name)

@@ -4,7 +4,9 @@ The epoch loop is the core's ``CometTrainer`` (through ``pipeline.train_category
 ``torch.distributed`` collective; Ray only starts the workers, sets up the process group, keeps
 checkpoints and restarts a failed worker group from the newest one. Because every random draw in the
 core is a pure function of (seed, epoch, phase, sample row) and BatchNorm statistics are synchronised
-across workers, N workers compute what one process computes (up to float reduction order).
+across workers, N workers compute what one process computes up to float reduction order. (SimpleNet's
+pre-BatchNorm biases get pure rounding-noise gradients that Adam turns into +-lr steps, so with them
+trainable that order shows up as ~1e-3 differences in SCL weights; see tests/test_distributed_train.py.)
 
 Layout of a run (``storage_path/run_name``) is Ray's; the results (metrics.json, weights.json, ...)
 are written by rank 0 with ``pipeline.write_run`` into ``out``, plus ``attempts.jsonl``: one line per
@@ -293,6 +295,7 @@ def fit_distributed(
     feature_cache: str | None = None,
     out: str | None = None,
     torch_threads: int = 1,
+    callbacks: list | None = None,
     **extra_loop_config: Any,
 ) -> dict:
     """Train ``config`` data-parallel over ``workers`` Ray Train workers; returns the final metrics.
@@ -300,17 +303,23 @@ def fit_distributed(
     A checkpoint (trainer state + epoch history) is reported every epoch; ``max_failures`` worker-group
     failures are recovered from the newest one. Calling again with the same ``storage_path`` and
     ``run_name`` resumes that run from its newest checkpoint (a finished run is only re-evaluated).
-    ``feature_cache`` defaults to ``storage_path/feature_cache``; ``out`` to ``config.out`` or
-    ``storage_path/run_name/output``. ``extra_loop_config`` goes to the train function unchanged
-    (e.g. the test hooks ``kill_at_epoch``, ``kill_rank``, ``kill_marker``).
+    ``feature_cache`` defaults to ``storage_path/feature_cache`` (none for a URI storage_path); ``out``
+    (a local folder) to ``config.out`` or ``storage_path/run_name/output``. ``extra_loop_config`` goes
+    to the train function unchanged (e.g. the test hooks ``kill_at_epoch``, ``kill_rank``,
+    ``kill_marker``). ``callbacks`` go to ``RunConfig`` (e.g. Tune's ``TuneReportCallback``, which
+    forwards the per-epoch reports to the Tune trial that runs this).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage_path = _local_path(storage_path)
     run_name = run_name or f"{config.category}-{config.comet.strategy}-seed{config.seed}"
-    out = _local_path(out or config.out or os.path.join(storage_path, run_name, "output"))
-    if feature_cache is None:
+    remote = "://" in storage_path
+    out = out or config.out or ("" if remote else os.path.join(storage_path, run_name, "output"))
+    if not out or "://" in out:
+        raise ValueError("out must be a local folder (pass out= when storage_path is a URI)")
+    out = _local_path(out)
+    if feature_cache is None and not remote:
         feature_cache = os.path.join(storage_path, "feature_cache")
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker > 0:
@@ -318,7 +327,7 @@ def fit_distributed(
     loop_config = {
         "train_config": config.to_dict(),
         "out": out,
-        "feature_cache": _local_path(feature_cache),
+        "feature_cache": _local_path(feature_cache) if feature_cache else None,
         "torch_threads": torch_threads,
         **extra_loop_config,
     }
@@ -333,6 +342,7 @@ def fit_distributed(
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
             failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=callbacks,
         ),
     )
     trainer.fit()
