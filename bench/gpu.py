@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout without installing
 
-from comet_ray.config import FeatureConfig, TrainConfig  # noqa: E402
-from comet_ray.data.synthetic import make_texture_category  # noqa: E402
-from comet_ray.features.aggregation import aggregate_patches  # noqa: E402
-from comet_ray.features.backbone import build_backbone  # noqa: E402
-from comet_ray.models.simplenet import SimpleNet  # noqa: E402
-from comet_ray.pipeline import prepare_data, train_category  # noqa: E402
+from comet_ray.config import FeatureConfig, TrainConfig
+from comet_ray.data.synthetic import make_texture_category
+from comet_ray.features.aggregation import aggregate_patches
+from comet_ray.features.backbone import build_backbone
+from comet_ray.models.simplenet import SimpleNet
+from comet_ray.pipeline import prepare_data, train_category
 
 
 def sync(device: torch.device) -> None:

@@ -40,10 +40,10 @@ for key, value in {
 }.items():
     os.environ.setdefault(key, value)
 
-from comet_ray.comet.trainer import CometTrainer  # noqa: E402
-from comet_ray.config import CometConfig, FeatureConfig, ModelConfig, TrainConfig  # noqa: E402
-from comet_ray.models import build_detector  # noqa: E402
-from comet_ray.pipeline import prepare_data  # noqa: E402
+from comet_ray.comet.trainer import CometTrainer
+from comet_ray.config import CometConfig, FeatureConfig, ModelConfig, TrainConfig
+from comet_ray.models import build_detector
+from comet_ray.pipeline import prepare_data
 
 
 def write_category(root: Path, n_train: int, n_good: int = 6, n_defect: int = 8) -> None:

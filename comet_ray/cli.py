@@ -66,6 +66,8 @@ def _add_training_options(parser: argparse.ArgumentParser, contamination_list: b
                         help="reuse backbone features across runs from this folder (env COMET_RAY_CACHE)")
     parser.add_argument("--s3-endpoint", default=os.environ.get("AWS_ENDPOINT_URL"),
                         help="endpoint of an S3-compatible store for s3:// roots (env AWS_ENDPOINT_URL)")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="feature extraction: in this process, or streamed through Ray Data (large or s3:// sets)")
     parser.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
                         help="override any knob of comet_ray.config, e.g. --set fence_k=2 --set noise_std=0.05 (repeatable)")
 
@@ -115,7 +117,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     device = resolve_device(config.device)
     print(f"comet-ray train: {config.category} | strategy {config.comet.strategy} | device {device}", flush=True)
-    data = prepare_data(config, device, cache_dir=args.cache_dir, progress=True, s3_endpoint=args.s3_endpoint)
+    data = prepare_data(config, device, cache_dir=args.cache_dir, progress=True, s3_endpoint=args.s3_endpoint,
+                        engine=args.engine)
     if data.skipped:
         print(f"skipped {len(data.skipped)} unreadable image(s); listed in manifest.json", file=sys.stderr)
     result = train_category(config, data, device, on_epoch_end=_print_epoch(config.epochs))
@@ -238,9 +241,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     from comet_ray.distributed.submit import register as register_jobs
-    from comet_ray.upload import register as register_upload
-
     from comet_ray.distributed.tune import register as register_tune
+    from comet_ray.upload import register as register_upload
 
     register_tune(sub)
     if _wants(("export", "report"), argv):  # torch-heavy modules: imported only when their command is used

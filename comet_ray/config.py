@@ -115,7 +115,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         data = dict(data)
         features = FeatureConfig(**data.pop("features", {}))
         model = ModelConfig(**data.pop("model", {}))

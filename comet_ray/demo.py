@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from comet_ray.config import FeatureConfig, ModelConfig, TrainConfig
 from comet_ray.data.synthetic import make_texture_category
 from comet_ray.pipeline import prepare_data, resolve_device, train_category, write_run

@@ -16,7 +16,13 @@ import torch
 from comet_ray.checkpoint import load_detector
 from comet_ray.config import FeatureConfig
 from comet_ray.data.images import decode_image, preprocess_image
-from comet_ray.data.layout import IMAGE_EXTENSIONS, build_sample_table, open_dataset_filesystem, read_bytes
+from comet_ray.data.layout import (
+    IMAGE_EXTENSIONS,
+    build_sample_table,
+    list_image_uris,
+    open_dataset_filesystem,
+    read_bytes,
+)
 from comet_ray.errors import CometError, ImageDecodeError
 from comet_ray.evaluate import evaluate_split, split_labels
 from comet_ray.features.extractor import PatchFeatureExtractor, extract_features_cached
@@ -80,14 +86,7 @@ def expand_inputs(inputs: list[str], s3_endpoint: str | None = None) -> list[str
     found: list[str] = []
     for item in inputs:
         if item.startswith("s3://"):
-            import pyarrow.fs as pafs
-
-            filesystem, base = open_dataset_filesystem(item, s3_endpoint)
-            infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-            keys = [i.path for i in infos if i.type == pafs.FileType.File and Path(i.path).suffix.lower() in IMAGE_EXTENSIONS]
-            if not keys and filesystem.get_file_info(base).type == pafs.FileType.File:
-                keys = [base]
-            found.extend(f"s3://{k}" for k in sorted(keys))
+            found.extend(list_image_uris(item, s3_endpoint))
         elif os.path.isdir(item):
             for directory, _, files in sorted(os.walk(item)):
                 found.extend(os.path.join(directory, f) for f in sorted(files) if Path(f).suffix.lower() in IMAGE_EXTENSIONS)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["ArrayLike", "auroc", "f1_max", "pixel_auroc", "aupro", "anomaly_metrics"]
+__all__ = ["ArrayLike", "anomaly_metrics", "aupro", "auroc", "f1_max", "pixel_auroc"]
 
 ArrayLike: TypeAlias = torch.Tensor | np.ndarray
 

@@ -14,9 +14,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -118,7 +118,10 @@ def prepare_data(
     cache_dir: str | None = None,
     progress: bool = False,
     s3_endpoint: str | None = None,
+    engine: str = "local",
 ) -> PreparedData:
+    """Sample table, contamination, splits and the category's features (in-process, or with
+    ``engine="ray"`` streamed through a Ray Data pipeline with a backbone actor pool)."""
     filesystem, _ = open_dataset_filesystem(config.data_root, s3_endpoint)
     samples = build_sample_table(config.data_root, config.category, filesystem)
     if not any(s.split == "test" for s in samples):
@@ -131,7 +134,13 @@ def prepare_data(
     # One extraction for the whole category (train + test, masks included), shared by every
     # contamination level, seed and strategy: the split only decides which rows go where.
     every = sorted(samples, key=lambda s: s.sample_id)
-    extracted = extract_features_cached(every, extractor, filesystem, True, cache_dir, progress=progress)
+    if engine == "ray":
+        from comet_ray.data.streaming import extract_features_streaming
+
+        extracted = extract_features_streaming(every, extractor, s3_endpoint, True, cache_dir,
+                                               progress=progress, data_root=config.data_root)
+    else:
+        extracted = extract_features_cached(every, extractor, filesystem, True, cache_dir, progress=progress)
     train_x = subset_split(extracted, [s.sample_id for s in train])
     if len(train_x.store) == 0:
         raise DatasetLayoutError(f"no readable training images in category {config.category!r}")
@@ -289,6 +298,8 @@ def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResu
             write_tensorboard(staging / "tensorboard", result.epochs)
         target.mkdir(parents=True, exist_ok=True)
         for item in staging.iterdir():
+            if (target / item.name).is_dir():  # a rerun into the same folder replaces, e.g., tensorboard/
+                shutil.rmtree(target / item.name)
             os.replace(item, target / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -196,7 +196,7 @@ def test_job_entry_points_pass_everything_to_the_cli(script: str, command: str, 
 def test_no_public_dashboard_no_ml_image_no_keys() -> None:
     files = _all_files()
     assert len(files) >= 8
-    key_patterns = [re.compile(p, re.I) for p in (r"\bAKIA[0-9A-Z]{16}\b", r"\bASIA[0-9A-Z]{16}\b",
+    key_patterns = [re.compile(p, re.IGNORECASE) for p in (r"\bAKIA[0-9A-Z]{16}\b", r"\bASIA[0-9A-Z]{16}\b",
                                                   r"aws_secret_access_key", r"aws_access_key_id",
                                                   r"aws_session_token")]
     for path in files:

@@ -20,7 +20,8 @@ from comet_ray.data.layout import (
     open_dataset_filesystem,
     read_bytes,
 )
-from comet_ray.data.s3 import public_s3_uri
+from comet_ray.data.s3 import parse_s3_uri, public_s3_uri
+from comet_ray.data.streaming import StorageSpec
 from comet_ray.errors import DatasetLayoutError, StorageError
 from comet_ray.testing.s3server import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, FlakyProxy, free_ports
 from comet_ray.upload import register, upload_tree
@@ -46,6 +47,21 @@ def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("comet-ray: error: ") and len(err.splitlines()) == 1, err
     return err
+
+
+# --- URIs (no server) -----------------------------------------------------------------------------
+
+
+def test_s3_uris_keep_credentials_out_of_sight() -> None:
+    location = parse_s3_uri(f"s3://{FAKE_ACCESS_KEY}:{FAKE_SECRET_KEY.replace('/', '%2F')}@bucket/a/b/?region=eu-west-1")
+    assert (location.bucket, location.key, location.path, location.region) == ("bucket", "a/b", "bucket/a/b", "eu-west-1")
+    assert (location.access_key, location.secret_key) == (FAKE_ACCESS_KEY, FAKE_SECRET_KEY)
+    assert FAKE_SECRET_KEY not in repr(location) and location.public == "s3://bucket/a/b"
+    assert public_s3_uri(f"s3://{FAKE_ACCESS_KEY}:x@bucket/a?endpoint_override=h") == "s3://bucket/a"
+    assert public_s3_uri("/local/path") == "/local/path"
+    assert FAKE_SECRET_KEY not in repr(StorageSpec("http://h:1", access_key=FAKE_ACCESS_KEY, secret_key=FAKE_SECRET_KEY))
+    with pytest.raises(StorageError, match="no bucket"):
+        parse_s3_uri("s3:///key")
 
 
 # --- listing --------------------------------------------------------------------------------------

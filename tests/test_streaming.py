@@ -16,11 +16,11 @@ from PIL import Image
 
 ray = pytest.importorskip("ray")
 
-from comet_ray.config import FeatureConfig  # noqa: E402
-from comet_ray.data import streaming  # noqa: E402
-from comet_ray.data.images import decode_image, preprocess_image  # noqa: E402
-from comet_ray.data.layout import build_sample_table, open_dataset_filesystem  # noqa: E402
-from comet_ray.data.streaming import (  # noqa: E402
+from comet_ray.config import FeatureConfig
+from comet_ray.data import streaming
+from comet_ray.data.images import decode_image, preprocess_image
+from comet_ray.data.layout import build_sample_table, open_dataset_filesystem
+from comet_ray.data.streaming import (
     SKIPPED_FILE,
     StorageSpec,
     StreamOptions,
@@ -30,9 +30,9 @@ from comet_ray.data.streaming import (  # noqa: E402
     normalise_uint8,
     stream_features,
 )
-from comet_ray.errors import StorageError  # noqa: E402
-from comet_ray.features.extractor import PatchFeatureExtractor, extract_features, extract_features_cached  # noqa: E402
-from comet_ray.testing.s3server import FAKE_ACCESS_KEY  # noqa: E402
+from comet_ray.errors import StorageError
+from comet_ray.features.extractor import PatchFeatureExtractor, extract_features, extract_features_cached
+from comet_ray.testing.s3server import FAKE_ACCESS_KEY
 
 OBJECT_STORE = 80 * 1024 * 1024
 CONFIG = FeatureConfig(backbone="mobilenet_v2", pretrained=False, image_size=64, feature_dim=32, batch_size=8)

@@ -101,3 +101,18 @@ def test_search_space_is_validated(tmp_path) -> None:
     bad.write_text("fence_kappa: {uniform: [0, 1]}\n")
     with pytest.raises(CometError, match="not a comet-ray knob"):
         load_search_space(bad)
+
+
+def test_flow_model_sweeps_with_the_same_tune_code(local_ray, tmp_path) -> None:
+    """Model-agnostic: the normalizing flow goes through the same trial code as SimpleNet."""
+    make_texture_category(tmp_path / "data", "weave", n_train=12, n_test_good=6, defects={"spot": 6}, size=64, seed=4)
+    base = tiny_base(tmp_path / "data")
+    base.epochs = 2
+    base.model.model = "flow"
+    base.model.flow_blocks = 2
+    base.model.flow_hidden = 32
+    settings = SweepSettings(levels=[0.2], trials=2, storage_path=str(tmp_path / "store"), out=str(tmp_path / "out"),
+                             seeds=0, cpus_per_trial=1.0, space_file=None)
+    sweep(base, settings)
+    rows = read_rows(tmp_path / "out" / "results.csv")
+    assert len(rows) == 2 and all(r["objective"] is not None for r in rows)

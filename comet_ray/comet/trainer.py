@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -284,7 +284,7 @@ class CometTrainer:
         self.epoch += 1
         return log
 
-    def fit(self, epochs: int, on_epoch_end: Callable[["CometTrainer", EpochLog], None] | None = None) -> list[EpochLog]:
+    def fit(self, epochs: int, on_epoch_end: Callable[[CometTrainer, EpochLog], None] | None = None) -> list[EpochLog]:
         logs = []
         while self.epoch < epochs:
             log = self.train_epoch()

@@ -36,8 +36,9 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from comet_ray.errors import CometError
@@ -298,8 +299,8 @@ def known_commands() -> set[str] | None:
         from comet_ray.cli import build_parser
 
         parser = build_parser()
-        for action in parser._actions:  # noqa: SLF001 - argparse keeps subparsers here
-            if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
                 return set(action.choices)
     except Exception:  # noqa: BLE001
         return None
@@ -412,7 +413,7 @@ async def _follow(client, job_id: str, started: float, out: TextIO, err: TextIO,
         if tail_task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(tail_task), timeout=15)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 tail_failed = True
             if tail_failed:
                 full = await asyncio.to_thread(_call, client.get_job_logs, job_id, url=url, job_id=job_id)

@@ -92,7 +92,7 @@ class CrossWorkerBatchNorm(nn.BatchNorm1d):
     """
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> "CrossWorkerBatchNorm":
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> CrossWorkerBatchNorm:
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
         new.load_state_dict(bn.state_dict())
         new.train(bn.training)
@@ -182,6 +182,15 @@ def _record_attempt(out: str, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def _complete_outputs(out: str, epochs: int) -> bool:
+    """Whether ``out`` holds the results of a run of ``epochs`` epochs (write_run writes them at once)."""
+    try:
+        history = json.loads((Path(out) / "history.json").read_text())
+        return (Path(out) / "metrics.json").exists() and len(history) == epochs
+    except (OSError, ValueError):
+        return False
+
+
 def _plain(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float, str, bool))}
 
@@ -205,16 +214,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         DataParallelCollective(device) if dist.is_available() and dist.is_initialized() else Collective()
     )
 
-    # Rank 0 runs the backbone (and fills the feature cache); the others then read the cache, so the
-    # workers never extract features concurrently. Every worker holds the category's features.
-    cache = loop_config.get("feature_cache")
-    data = None
-    if rank == 0:
-        data = prepare_data(config, device, cache_dir=cache)
-    collective.barrier()
-    if rank != 0:
-        data = prepare_data(config, device, cache_dir=cache)
-
     trainer_state, history = None, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -225,6 +224,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 history = json.loads(history_path.read_text())
     start_epoch = int(trainer_state["epoch"]) if trainer_state is not None else 0
     _record_attempt(out, {"rank": rank, "world_size": world, "start_epoch": start_epoch, "pid": os.getpid()})
+
+    if start_epoch >= config.epochs and _complete_outputs(out, config.epochs):
+        # A finished run whose results are already in ``out``: neither retrain nor rewrite them.
+        metrics = json.loads((Path(out) / "metrics.json").read_text())
+        ray.train.report({"done": True, "already_complete": True, **_plain(metrics)})
+        return
+
+    # Rank 0 runs the backbone (and fills the feature cache); the others then read the cache, so the
+    # workers never extract features concurrently. Every worker holds the category's features.
+    cache = loop_config.get("feature_cache")
+    data = None
+    if rank == 0:
+        data = prepare_data(config, device, cache_dir=cache)
+    collective.barrier()
+    if rank != 0:
+        data = prepare_data(config, device, cache_dir=cache)
 
     kill_at = loop_config.get("kill_at_epoch")
     kill_rank = int(loop_config.get("kill_rank", 0))
@@ -302,7 +317,8 @@ def fit_distributed(
 
     A checkpoint (trainer state + epoch history) is reported every epoch; ``max_failures`` worker-group
     failures are recovered from the newest one. Calling again with the same ``storage_path`` and
-    ``run_name`` resumes that run from its newest checkpoint (a finished run is only re-evaluated).
+    ``run_name`` resumes that run from its newest checkpoint (a finished run is not retrained; its
+    results are re-evaluated only when ``out`` lacks them).
     ``feature_cache`` defaults to ``storage_path/feature_cache`` (none for a URI storage_path); ``out``
     (a local folder) to ``config.out`` or ``storage_path/run_name/output``. ``extra_loop_config`` goes
     to the train function unchanged (e.g. the test hooks ``kill_at_epoch``, ``kill_rank``,

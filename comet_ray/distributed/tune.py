@@ -398,7 +398,7 @@ def register(subparsers) -> None:
     """``comet-ray tune``: the sweep, with the training options of ``comet-ray train``."""
     import argparse
 
-    from comet_ray.cli import _add_training_options, _train_config
+    from comet_ray.cli import _add_training_options
 
     parser = subparsers.add_parser(
         "tune", help="Optuna + ASHA sweep of the CoMet knobs per contamination level (Ray Tune)",

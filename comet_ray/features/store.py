@@ -62,10 +62,10 @@ class FeatureStore:
             chunk = chunk.pin_memory().to(device, non_blocking=True)
         return chunk.to(device=device, dtype=torch.float32)
 
-    def subset(self, ids: list[str]) -> "FeatureStore":
+    def subset(self, ids: list[str]) -> FeatureStore:
         return FeatureStore(list(ids), self.features.index_select(0, self.rows(list(ids))), self.grid)
 
-    def to(self, device: torch.device | str) -> "FeatureStore":
+    def to(self, device: torch.device | str) -> FeatureStore:
         return FeatureStore(self.ids, self.features.to(device), self.grid)
 
     @property
@@ -89,7 +89,7 @@ class FeatureStore:
         os.replace(directory / "index.json.tmp", directory / "index.json")
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, mmap: bool = False) -> "FeatureStore":
+    def load(cls, directory: str | os.PathLike, mmap: bool = False) -> FeatureStore:
         directory = Path(directory)
         meta = json.loads((directory / "index.json").read_text())
         array = np.load(directory / "features.npy", mmap_mode="c" if mmap else None)

