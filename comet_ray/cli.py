@@ -38,7 +38,8 @@ def _add_training_options(parser: argparse.ArgumentParser, contamination_list: b
     defaults = TrainConfig()
     features = FeatureConfig()
     parser.add_argument("data_root", help="dataset root holding <category>/{train,test,ground_truth} (or a category folder)")
-    parser.add_argument("--category", required=True, help="category folder name under DATA_ROOT")
+    parser.add_argument("--category", required=True,
+                        help="category folder under DATA_ROOT; for train also 'all' or a comma-separated list")
     parser.add_argument("--strategy", choices=STRATEGIES, default="comet",
                         help="baseline: plain detector; scl: confidence weights only; meta: meta-learning + lambda(Sigma) only; comet: both (default)")
     parser.add_argument("--model", choices=MODELS, default="simplenet",
@@ -111,7 +112,56 @@ def _print_epoch(total: int):
     return callback
 
 
+def _categories(args: argparse.Namespace) -> list[str]:
+    if args.category != "all" and "," not in args.category:
+        return [args.category]
+    if args.category == "all":
+        from comet_ray.data.layout import list_categories, open_dataset_filesystem
+
+        filesystem, _ = open_dataset_filesystem(args.data_root, args.s3_endpoint)
+        return list_categories(args.data_root, filesystem)
+    return [c.strip() for c in args.category.split(",") if c.strip()]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    categories = _categories(args)
+    if args.workers > 0 or len(categories) > 1:
+        return _train_many(args, categories)
+    return _train_in_process(args)
+
+
+def _train_many(args: argparse.Namespace, categories: list[str]) -> int:
+    """Several categories and/or Ray Train workers: one TorchTrainer per category, run concurrently."""
+    import ray
+
+    from comet_ray.distributed.train import fit_categories, fit_distributed
+
+    storage = args.storage_path or os.path.join(os.path.abspath(args.out), ".ray")
+    many = len(categories) > 1
+    configs = []
+    for category in categories:
+        args.category = category
+        config = _train_config(args)
+        config.out = os.path.join(args.out, category) if many else args.out
+        configs.append(config)
+    if not ray.is_initialized():
+        ray.init(address=args.address, include_dashboard=False)
+    workers = max(1, args.workers)
+    common = dict(num_to_keep=args.num_to_keep, max_failures=args.max_failures, feature_cache=args.cache_dir)
+    if not many:
+        metrics = fit_distributed(configs[0], workers, args.gpus_per_worker, args.cpus_per_worker,
+                                  storage_path=storage, run_name=args.run_name, **common)
+        print(_metrics_table([metrics]))
+        print(f"results in {metrics['out']}")
+        return 0
+    rows, table = fit_categories(configs, workers, args.gpus_per_worker, args.cpus_per_worker, storage_path=storage,
+                                 summary_path=os.path.join(args.out, "summary.json"), **common)
+    print(table)
+    print(f"results in {args.out} (summary.json)")
+    return 1 if any("error" in row for row in rows) else 0
+
+
+def _train_in_process(args: argparse.Namespace) -> int:
     from comet_ray.pipeline import prepare_data, resolve_device, train_category, write_run
 
     config = _train_config(args)
@@ -204,7 +254,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one category and evaluate it once on held-out test images",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_training_options(train)
-    train.add_argument("--out", required=True, help="run folder: metrics.json, manifest.json, history.json, model.pt")
+    train.add_argument("--out", required=True,
+                       help="run folder: metrics.json, manifest.json, history.json, model.pt (several categories: one subfolder each)")
+    ray_options = train.add_argument_group("Ray Train (data-parallel; --workers 0 trains in this process, no Ray)")
+    ray_options.add_argument("--workers", type=int, default=0, help="Ray Train workers per category")
+    ray_options.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (NCCL when > 0)")
+    ray_options.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (fractions allowed)")
+    ray_options.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    ray_options.add_argument("--storage-path", default=None,
+                             help="checkpoints (local folder or s3://); default OUT/.ray. Same path + run name = resume")
+    ray_options.add_argument("--run-name", default=None, help="default: <category>-<strategy>-seed<seed>")
+    ray_options.add_argument("--num-to-keep", type=int, default=2, help="checkpoints kept per run")
+    ray_options.add_argument("--max-failures", type=int, default=2, help="worker-group failures recovered from checkpoints")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="score a dataset's test split with a trained checkpoint",

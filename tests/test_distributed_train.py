@@ -240,3 +240,23 @@ def test_fit_categories_runs_categories_concurrently(ray_local, workdir: Path) -
     summary = json.loads((workdir / "ray-cats" / "summary.json").read_text())
     assert [r["category"] for r in summary] == ["toy", "toy2"]
     assert "image_auroc" in table.splitlines()[0] and len(table.splitlines()) == 4
+
+
+def test_cli_trains_every_category_through_ray_train(ray_local, tmp_path: Path) -> None:
+    """`comet-ray train --category all --workers 1`: one TorchTrainer per category and a summary table."""
+    from comet_ray.cli import main
+    from comet_ray.data.synthetic import make_texture_category
+
+    for name, seed in (("weave", 1), ("felt", 2)):
+        make_texture_category(tmp_path / "data", name, n_train=12, n_test_good=6, defects={"spot": 6}, size=64,
+                              seed=seed)
+    out = tmp_path / "runs"
+    code = main(["train", str(tmp_path / "data"), "--category", "all", "--workers", "1", "--cpus-per-worker", "0.5",
+                 "--backbone", "mobilenet_v2", "--no-pretrained", "--image-size", "64", "--feature-dim", "32",
+                 "--epochs", "2", "--passes", "1", "--batch-size", "4", "--set", "discriminator_hidden=32",
+                 "--set", "inner_steps=1", "--set", "meta_tasks=2", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(row["category"] for row in summary) == ["felt", "weave"]
+    for name in ("felt", "weave"):
+        assert json.loads((out / name / "metrics.json").read_text())["category"] == name
