@@ -243,7 +243,10 @@ def test_fit_categories_runs_categories_concurrently(ray_local, workdir: Path) -
 
 
 def test_cli_trains_every_category_through_ray_train(ray_local, tmp_path: Path) -> None:
-    """`comet-ray train --category all --workers 1`: one TorchTrainer per category and a summary table."""
+    """`comet-ray train --category all --workers 1`: one TorchTrainer per category and a summary table.
+
+    It trains the normalizing flow: the Ray layer has no model-specific code (SimpleNet is covered above).
+    """
     from comet_ray.cli import main
     from comet_ray.data.synthetic import make_texture_category
 
@@ -254,9 +257,11 @@ def test_cli_trains_every_category_through_ray_train(ray_local, tmp_path: Path) 
     code = main(["train", str(tmp_path / "data"), "--category", "all", "--workers", "1", "--cpus-per-worker", "0.5",
                  "--backbone", "mobilenet_v2", "--no-pretrained", "--image-size", "64", "--feature-dim", "32",
                  "--epochs", "2", "--passes", "1", "--batch-size", "4", "--set", "discriminator_hidden=32",
-                 "--set", "inner_steps=1", "--set", "meta_tasks=2", "--device", "cpu", "--out", str(out)])
+                 "--set", "inner_steps=1", "--set", "meta_tasks=2", "--device", "cpu", "--out", str(out),
+                 "--model", "flow", "--set", "flow_blocks=2", "--set", "flow_hidden=32"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(row["category"] for row in summary) == ["felt", "weave"]
     for name in ("felt", "weave"):
-        assert json.loads((out / name / "metrics.json").read_text())["category"] == name
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        assert metrics["category"] == name and metrics["model"] == "flow"
