@@ -124,9 +124,19 @@ def test_table_is_mean_and_sample_std_over_seeds(runs) -> None:
     assert table[0]["image_auroc"][1] is None  # one seed: no spread
 
 
-def test_recomputed_scores_reproduce_the_run(runs) -> None:
-    record = collect([runs["c20s0"]], device="cpu", examples=0)[0]
+def test_train_writes_scores_csv_matching_metrics(runs) -> None:
+    table = read_scores(runs["c20s0"])
     metrics = json.loads((runs["c20s0"] / "metrics.json").read_text())
+    assert len(table.ids) == metrics["n_test"]
+    assert auroc(torch.tensor(table.scores), torch.tensor(table.labels)) == pytest.approx(metrics["image_auroc"], abs=1e-6)
+
+
+def test_recomputed_scores_reproduce_the_run(runs, tmp_path: Path) -> None:
+    run = tmp_path / "no-scores"
+    shutil.copytree(runs["c20s0"], run)
+    (run / "scores.csv").unlink()  # a run folder from before scores.csv existed
+    record = collect([run], device="cpu", examples=0)[0]
+    metrics = json.loads((run / "metrics.json").read_text())
     assert record.scores.source == "recomputed"
     assert len(record.scores.ids) == metrics["n_test"]
     assert auroc(torch.tensor(record.scores.scores), torch.tensor(record.scores.labels)) == pytest.approx(
@@ -165,6 +175,7 @@ def test_scores_csv_round_trip_and_use_without_data(runs, tmp_path: Path) -> Non
 def test_unreachable_data_and_no_scores_is_a_note_not_a_failure(runs, tmp_path: Path) -> None:
     run = tmp_path / "orphan"
     shutil.copytree(runs["c10s0"], run)
+    (run / "scores.csv").unlink()
     config = json.loads((run / "config.json").read_text())
     config["data_root"] = str(tmp_path / "gone")
     (run / "config.json").write_text(json.dumps(config))
