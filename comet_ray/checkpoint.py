@@ -31,6 +31,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save wraps a failed write (disk full) in RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path} (the previous file is intact): {exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
