@@ -12,10 +12,9 @@ import pytest
 
 from comet_ray.cli import main
 from comet_ray.data.synthetic import make_texture_category
+from comet_ray.testing import TINY_TRAIN_ARGS
 
-TINY = ["--backbone", "mobilenet_v2", "--no-pretrained", "--image-size", "64", "--feature-dim", "32",
-        "--epochs", "2", "--passes", "1", "--set", "discriminator_hidden=32", "--set", "noise_std=0.1",
-        "--set", "inner_steps=1", "--set", "meta_tasks=2", "--device", "cpu"]
+TINY = TINY_TRAIN_ARGS
 
 
 @pytest.fixture(scope="module")

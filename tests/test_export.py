@@ -24,10 +24,9 @@ from comet_ray.export import ExportedDetector, adaptive_pool_matrix, export_dete
 from comet_ray.features.aggregation import aggregate_patches
 from comet_ray.inference import extractor_for
 from comet_ray.models.anomaly_map import anomaly_maps, image_scores
+from comet_ray.testing import TINY_TRAIN_ARGS
 
-TINY = ["--backbone", "mobilenet_v2", "--no-pretrained", "--image-size", "64", "--feature-dim", "32",
-        "--epochs", "1", "--passes", "1", "--set", "discriminator_hidden=32", "--set", "noise_std=0.1",
-        "--set", "inner_steps=1", "--set", "meta_tasks=2", "--device", "cpu"]
+TINY = [*TINY_TRAIN_ARGS, "--epochs", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -34,10 +34,9 @@ from comet_ray.report import (
     write_scores,
     write_tensorboard,
 )
+from comet_ray.testing import TINY_TRAIN_ARGS
 
-TINY = ["--backbone", "mobilenet_v2", "--no-pretrained", "--image-size", "64", "--feature-dim", "32",
-        "--epochs", "2", "--passes", "1", "--set", "discriminator_hidden=32", "--set", "noise_std=0.1",
-        "--set", "inner_steps=1", "--set", "meta_tasks=2", "--device", "cpu"]
+TINY = TINY_TRAIN_ARGS
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

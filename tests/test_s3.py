@@ -23,12 +23,11 @@ from comet_ray.data.layout import (
 from comet_ray.data.s3 import parse_s3_uri, public_s3_uri
 from comet_ray.data.streaming import StorageSpec
 from comet_ray.errors import DatasetLayoutError, StorageError
+from comet_ray.testing import TINY_TRAIN_ARGS
 from comet_ray.testing.s3server import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, FlakyProxy, free_ports
 from comet_ray.upload import register, upload_tree
 
-TINY = ["--backbone", "mobilenet_v2", "--no-pretrained", "--image-size", "64", "--feature-dim", "32",
-        "--epochs", "2", "--passes", "1", "--set", "discriminator_hidden=32", "--set", "noise_std=0.1",
-        "--set", "inner_steps=1", "--set", "meta_tasks=2", "--device", "cpu"]
+TINY = TINY_TRAIN_ARGS
 WRONG_SECRET = "wrongWrongWrongWrongWrongWrongWrong00001"  # 40 characters
 
 
