@@ -169,13 +169,23 @@ def _train_in_process(args: argparse.Namespace) -> int:
     print(f"comet-ray train: {config.category} | strategy {config.comet.strategy} | device {device}", flush=True)
     data = prepare_data(config, device, cache_dir=args.cache_dir, progress=True, s3_endpoint=args.s3_endpoint,
                         engine=args.engine)
-    if data.skipped:
-        print(f"skipped {len(data.skipped)} unreadable image(s); listed in manifest.json", file=sys.stderr)
+    _report_left_out(data.skipped, "image(s) skipped", "manifest.json")
+    _report_left_out(data.mask_issues, "mask(s) unusable (image kept for image-level metrics)", "manifest.json")
     result = train_category(config, data, device, on_epoch_end=_print_epoch(config.epochs))
     out = write_run(args.out, config, data, result)
     print(_metrics_table([result.metrics]))
     print(f"results in {out}")
     return 0
+
+
+def _report_left_out(records: list[dict], what: str, where: str, shown: int = 10) -> None:
+    """Name what a command left out, on stderr: the first few with their reason, the count, and where all are listed."""
+    if not records:
+        return
+    for record in records[:shown]:
+        print(f"  {record.get('uri') or record.get('path')}: {record['reason']}", file=sys.stderr)
+    more = f" (first {shown} above)" if len(records) > shown else ""
+    print(f"{len(records)} {what}{more}; all listed in {where}", file=sys.stderr)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -184,6 +194,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_checkpoint(args.checkpoint, args.data_root, args.category, args.device, args.s3_endpoint,
                                   args.cache_dir)
     print(json.dumps(metrics, indent=2))
+    _report_left_out(metrics["skipped"], "image(s) skipped", "the JSON above" + (f" and {args.out}" if args.out else ""))
+    if metrics["image_auroc"] != metrics["image_auroc"]:  # NaN: a single class of image
+        kind = "anomalous" if metrics["n_anomalous"] == metrics["n_images"] else "good"
+        print(f"note: image AUROC and F1 are undefined: all {metrics['n_images']} evaluated test images are {kind}",
+              file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=2))
@@ -205,6 +220,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(handle.name, target)
+    _report_left_out([r | {"reason": r["error"]} for r in rows if r["error"]], "image(s) not scored", str(target))
     n_bad = sum(1 for r in rows if r["error"])
     n_anomalous = sum(1 for r in rows if r["anomalous"] == 1)
     print(f"{len(rows) - n_bad} image(s) scored, {n_anomalous} anomalous, {n_bad} unreadable -> {target}")

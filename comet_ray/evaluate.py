@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from comet_ray import metrics as metric_functions
 from comet_ray.config import use_bf16
 from comet_ray.features.extractor import ExtractedSplit
 from comet_ray.features.store import FeatureStore
@@ -68,7 +69,10 @@ def evaluate_split(
             maps = anomaly_maps(patch[keep], split.store.grid, image_size)
             masks = split.masks.to(patch.device)[keep]
     if labels.numel() == 0 or bool(labels.all()) or not bool(labels.any()):
+        # One image class: image metrics are undefined, pixel metrics may not be (anomalies only).
         metrics = {"image_auroc": float("nan"), "f1_max": float("nan"), "f1_threshold": float("nan")}
+        if maps is not None:
+            metrics.update(metric_functions.pixel_metrics(maps, masks))
     else:
         metrics = anomaly_metrics(scores, labels.to(scores.device), maps, masks)
     metrics["n_images"] = int(labels.numel())

@@ -18,11 +18,12 @@ from comet_ray.config import FeatureConfig
 from comet_ray.data.images import decode_image, preprocess_image
 from comet_ray.data.layout import (
     IMAGE_EXTENSIONS,
-    build_sample_table,
     list_image_uris,
     open_dataset_filesystem,
     read_bytes,
+    scan_category,
 )
+from comet_ray.data.local_walk import is_utf8_name, printable, walk_files
 from comet_ray.errors import CometError, ImageDecodeError
 from comet_ray.evaluate import evaluate_split, split_labels
 from comet_ray.features.extractor import PatchFeatureExtractor, extract_features_cached
@@ -61,7 +62,8 @@ def evaluate_checkpoint(
     torch_device = resolve_device(device)
     model, meta = load_detector(checkpoint, torch_device)
     filesystem, _ = open_dataset_filesystem(data_root, s3_endpoint)
-    samples = [s for s in build_sample_table(data_root, category, filesystem) if s.split == "test"]
+    scan = scan_category(data_root, category, filesystem)
+    samples = [s for s in scan.samples if s.split == "test"]
     manifest_path = Path(checkpoint) / "manifest.json" if Path(checkpoint).is_dir() else Path(checkpoint).parent / "manifest.json"
     excluded: set[str] = set()
     if manifest_path.exists():
@@ -77,24 +79,41 @@ def evaluate_checkpoint(
     labels = split_labels(split, {s.sample_id for s in samples if s.is_anomalous})
     result = evaluate_split(model, split, labels, extractor.config.image_size, torch_device)
     result.metrics["checkpoint"] = str(checkpoint)
-    result.metrics["n_skipped"] = len(extracted.skipped)
+    skipped = [u for u in scan.unlisted if u["sample_id"].split("/")[1] in ("test", "ground_truth")]
+    skipped += split.skipped
+    result.metrics["n_skipped"] = len(skipped)
+    result.metrics["skipped"] = skipped
+    result.metrics["mask_issues"] = split.mask_issues
     return result.metrics
 
 
-def expand_inputs(inputs: list[str], s3_endpoint: str | None = None) -> list[str]:
-    """Files, folders (recursive) and glob patterns -> image paths; s3:// prefixes are listed."""
+def expand_inputs(inputs: list[str], s3_endpoint: str | None = None) -> tuple[list[str], list[dict]]:
+    """Files, folders (recursive) and glob patterns -> (image paths, problems); s3:// prefixes are listed.
+
+    Problems (``{"path", "reason"}``) are local entries that cannot be read whatever their content
+    (non-UTF-8 names, broken links, link loops: see :mod:`comet_ray.data.local_walk`); ``predict``
+    reports them as rows with an error instead of stopping.
+    """
     found: list[str] = []
+    problems: list[dict] = []
     for item in inputs:
         if item.startswith("s3://"):
             found.extend(list_image_uris(item, s3_endpoint))
-        elif os.path.isdir(item):
-            for directory, _, files in sorted(os.walk(item)):
-                found.extend(os.path.join(directory, f) for f in sorted(files) if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
-        elif any(ch in item for ch in "*?["):
-            found.extend(sorted(glob.glob(item, recursive=True)))
+            continue
+        if any(ch in item for ch in "*?[") and not os.path.exists(item):
+            matches = sorted(glob.glob(item, recursive=True))
         else:
-            found.append(item)
-    return found
+            matches = [item]
+        for match in matches:
+            if os.path.isdir(match):
+                listing = walk_files(match, lambda name: Path(name).suffix.lower() in IMAGE_EXTENSIONS)
+                found.extend(listing.files)
+                problems.extend(listing.problems)
+            elif is_utf8_name(os.fsencode(match)):
+                found.append(match)  # a missing or unreadable file becomes an error row, named
+            else:
+                problems.append({"path": printable(match), "reason": "file name is not valid UTF-8; rename it"})
+    return found, problems
 
 
 def normalised_score(score: float, nominal: float, threshold: float) -> float:
@@ -143,8 +162,8 @@ def predict_images(
     cut = float(meta["threshold"]) if threshold is None else float(threshold)
     nominal = float(meta["nominal_score"])
     pixel_cut = meta.get("pixel_threshold") if threshold is None else None
-    paths = expand_inputs(inputs, s3_endpoint)
-    if not paths:
+    paths, problems = expand_inputs(inputs, s3_endpoint)
+    if not paths and not problems:
         raise CometError(f"no images found in {' '.join(inputs)}")
     filesystem = None
     if any(p.startswith("s3://") for p in paths):
@@ -187,4 +206,6 @@ def predict_images(
     flush()
     order = {p: i for i, p in enumerate(paths)}
     rows = sorted(rows, key=lambda r: order[r["path"]])
+    rows += [{"path": p["path"], "score": "", "normalised_score": "", "anomalous": "", "error": p["reason"]}
+             for p in problems]
     return (rows, maps) if return_maps else rows

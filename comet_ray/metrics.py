@@ -432,12 +432,18 @@ def anomaly_metrics(
         return result
     if maps is None or masks is None:
         raise ValueError("pass both maps and masks for pixel metrics, or neither")
+    result.update(pixel_metrics(maps, masks, fpr_limit))
+    return result
+
+
+def pixel_metrics(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> dict[str, float]:
+    """``pixel_auroc`` and ``aupro``; both ``nan`` when the masks hold a single class of pixel.
+
+    Separate from the image metrics because a split can have usable masks but one image class
+    (a test split with anomalies only): its pixel numbers are still defined.
+    """
     m, g = _pixels(maps, masks)
     n_anomalous = int(torch.count_nonzero(g))
     if n_anomalous == 0 or n_anomalous == g.numel():
-        result["pixel_auroc"] = math.nan
-        result["aupro"] = math.nan
-    else:
-        result["pixel_auroc"] = pixel_auroc(m, g)
-        result["aupro"] = aupro(m, g, fpr_limit)
-    return result
+        return {"pixel_auroc": math.nan, "aupro": math.nan}
+    return {"pixel_auroc": pixel_auroc(m, g), "aupro": aupro(m, g, fpr_limit)}

@@ -25,7 +25,7 @@ from comet_ray.comet.collective import Collective
 from comet_ray.comet.trainer import CometTrainer, EpochLog
 from comet_ray.config import TrainConfig
 from comet_ray.data.contamination import inject_contamination
-from comet_ray.data.layout import Sample, build_sample_table, open_dataset_filesystem
+from comet_ray.data.layout import NOMINAL, CategoryScan, Sample, open_dataset_filesystem, scan_category
 from comet_ray.data.splits import validation_split
 from comet_ray.errors import CometError, DatasetLayoutError
 from comet_ray.evaluate import evaluate_split, split_labels
@@ -112,6 +112,29 @@ def select_samples(samples: list[Sample], config: TrainConfig) -> tuple[list[Sam
     return train, validation, report, manifest
 
 
+def check_trainable(config: TrainConfig, filesystem=None, s3_endpoint: str | None = None) -> CategoryScan:
+    """List the category and refuse, with one line, a layout no training can use.
+
+    Cheap (a listing, no decoding), so drivers call it before starting Ray workers: a user error
+    found inside a worker would be retried as if it were a crash and reported with a traceback.
+    """
+    if filesystem is None:
+        filesystem, _ = open_dataset_filesystem(config.data_root, s3_endpoint)
+    scan = scan_category(config.data_root, config.category, filesystem)
+    where = f"category {config.category!r} under {public_uri(config.data_root)}"
+    if not any(s.split == "test" for s in scan.samples):
+        raise DatasetLayoutError(
+            f"{where} has no test/ images: training needs a labelled test split for the validation "
+            "threshold and the final metrics"
+        )
+    if not any(s.split == "test" and s.defect == NOMINAL for s in scan.samples):
+        raise DatasetLayoutError(
+            f"{where} has no good test images (test/good/): training needs some to set the decision "
+            "threshold and to measure image AUROC"
+        )
+    return scan
+
+
 def prepare_data(
     config: TrainConfig,
     device: torch.device,
@@ -123,12 +146,8 @@ def prepare_data(
     """Sample table, contamination, splits and the category's features (in-process, or with
     ``engine="ray"`` streamed through a Ray Data pipeline with a backbone actor pool)."""
     filesystem, _ = open_dataset_filesystem(config.data_root, s3_endpoint)
-    samples = build_sample_table(config.data_root, config.category, filesystem)
-    if not any(s.split == "test" for s in samples):
-        raise DatasetLayoutError(
-            f"category {config.category!r} under {public_uri(config.data_root)} has no test/ images: "
-            "training needs a labelled test split for the validation threshold and the final metrics"
-        )
+    scan = check_trainable(config, filesystem)
+    samples = scan.samples
     train, validation, report, manifest = select_samples(samples, config)
     extractor = PatchFeatureExtractor(config.features, device)
     # One extraction for the whole category (train + test, masks included), shared by every
@@ -147,7 +166,8 @@ def prepare_data(
     anomalous = {s.sample_id for s in samples if s.split == "test" and s.is_anomalous}
     validation_x = subset_split(extracted, [s.sample_id for s in validation])
     report_x = subset_split(extracted, [s.sample_id for s in report])
-    manifest["skipped"] = extracted.skipped
+    skipped = scan.unlisted + extracted.skipped  # left out at listing time, then at decode time
+    manifest["skipped"] = skipped
     manifest["mask_issues"] = extracted.mask_issues
     manifest["features"] = extractor.fingerprint()
     return PreparedData(
@@ -161,7 +181,7 @@ def prepare_data(
         feature_info=extractor.fingerprint(),
         feature_dim=extractor.feature_dim,
         grid=extracted.store.grid,
-        skipped=extracted.skipped,
+        skipped=skipped,
         mask_issues=extracted.mask_issues,
     )
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import mimetypes
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from comet_ray.data.local_walk import walk_files
 from comet_ray.data.s3 import (
     boto_error,
     endpoint_url,
@@ -36,10 +38,13 @@ class UploadSummary:
     skipped_hidden: int
     destination: str  # public form: s3://bucket/prefix
     created_bucket: bool = False
+    left_out: list[dict] = field(default_factory=list)  # {"path", "reason"}: non-UTF-8 names, broken links, loops
 
     def line(self) -> str:
         hidden = f", {self.skipped_hidden} hidden file(s) skipped" if self.skipped_hidden else ""
-        return f"uploaded {self.files} file(s), {_human(self.bytes)} ({self.bytes} bytes) to {self.destination}{hidden}"
+        left_out = f", {len(self.left_out)} left out (listed above)" if self.left_out else ""
+        return (f"uploaded {self.files} file(s), {_human(self.bytes)} ({self.bytes} bytes) to {self.destination}"
+                f"{hidden}{left_out}")
 
 
 def s3_client(endpoint: str | None = None, region: str | None = None, workers: int = DEFAULT_WORKERS,
@@ -66,24 +71,6 @@ def s3_client(endpoint: str | None = None, region: str | None = None, workers: i
     )
 
 
-def list_local_files(root: Path) -> tuple[list[Path], int]:
-    """Non-hidden files under ``root`` (sorted) and how many hidden ones were left out."""
-    files: list[Path] = []
-    hidden = 0
-    for directory, dirnames, filenames in os.walk(root):
-        kept_dirs = [d for d in dirnames if not d.startswith(".")]
-        for name in dirnames:
-            if name.startswith("."):
-                hidden += sum(len(f) for _, _, f in os.walk(Path(directory) / name))
-        dirnames[:] = sorted(kept_dirs)
-        for name in filenames:
-            if name.startswith("."):
-                hidden += 1
-            else:
-                files.append(Path(directory) / name)
-    return sorted(files), hidden
-
-
 def upload_tree(
     local_root: str | os.PathLike,
     destination: str,
@@ -96,14 +83,15 @@ def upload_tree(
     from boto3.s3.transfer import TransferConfig
     from botocore import exceptions as bex
 
-    root = Path(local_root).expanduser()
+    root = Path(os.path.abspath(Path(local_root).expanduser()))
     if not root.is_dir():
         raise CometError(f"{root} is not a folder")
     if not destination.startswith("s3://"):
         raise CometError(f"destination must be an s3://bucket/prefix URI, got {destination!r}")
     location = parse_s3_uri(destination)
     endpoint = resolve_endpoint(s3_endpoint or location.endpoint)
-    files, hidden = list_local_files(root)
+    listing = walk_files(root)
+    files = [Path(path) for path in listing.files]
     if not files:
         raise CometError(f"no files to upload under {root}")
     client = s3_client(endpoint, location.region, workers, location.access_key, location.secret_key)
@@ -141,7 +129,7 @@ def upload_tree(
     finally:
         if bar is not None:
             bar.close()
-    return UploadSummary(len(files), sent, hidden, location.public, created)
+    return UploadSummary(len(files), sent, listing.hidden, location.public, created, listing.problems)
 
 
 def _ensure_bucket(client, bucket: str, destination: str, endpoint: str | None, create: bool) -> bool:
@@ -197,6 +185,8 @@ def _human(size: int) -> str:
 def cmd_upload(args: argparse.Namespace) -> int:
     summary = upload_tree(args.local_root, args.destination, args.s3_endpoint, args.create_bucket,
                           args.workers, progress=not args.quiet)
+    for problem in summary.left_out:
+        print(f"left out {problem['path']}: {problem['reason']}", file=sys.stderr)
     if summary.created_bucket:
         print(f"created bucket '{parse_s3_uri(args.destination).bucket}'")
     print(summary.line())

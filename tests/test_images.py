@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,25 +22,9 @@ from comet_ray.data.images import (
 )
 from comet_ray.data.layout import build_sample_table
 from comet_ray.errors import ImageDecodeError
+from comet_ray.testing.corpus import encode, png_header_only
 
 REAL_BOTTLE = Path(__file__).resolve().parents[2] / "shared/data/mvtec_bottle"
-
-
-def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kwargs)
-    return buf.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A valid PNG signature + IHDR claiming the given size, with no pixel data."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + payload))
-        return struct.pack(">I", len(payload)) + kind + payload + crc
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 # --- decode_image: modes -------------------------------------------------------------------------

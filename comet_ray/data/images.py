@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 
 from comet_ray.data.layout import NOMINAL, Sample, read_bytes
@@ -52,21 +52,32 @@ def decode_image(data: bytes, name: str) -> Image.Image:
 def decode_mask(data: bytes, name: str) -> np.ndarray:
     """Decode a ground-truth mask of any mode into a bool ``[H, W]`` array (True = anomalous).
 
-    1-bit masks: any set pixel is anomalous. Everything else is brought to 8 bits and thresholded at
-    ``>= 128`` (half scale), so anti-aliased or JPEG-compressed edges do not flip the label; colour
-    masks use the brightest channel so a pure red or blue mask still counts.
+    1-bit masks: any set pixel is anomalous. Label masks, with exactly two values (``{0, 255}`` as in
+    MVTec, but also ``{0, 1}`` as many tools write them): any non-zero pixel is anomalous; a
+    half-scale threshold would read a 0/1 mask as empty. Anything else (anti-aliased or
+    JPEG-compressed edges) is brought to 8 bits and thresholded at ``>= 128``, so compression noise
+    does not flip the label; colour masks use the brightest channel so a pure red mask still counts.
     """
     img = _open_checked(data, name)
     try:
         if img.mode == "1":
             return np.asarray(img, dtype=bool).copy()
         if img.mode in _HIGH_DEPTH_MODES:
-            return _high_depth_to_uint8(img) >= 128
+            return _binarise_mask(np.asarray(img).astype(np.float64), _high_depth_to_uint8(img))
         if img.mode in ("L", "LA", "La"):
-            return np.asarray(img.getchannel(0)) >= 128
-        return np.asarray(img.convert("RGB")).max(axis=2) >= 128
+            gray = np.asarray(img.getchannel(0))
+        else:
+            gray = np.asarray(img.convert("RGB")).max(axis=2)
+        return _binarise_mask(gray, gray)
     except Exception as exc:  # see _open_checked
         raise ImageDecodeError(name, _describe(exc)) from exc
+
+
+def _binarise_mask(raw: np.ndarray, eight_bit: np.ndarray) -> np.ndarray:
+    values = np.unique(raw)
+    if len(values) == 2 and values[0] == 0:  # a label mask: background 0, one anomaly value
+        return raw > 0
+    return eight_bit >= 128
 
 
 def resize_size(image_size: int) -> int:
@@ -205,6 +216,8 @@ def _mp(pixels: int) -> str:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):  # its text names a BytesIO address, different every run
+        return "UnidentifiedImageError: not a recognised image format (or the header is corrupt)"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -261,6 +274,8 @@ def _load_mask(
     width, height = image_size_wh
     if mask.shape != (height, width):
         return f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height}"
+    if not mask.any():
+        return "mask is empty (no anomalous pixel) for an image labelled anomalous"
     masks[index] = preprocess_mask(mask, image_size)
     return None
 

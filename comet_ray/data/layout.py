@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from comet_ray.data.local_walk import is_utf8_name, walk_files
 from comet_ray.data.s3 import is_storage_failure, open_s3, public_s3_uri, storage_error
 from comet_ray.errors import DatasetLayoutError, ImageDecodeError, StorageError
 
@@ -137,13 +138,13 @@ def _list_categories(root: str, fs: pafs.FileSystem, base: str) -> list[str]:
     _require_dir(fs, base, root, "the dataset root")
     if _is_dir(fs, posixpath.join(base, "train")):
         return [posixpath.basename(base)]
-    children = fs.get_file_info(pafs.FileSelector(base, recursive=False))
+    if fs.type_name == "local":  # pyarrow's listing fails on the first non-UTF-8 name
+        names = [n.decode("utf-8") for n in os.listdir(os.fsencode(base)) if is_utf8_name(n)]
+    else:
+        names = [info.base_name for info in fs.get_file_info(pafs.FileSelector(base, recursive=False))
+                 if info.type == pafs.FileType.Directory]
     categories = sorted(
-        info.base_name
-        for info in children
-        if info.type == pafs.FileType.Directory
-        and not _is_hidden(info.base_name)
-        and _is_dir(fs, posixpath.join(info.path, "train"))
+        name for name in names if not _is_hidden(name) and _is_dir(fs, posixpath.join(base, name, "train"))
     )
     if not categories:
         raise DatasetLayoutError(
@@ -152,10 +153,30 @@ def _list_categories(root: str, fs: pafs.FileSystem, base: str) -> list[str]:
     return categories
 
 
+@dataclass
+class CategoryScan:
+    """A category's sample table plus the files found but left out of it.
+
+    ``unlisted`` records (``{sample_id, uri, reason}``, the shape of decode-time skips) name local
+    files that cannot be used whatever their content: non-UTF-8 names, broken links, folders
+    reached twice through a link loop (see :mod:`comet_ray.data.local_walk`).
+    """
+
+    samples: list[Sample]
+    unlisted: list[dict]
+
+
 def build_sample_table(
     root: str, category: str | None = None, filesystem: pafs.FileSystem | None = None
 ) -> list[Sample]:
-    """List every image of one category once, sorted by ``sample_id``.
+    """The samples of :func:`scan_category` (for callers that report nothing about left-out files)."""
+    return scan_category(root, category, filesystem).samples
+
+
+def scan_category(
+    root: str, category: str | None = None, filesystem: pafs.FileSystem | None = None
+) -> CategoryScan:
+    """List every image of one category once, sorted by ``sample_id``, and what was left out.
 
     ``root`` may be the dataset root (then ``category`` names a folder in it) or the category folder
     itself (then ``category`` may be omitted or must match its name). A missing ``test/`` is allowed
@@ -164,12 +185,12 @@ def build_sample_table(
     """
     fs, base = _resolve(root, filesystem)
     try:
-        return _build_sample_table(root, category, fs, base)
+        return _scan_category(root, category, fs, base)
     except OSError as exc:
         raise storage_error(exc, root, fs) from exc
 
 
-def _build_sample_table(root: str, category: str | None, fs: pafs.FileSystem, base: str) -> list[Sample]:
+def _scan_category(root: str, category: str | None, fs: pafs.FileSystem, base: str) -> CategoryScan:
     _require_dir(fs, base, root, "the dataset root")
     prefix = _uri_prefix(root, fs)
 
@@ -194,13 +215,14 @@ def _build_sample_table(root: str, category: str | None, fs: pafs.FileSystem, ba
     if not _is_dir(fs, train_dir):
         raise DatasetLayoutError(f"{prefix + category_dir} has no train/ folder (expected train/<defect>/)")
 
-    masks = _mask_index(fs, posixpath.join(category_dir, "ground_truth"))
+    unlisted: list[dict] = []
+    masks = _mask_index(fs, posixpath.join(category_dir, "ground_truth"), unlisted, posixpath.join(category, "ground_truth"))
     samples: list[Sample] = []
     for split in SPLITS:
         split_dir = posixpath.join(category_dir, split)
         if split == "test" and not _is_dir(fs, split_dir):
             continue  # predict-only datasets have no test split
-        for rel in _list_images(fs, split_dir):
+        for rel in _list_images(fs, split_dir, unlisted, id_prefix=posixpath.join(category, split)):
             parent, file_name = posixpath.split(rel)
             if not parent:
                 if split == "test":
@@ -227,11 +249,12 @@ def _build_sample_table(root: str, category: str | None, fs: pafs.FileSystem, ba
             )
 
     if not any(s.split == "train" for s in samples):
+        left_out = f"; {len(unlisted)} file(s) left out, first: {unlisted[0]['uri']} ({unlisted[0]['reason']})" if unlisted else ""
         raise DatasetLayoutError(
-            f"{prefix + train_dir} contains no images (expected {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            f"{prefix + train_dir} contains no images (expected {', '.join(sorted(IMAGE_EXTENSIONS))}){left_out}"
         )
     samples.sort(key=lambda s: s.sample_id)
-    return samples
+    return CategoryScan(samples, unlisted)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -307,8 +330,24 @@ def _is_image(name: str) -> bool:
     return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _list_images(fs: pafs.FileSystem, directory: str) -> list[str]:
-    """Image files under ``directory`` (recursive), as posix paths relative to it; hidden ones skipped."""
+def _list_images(
+    fs: pafs.FileSystem, directory: str, unlisted: list[dict] | None = None, id_prefix: str = ""
+) -> list[str]:
+    """Image files under ``directory`` (recursive), as posix paths relative to it; hidden ones skipped.
+
+    Local folders go through :func:`~comet_ray.data.local_walk.walk_files` (non-UTF-8 names and link
+    loops would break or duplicate a pyarrow listing); what it leaves out is appended to ``unlisted``.
+    """
+    if fs.type_name == "local":
+        if not os.path.isdir(directory):
+            return []
+        listing = walk_files(directory, _is_image)
+        if unlisted is not None:
+            for problem in listing.problems:
+                rel = os.path.relpath(problem["path"], directory).replace(os.sep, "/")
+                unlisted.append({"sample_id": posixpath.join(id_prefix, rel), "uri": problem["path"],
+                                 "reason": problem["reason"]})
+        return sorted(os.path.relpath(path, directory).replace(os.sep, "/") for path in listing.files)
     selector = pafs.FileSelector(directory, recursive=True, allow_not_found=True)
     found = []
     for info in fs.get_file_info(selector):
@@ -326,14 +365,16 @@ def _mask_key(parent: str, file_name: str) -> str:
     return posixpath.join(parent, stem + "_mask").lower()
 
 
-def _mask_index(fs: pafs.FileSystem, gt_dir: str) -> dict[str, str]:
+def _mask_index(
+    fs: pafs.FileSystem, gt_dir: str, unlisted: list[dict] | None = None, id_prefix: str = ""
+) -> dict[str, str]:
     """Map ``"<defect>/<stem>_mask"`` (lower case) to the mask's path relative to ``ground_truth/``.
 
     Listing once and matching by key avoids one existence probe per image (slow on S3) and accepts
     any image extension for the mask.
     """
     index: dict[str, str] = {}
-    for rel in _list_images(fs, gt_dir):
+    for rel in _list_images(fs, gt_dir, unlisted, id_prefix):
         key = posixpath.splitext(rel)[0].lower()
         if not key.endswith("_mask"):
             continue
