@@ -195,7 +195,8 @@ def test_tune_runs_on_the_messy_category(corpus: BadInputCorpus, tmp_path: Path)
                  "--seeds", "0", "--storage-path", str(tmp_path / "tune-runs"), "--out", str(out),
                  "--cpus-per-trial", "0.5", *TINY]) == 0
     rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
-    assert len(rows) == 2 and all(r["objective"] for r in rows)
+    assert len(rows) == 2 and any(r["objective"] for r in rows)  # ASHA may stop one trial early
+    assert json.loads((out / "rho_0" / "best.json").read_text())["objective"] > 0
 
 
 # --- upload, then train from the bucket ------------------------------------------------------------------
