@@ -243,6 +243,43 @@ def _experiment_name(config: TrainConfig, level: float) -> str:
     return f"tune-{config.category}-{config.model.model}-rho{level:g}"
 
 
+def _restorable(path: str) -> bool:
+    """Whether the Tune experiment at ``path`` can be resumed; clears one that cannot be.
+
+    ``Tuner.can_restore`` only looks for ``tuner.pkl``, which the ``Tuner`` writes when it is built,
+    before its first experiment-state snapshot. A driver killed in between leaves a folder that
+    ``Tuner.restore`` accepts but cannot resume: Ray 2.60 then logs "Failed to restore the run state",
+    "restarts" the experiment and, since ``num_samples`` is passed to fresh runs only, runs ONE
+    trial instead of ``--trials``. Nothing in such a folder was ever recorded, so its contents
+    (``tuner.pkl``, folders of trials that had just started) are removed and the level starts over.
+    A newest snapshot that is not valid JSON (a kill during its upload) would end the same way, so
+    it stops the sweep with the file to remove instead.
+    """
+    import fnmatch
+
+    import pyarrow.fs
+    from ray.train._internal.storage import get_fs_and_path
+
+    fs, fs_path = get_fs_and_path(path)
+    if fs.get_file_info(fs_path).type != pyarrow.fs.FileType.Directory:
+        return False
+    names = [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(fs_path))]
+    if "tuner.pkl" not in names:
+        return False
+    states = sorted(fnmatch.filter(names, "experiment_state-*.json"))
+    if not states:
+        fs.delete_dir_contents(fs_path)
+        return False
+    newest = f"{path.rstrip('/')}/{states[-1]}"
+    try:
+        with fs.open_input_stream(f"{fs_path.rstrip('/')}/{states[-1]}") as handle:
+            json.loads(handle.readall())
+    except (OSError, ValueError):
+        raise CometError(f"the Tune experiment state {newest} is unreadable (cut off by a kill?); "
+                         "remove that file to resume from the previous one") from None
+    return True
+
+
 def tune_level(base: TrainConfig, level: float, settings: SweepSettings) -> list[dict]:
     """One Optuna + ASHA search at one contamination level; returns a row per trial."""
     from ray import tune
@@ -266,7 +303,7 @@ def tune_level(base: TrainConfig, level: float, settings: SweepSettings) -> list
     trainable = tune.with_resources(run_trial, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
     name = _experiment_name(config, level)
     path = os.path.join(storage, name)
-    if tune.Tuner.can_restore(path):
+    if _restorable(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=space)
     else:
         tuner = tune.Tuner(
