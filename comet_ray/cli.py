@@ -163,6 +163,7 @@ def _train_many(args: argparse.Namespace, categories: list[str]) -> int:
 
 def _train_in_process(args: argparse.Namespace) -> int:
     from comet_ray.pipeline import prepare_data, resolve_device, train_category, write_run
+    from comet_ray.resume import EpochResume, run_fingerprint
 
     config = _train_config(args)
     device = resolve_device(config.device)
@@ -171,8 +172,24 @@ def _train_in_process(args: argparse.Namespace) -> int:
                         engine=args.engine)
     _report_left_out(data.skipped, "image(s) skipped", "manifest.json")
     _report_left_out(data.mask_issues, "mask(s) unusable (image kept for image-level metrics)", "manifest.json")
-    result = train_category(config, data, device, on_epoch_end=_print_epoch(config.epochs))
+    # Killed and run again, the same command continues from the last finished epoch (comet_ray.resume).
+    resume = EpochResume(args.out, run_fingerprint(config.to_dict(), list(data.train.store.ids), data.feature_info))
+    state, logs = resume.load()
+    resumed_from = len(logs)
+    if state is not None:
+        print(f"resuming from epoch {len(logs)}/{config.epochs} ({resume.path})", flush=True)
+    printer = _print_epoch(config.epochs)
+
+    def on_epoch_end(trainer, epoch_log) -> None:
+        printer(trainer, epoch_log)
+        logs.append(epoch_log)
+        resume.save(trainer.state_dict(), logs)
+
+    result = train_category(config, data, device, on_epoch_end=on_epoch_end, trainer_state=state)
+    result.epochs = list(logs)
+    result.metrics["resumed_from_epoch"] = resumed_from
     out = write_run(args.out, config, data, result)
+    resume.clear()
     print(_metrics_table([result.metrics]))
     print(f"results in {out}")
     return 0

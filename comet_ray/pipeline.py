@@ -287,6 +287,8 @@ def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResu
     """
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.staging-*"):  # left by a process killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
         config_dict = config.to_dict()

@@ -86,7 +86,8 @@ class CliRun:
         return time.monotonic() - self.started
 
     def tail(self, chars: int = 4000) -> str:
-        self.handle.flush()
+        if not self.handle.closed:
+            self.handle.flush()
         return self.log.read_text(errors="replace")[-chars:]
 
     def wait_for(self, condition, what: str, timeout: float = RUN_TIMEOUT_S) -> float:
@@ -286,3 +287,45 @@ def test_a_tune_folder_killed_before_its_first_snapshot_starts_over(tmp_path: Pa
     (experiment / "experiment_state-2026-01-02_00-00-00.json").write_text('{"trial_da')  # upload cut off
     with pytest.raises(CometError, match="experiment_state-2026-01-02_00-00-00.json is unreadable"):
         _restorable(str(experiment))
+
+
+def test_in_process_train_killed_after_an_epoch_resumes_and_matches_an_uninterrupted_run(
+    cli, dataset: Path, tmp_path: Path
+) -> None:
+    """No Ray: ``comet-ray train`` saves its state after every epoch in OUT/.resume (comet_ray.resume)."""
+    epochs = 4
+    out, reference = tmp_path / "run", tmp_path / "reference"
+    base = ["train", str(dataset), "--category", "weave", "--contamination", "0.2", *_tiny_args(epochs)]
+    saved = out / ".resume" / "history.json"
+
+    def epochs_saved() -> int:
+        try:
+            return len(json.loads(saved.read_text())["epochs"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    first = cli([*base, "--out", str(out)], "inproc-1")
+    first.wait_for(lambda: epochs_saved() >= 1, "a saved epoch")
+    first.kill()
+    done = epochs_saved()
+    assert 1 <= done < epochs and not (out / "metrics.json").exists()
+
+    second = cli([*base, "--out", str(out)], "inproc-2")
+    assert second.finish() == 0, second.tail()
+    assert "resuming from epoch" in second.tail()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 1 <= metrics["resumed_from_epoch"] < epochs
+    history = json.loads((out / "history.json").read_text())
+    assert [e["epoch"] for e in history] == list(range(epochs))
+    assert not (out / ".resume").exists()
+
+    # Every random draw is a function of (seed, epoch, ...) and the state holds the rest: the resumed
+    # run ends where an uninterrupted one does.
+    third = cli([*base, "--out", str(reference)], "inproc-reference")
+    assert third.finish() == 0, third.tail()
+    resumed = json.loads((out / "weights.json").read_text())["weights"]
+    uninterrupted = json.loads((reference / "weights.json").read_text())["weights"]
+    assert resumed.keys() == uninterrupted.keys()
+    assert max(abs(resumed[k] - uninterrupted[k]) for k in resumed) < 1e-5
+    assert metrics["image_auroc"] == pytest.approx(json.loads((reference / "metrics.json").read_text())["image_auroc"],
+                                                   abs=1e-6)
