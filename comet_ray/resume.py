@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -58,7 +59,7 @@ class EpochResume:
                 return None, []
             state = torch.load(state_file, map_location="cpu", weights_only=True)
             logs = [EpochLog(**record) for record in saved["epochs"]]
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
             log.warning("cannot resume from %s (%s); starting from epoch 0", self.path, exc)
             return None, []
         epoch = int(state["epoch"])
