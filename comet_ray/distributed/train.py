@@ -361,7 +361,17 @@ def fit_distributed(
             callbacks=callbacks,
         ),
     )
-    trainer.fit()
+    # Called from the main thread, TorchTrainer.fit installs a SIGINT handler (abort the run) that
+    # holds the controller actor's handle and outlives fit: the finished controller (and the Ray Data
+    # DatasetManager it owns) stay alive until the next fit or ray.shutdown (seen by bench/soak.py),
+    # and the next Ctrl-C in this process are swallowed. Restoring the previous handler releases them.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigint = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        trainer.fit()
+    finally:
+        if previous_sigint is not None:
+            signal.signal(signal.SIGINT, previous_sigint)
     metrics = json.loads((Path(out) / "metrics.json").read_text())
     metrics["out"] = out
     metrics["run_name"] = run_name
