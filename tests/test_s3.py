@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import threading
 import time
 from types import SimpleNamespace
 
@@ -184,6 +185,42 @@ def test_server_coming_back_is_retried_with_backoff(s3, monkeypatch) -> None:
         samples = build_sample_table(uri, "weave", fs)
         assert time.monotonic() - start >= 1.4  # it waited for the "restart", retrying
         assert len(samples) == 30 and proxy.connections >= 1
+
+
+def test_server_restarted_while_training_reads_images_loses_nothing(s3, tmp_path, monkeypatch, capsys) -> None:
+    """The real server process is stopped and started again while ``train`` is reading the category.
+
+    A slow link (the proxy delays every answer) keeps the reads going long enough for the restart
+    to land in the middle; the run must retry through it, skip nothing, and match a run without it.
+    """
+    monkeypatch.setenv("COMET_RAY_S3_MAX_ATTEMPTS", "12")
+    reference = tmp_path / "reference"
+    assert main(["train", s3.uri, "--category", "weave", "--out", str(reference), "--s3-endpoint", s3.endpoint,
+                 *TINY]) == 0
+    outage: dict[str, float] = {}
+
+    def restart_mid_read(proxy: FlakyProxy) -> None:
+        deadline = time.monotonic() + 120
+        while proxy.bytes_down < 40_000 and time.monotonic() < deadline:  # listing done, a few images read
+            time.sleep(0.02)
+        outage["at_bytes"] = proxy.bytes_down
+        s3.server.restart()
+        outage["after_bytes"] = proxy.bytes_down
+
+    run = tmp_path / "run"
+    with FlakyProxy(s3.server.port, chunk_delay=0.05) as proxy:
+        restarter = threading.Thread(target=restart_mid_read, args=(proxy,), daemon=True)
+        restarter.start()
+        code = main(["train", s3.uri, "--category", "weave", "--out", str(run), "--s3-endpoint", proxy.endpoint,
+                     *TINY])
+        restarter.join(timeout=180)
+        total = proxy.bytes_down
+    assert code == 0, capsys.readouterr().err
+    assert "at_bytes" in outage and outage["at_bytes"] < total, "the restart did not happen mid-read"
+    assert total - outage["after_bytes"] > 50_000, "too little was read after the restart to prove a retry"
+    assert json.loads((run / "manifest.json").read_text())["skipped"] == []
+    ran, ref = (json.loads((p / "metrics.json").read_text()) for p in (run, reference))
+    assert ran["n_train"] == ref["n_train"] and ran["image_auroc"] == pytest.approx(ref["image_auroc"], abs=1e-6)
 
 
 # --- upload ---------------------------------------------------------------------------------------

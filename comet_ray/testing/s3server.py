@@ -111,8 +111,9 @@ class SeaweedServer:
         config.write_text(json.dumps({"identities": [identity]}))
         config.chmod(0o600)
         last_error = ""
-        for _ in range(3):  # a port taken between probing and binding: try fresh ports
-            self.ports = dict(zip(_PORT_NAMES, free_ports(len(_PORT_NAMES))))
+        keep = dict(self.ports)  # restart(): the same ports first, so clients and proxies find it again
+        for attempt in range(3):  # a port taken between probing and binding: try fresh ports
+            self.ports = keep if attempt == 0 and keep else dict(zip(_PORT_NAMES, free_ports(len(_PORT_NAMES))))
             args = [
                 self.weed, "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
                 f"-dir={data}", f"-s3.config={config}", "-webdav=false", "-admin.ui=false",
@@ -216,17 +217,21 @@ class FlakyProxy:
     ``fail_first`` connections are answered with HTTP 503 (``mode="503"``) or closed with a TCP reset
     (``mode="reset"``); with ``down_for`` seconds, the proxy does not listen at all for that long
     (connection refused), as a restarting server would. ``connections`` and ``failed`` count what
-    happened, so a test can prove a client retried. Each proxied connection carries one request
-    stream; SigV4 signatures stay valid because the bytes (Host header included) are passed as is.
+    happened, so a test can prove a client retried; ``chunk_delay`` slows every answer, so a test can
+    act (restart the server, say) while a client is still reading. Each proxied connection carries one
+    request stream; SigV4 signatures stay valid because the bytes (Host header included) pass as is.
     """
 
-    def __init__(self, upstream_port: int, fail_first: int = 0, mode: str = "503", down_for: float = 0.0) -> None:
+    def __init__(self, upstream_port: int, fail_first: int = 0, mode: str = "503", down_for: float = 0.0,
+                 chunk_delay: float = 0.0) -> None:
         if mode not in ("503", "reset"):
             raise ValueError("mode must be '503' or 'reset'")
         self.upstream_port = upstream_port
         self.fail_first = fail_first
         self.mode = mode
         self.down_for = down_for
+        self.chunk_delay = chunk_delay  # seconds before each chunk sent back: a slow link, to widen windows
+        self.bytes_down = 0  # bytes passed from the server to clients
         self.port = free_ports(1)[0]
         self.connections = 0
         self.failed = 0
@@ -293,8 +298,14 @@ class FlakyProxy:
         except OSError:
             conn.close()
             return
-        for a, b in ((conn, upstream), (upstream, conn)):
-            threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+        threading.Thread(target=_pipe, args=(conn, upstream), daemon=True).start()
+        threading.Thread(target=_pipe, args=(upstream, conn, self._downstream), daemon=True).start()
+
+    def _downstream(self, size: int) -> None:
+        if self.chunk_delay:
+            time.sleep(self.chunk_delay)
+        with self._lock:
+            self.bytes_down += size
 
     def stop(self) -> None:
         self._stop.set()
@@ -318,12 +329,14 @@ def _read_request_head(conn: socket.socket) -> None:
         data += chunk
 
 
-def _pipe(source: socket.socket, target: socket.socket) -> None:
+def _pipe(source: socket.socket, target: socket.socket, on_chunk=None) -> None:
     try:
         while True:
             chunk = source.recv(65536)
             if not chunk:
                 break
+            if on_chunk is not None:
+                on_chunk(len(chunk))
             target.sendall(chunk)
     except OSError:
         pass
