@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -33,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from comet_ray.comet.collective import Collective, TorchDistributedCollective
 from comet_ray.config import TrainConfig
+from comet_ray.errors import CometError
 
 STATE_FILE = "trainer_state.pt"
 HISTORY_FILE = "history.json"
@@ -328,6 +330,9 @@ def fit_distributed(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from comet_ray.pipeline import check_trainable
+
+    check_trainable(config)  # a layout error is one line here, not a retried worker crash
     storage_path = _local_path(storage_path)
     run_name = run_name or f"{config.category}-{config.comet.strategy}-seed{config.seed}"
     remote = "://" in storage_path
@@ -394,6 +399,22 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def error_line(exc: BaseException) -> str:
+    """One line for a category's failure: a user error's own message, even from inside a worker.
+
+    Ray wraps a worker's exception in ``WorkerGroupError`` whose text is the whole remote traceback;
+    its last ``comet_ray.errors.<Name>: message`` line is what the user can act on.
+    """
+    if isinstance(exc, CometError):
+        return str(exc)
+    text = str(exc)
+    found = re.findall(r"comet_ray\.errors\.\w+: (.+)", text)
+    if found:
+        return found[-1].strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1].strip() if lines else ''}".rstrip(": ")
+
+
 def fit_categories(
     configs: list[TrainConfig],
     workers: int = 1,
@@ -425,8 +446,7 @@ def fit_categories(
                 config, workers, gpus_per_worker, cpus_per_worker, storage_path=storage_path, **fit_kwargs
             )
         except Exception as exc:  # noqa: BLE001 - one category's failure must not sink the rest
-            error = f"{type(exc).__name__}: {exc}"
-            return {"category": config.category, "strategy": config.comet.strategy, "error": error}
+            return {"category": config.category, "strategy": config.comet.strategy, "error": error_line(exc)}
 
     results = ray.get([_fit_one.remote(c.to_dict()) for c in configs])
     summary = Path(summary_path or os.path.join(storage_path, "summary.json"))

@@ -514,6 +514,9 @@ def _cmd_tune(args) -> int:
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
         max_concurrent_trials=args.max_concurrent_trials, feature_cache=args.cache_dir,
     )
+    from comet_ray.pipeline import check_trainable
+
+    check_trainable(base, s3_endpoint=args.s3_endpoint)  # one line now, not an error in every trial
     if not ray.is_initialized():
         ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     summary = sweep(base, settings)
