@@ -32,13 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-for key, value in {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}.items():
-    os.environ.setdefault(key, value)
+from comet_ray.testing import use_local_env
+
+use_local_env()
 
 from comet_ray.comet.trainer import CometTrainer
 from comet_ray.config import CometConfig, FeatureConfig, ModelConfig, TrainConfig

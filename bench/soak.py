@@ -92,13 +92,9 @@ import threading
 import time
 from pathlib import Path
 
-for key, value in {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}.items():
-    os.environ.setdefault(key, value)
+from comet_ray.testing import use_local_env
+
+use_local_env()
 
 # A private temp folder for the driver and (through the raylet's environment) every Ray worker.
 PRIVATE_TMP = tempfile.mkdtemp(prefix="comet-soak-")

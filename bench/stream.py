@@ -22,11 +22,9 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-os.environ.setdefault("COMET_RAY_OFFLINE", "1")
+from comet_ray.testing import use_local_env
+
+use_local_env()
 
 import numpy as np
 from PIL import Image

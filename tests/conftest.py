@@ -10,12 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# Keep every service on 127.0.0.1 and quiet: no usage stats, no cloud metadata probes, explicit auth.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-os.environ.setdefault("COMET_RAY_OFFLINE", "1")  # never try a model-hub download in tests
+from comet_ray.testing import use_local_env
+
+use_local_env()  # every service on 127.0.0.1 and quiet, explicit Ray auth, no model-hub download
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BOTTLE = SHARED / "data" / "mvtec_bottle"

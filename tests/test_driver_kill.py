@@ -33,18 +33,11 @@ from pathlib import Path
 import pytest
 
 from comet_ray.data.synthetic import make_texture_category
-from comet_ray.testing import TINY_TRAIN_ARGS
+from comet_ray.testing import LOCAL_ENV, TINY_TRAIN_ARGS
 
 pytest.importorskip("ray")
 
-ENV = {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "COMET_RAY_OFFLINE": "1",
-    "PYTHONUNBUFFERED": "1",
-}
+ENV = {**LOCAL_ENV, "PYTHONUNBUFFERED": "1"}
 RUN_TIMEOUT_S = 300  # one CLI run on two (shared) CPU cores
 POLL_S = 0.1
 
