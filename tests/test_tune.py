@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import time
 
 import pytest
 
@@ -117,3 +118,26 @@ def test_flow_model_sweeps_with_the_same_tune_code(local_ray, tmp_path) -> None:
     rows = read_rows(tmp_path / "out" / "results.csv")
     # ASHA may stop one trial early (trials race); at least one must finish with an objective.
     assert len(rows) == 2 and any(r["objective"] is not None for r in rows)
+
+
+def test_trials_that_train_with_ray_train_workers(local_ray, tmp_path) -> None:
+    """``tune --workers N``: each trial fits a TorchTrainer whose per-epoch reports reach Tune.
+
+    Tune checks every result for the searched metric; the workers' reports must carry ``objective``
+    (this path failed every trial before), and a finished sweep leaves every CPU free again.
+    """
+    make_texture_category(tmp_path / "data", "weave", n_train=12, n_test_good=6, defects={"spot": 6}, size=64, seed=5)
+    base = tiny_base(tmp_path / "data")
+    base.epochs = 2
+    settings = SweepSettings(levels=[0.0], trials=2, storage_path=str(tmp_path / "store"), out=str(tmp_path / "out"),
+                             seeds=0, workers=1, cpus_per_trial=0.25, cpus_per_worker=0.5)
+    sweep(base, settings)
+    rows = read_rows(tmp_path / "out" / "results.csv")
+    assert len(rows) == 2 and all(r["objective"] is not None for r in rows)  # FIFO here: no early stop
+    assert all(0.0 <= r["objective"] <= 1.0 for r in rows)
+    best = json.loads((tmp_path / "out" / "rho_0" / "best.json").read_text())
+    assert best["objective"] == max(r["objective"] for r in rows)
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == 2, "a trial's placement group was not released"
