@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,17 @@ use_local_env()  # every service on 127.0.0.1 and quiet, explicit Ray auth, no m
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BOTTLE = SHARED / "data" / "mvtec_bottle"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_left_running():
+    """Stop a Ray that a module's in-process CLI runs started, so the next module can start its own."""
+    yield
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")
