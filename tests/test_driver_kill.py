@@ -286,9 +286,11 @@ def test_in_process_train_killed_after_an_epoch_resumes_and_matches_an_uninterru
     cli, dataset: Path, tmp_path: Path
 ) -> None:
     """No Ray: ``comet-ray train`` saves its state after every epoch in OUT/.resume (comet_ray.resume)."""
-    epochs = 4
+    epochs = 10
     out, reference = tmp_path / "run", tmp_path / "reference"
-    base = ["train", str(dataset), "--category", "weave", "--contamination", "0.2", *_tiny_args(epochs)]
+    args = _tiny_args(epochs)
+    args[args.index("--passes") + 1] = "8"  # epochs long enough (~0.5 s) for the kill to land between them
+    base = ["train", str(dataset), "--category", "weave", "--contamination", "0.2", *args]
     saved = out / ".resume" / "history.json"
 
     def epochs_saved() -> int:
@@ -301,6 +303,7 @@ def test_in_process_train_killed_after_an_epoch_resumes_and_matches_an_uninterru
     first.wait_for(lambda: epochs_saved() >= 1, "a saved epoch")
     first.kill()
     done = epochs_saved()
+    print(f"in-process train: killed after {done} of {epochs} epochs")
     assert 1 <= done < epochs and not (out / "metrics.json").exists()
 
     second = cli([*base, "--out", str(out)], "inproc-2")
