@@ -231,8 +231,13 @@ def train_category(
     collective: Collective | None = None,
     on_epoch_end: Callable[[CometTrainer, EpochLog], None] | None = None,
     trainer_state: dict | None = None,
+    evaluate: bool = True,
 ) -> RunResult:
-    """Train one detector with one strategy and evaluate it once on the report split."""
+    """Train one detector with one strategy and evaluate it once on the report split.
+
+    ``evaluate=False`` skips the evaluation (empty metrics, NaN thresholds): data-parallel ranks other
+    than 0 hold the same model and their results are never written, so scoring there is wasted.
+    """
     torch.manual_seed(config.seed)
     model = build_detector(config.model.model, data.feature_dim, config.model, data.grid)
     store = place_store(data.train.store, device)
@@ -242,6 +247,9 @@ def train_category(
     start = time.perf_counter()
     epochs = trainer.fit(config.epochs, on_epoch_end)
     train_seconds = time.perf_counter() - start
+    final_weights = dict(zip(data.train.store.ids, trainer.sample_weights.tolist()))
+    if not evaluate:
+        return RunResult({}, {}, epochs, model, float("nan"), float("nan"), final_weights)
     size = config.features.image_size
     precision = config.precision
     validation = evaluate_split(
@@ -275,7 +283,6 @@ def train_category(
         last = epochs[-1]
         metrics["mean_weight_injected"] = last.mean_weight_injected
         metrics["mean_weight_nominal"] = last.mean_weight_nominal
-    final_weights = dict(zip(data.train.store.ids, trainer.sample_weights.tolist()))
     return RunResult(metrics, validation.metrics, epochs, model, threshold, nominal, final_weights, pixel_cut,
                      report.image_scores.tolist())
 

@@ -276,7 +276,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 Path(kill_marker).write_text(f"killed rank {rank} at epoch {log.epoch}\n")
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    result = train_category(config, data, device, collective, on_epoch_end, trainer_state)
+    # Every rank ends with the same model: only rank 0, which writes the results, evaluates it.
+    result = train_category(config, data, device, collective, on_epoch_end, trainer_state, evaluate=rank == 0)
     if rank == 0:
         result = dataclasses.replace(result, epochs=[_EpochRecord(e) for e in history])
         result.metrics["resumed_from_epoch"] = start_epoch
