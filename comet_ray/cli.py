@@ -177,7 +177,7 @@ def _train_in_process(args: argparse.Namespace) -> int:
     state, logs = resume.load()
     resumed_from = len(logs)
     if state is not None:
-        print(f"resuming from epoch {len(logs)}/{config.epochs} ({resume.path})", flush=True)
+        print(f"resuming from epoch {resumed_from}/{config.epochs} ({resume.path})", flush=True)
     printer = _print_epoch(config.epochs)
 
     def on_epoch_end(trainer, epoch_log) -> None:

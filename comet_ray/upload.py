@@ -90,7 +90,7 @@ def upload_tree(
         raise CometError(f"destination must be an s3://bucket/prefix URI, got {destination!r}")
     location = parse_s3_uri(destination)
     endpoint = resolve_endpoint(s3_endpoint or location.endpoint)
-    listing = walk_files(root)
+    listing = walk_files(root, count_hidden=True)
     files = [Path(path) for path in listing.files]
     if not files:
         raise CometError(f"no files to upload under {root}")

@@ -27,7 +27,7 @@ class LocalListing:
 
     files: list[str] = field(default_factory=list)  # absolute paths, valid UTF-8, sorted
     problems: list[dict] = field(default_factory=list)  # {"path": printable path, "reason": why it was left out}
-    hidden: int = 0  # files left out because they or a parent folder start with "."
+    hidden: int = 0  # files left out because they or a parent folder start with "." (see count_hidden)
 
 
 def printable(path: bytes | str) -> str:
@@ -37,12 +37,15 @@ def printable(path: bytes | str) -> str:
     return path.decode("utf-8", "backslashreplace")
 
 
-def walk_files(root: str | os.PathLike, wanted: Callable[[str], bool] | None = None) -> LocalListing:
+def walk_files(
+    root: str | os.PathLike, wanted: Callable[[str], bool] | None = None, count_hidden: bool = False
+) -> LocalListing:
     """Every non-hidden file under ``root`` (recursive, following folder links once), sorted.
 
     ``wanted(name)`` filters by file name (for example by image extension); problems are reported
     only for entries it would have wanted, so a broken link to a text file does not clutter the
     report of an image listing. A ``root`` that is itself a file is returned as the only entry.
+    ``count_hidden`` also walks hidden folders (a ``.git`` can be large) to count the files left out.
     """
     listing = LocalListing()
     top = os.fsencode(os.path.abspath(os.path.expanduser(os.fspath(root))))
@@ -64,7 +67,7 @@ def walk_files(root: str | os.PathLike, wanted: Callable[[str], bool] | None = N
         for name in sorted(subfolders):
             path = os.path.join(folder, name)
             if name.startswith(b"."):
-                listing.hidden += _count_files(path)
+                listing.hidden += _count_files(path) if count_hidden else 0
                 continue
             if not is_utf8_name(name):
                 listing.problems.append({"path": printable(path), "reason": "folder name is not valid UTF-8; rename it"})
