@@ -233,6 +233,24 @@ def _upload_cli(argv: list[str]) -> int:
     return args.func(args)
 
 
+def test_test_server_has_volumes_for_many_buckets_whatever_the_free_disk(s3) -> None:
+    """Each bucket is a SeaweedFS collection with its own volumes. With the volume count left to
+    SeaweedFS (free disk / volume size) a CI disk with a few GB free ran out after four buckets and
+    a later PUT failed with InternalError; the server now asks for a fixed count."""
+    import urllib.request
+
+    master = f"http://127.0.0.1:{s3.server.ports['master']}/dir/status"
+    with urllib.request.urlopen(master, timeout=10) as answer:
+        topology = json.loads(answer.read())["Topology"]
+    assert topology["Max"] >= 100, topology
+    client = s3.server.client()
+    for index in range(6):
+        bucket = f"many-buckets-{index}"
+        s3.server.make_bucket(bucket)
+        client.put_object(Bucket=bucket, Key="k", Body=b"x" * 100)
+        assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"x" * 100
+
+
 def test_upload_command(s3, tmp_path, capsys) -> None:
     endpoint = s3.endpoint
     local = tmp_path / "tree"

@@ -22,6 +22,8 @@ from pathlib import Path
 
 FAKE_ACCESS_KEY = "AKIAFAKETESTKEY00001"
 FAKE_SECRET_KEY = "fakeTestSecretKey/000000000000000000000001"  # 40 characters, never a real key
+_MAX_VOLUMES = 200
+_VOLUME_SIZE_MB = 64
 _PORT_NAMES = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc",
                "admin", "admin.grpc")
 
@@ -118,6 +120,11 @@ class SeaweedServer:
                 self.weed, "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
                 f"-dir={data}", f"-s3.config={config}", "-webdav=false", "-admin.ui=false",
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false",
+                # Every bucket is a collection that needs its own volumes. Left at 0, the volume
+                # count is free disk / 128 MB, so a busy CI disk ran out of volumes after a few
+                # buckets ("No writable volumes and no free volumes left"). Volumes are not
+                # preallocated, so a fixed, generous count of small ones costs no disk.
+                f"-volume.max={_MAX_VOLUMES}", f"-master.volumeSizeLimitMB={_VOLUME_SIZE_MB}",
                 f"-filer.localSocket={self.directory / 'filer.sock'}",
                 f"-s3.localSocket={self.directory / 's3.sock'}",
             ]
