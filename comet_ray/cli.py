@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import os
 import sys
@@ -16,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from comet_ray import jsonfile
 from comet_ray.config import STRATEGIES, FeatureConfig, TrainConfig, apply_overrides
 from comet_ray.errors import CometError
 from comet_ray.models import MODELS
@@ -210,7 +210,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate_checkpoint(args.checkpoint, args.data_root, args.category, args.device, args.s3_endpoint,
                                   args.cache_dir)
-    print(json.dumps(metrics, indent=2))
+    print(jsonfile.dumps(metrics, indent=2))
     _report_left_out(metrics["skipped"], "image(s) skipped", "the JSON above" + (f" and {args.out}" if args.out else ""))
     if metrics["image_auroc"] != metrics["image_auroc"]:  # NaN: a single class of image
         kind = "anomalous" if metrics["n_anomalous"] == metrics["n_images"] else "good"
@@ -218,7 +218,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(metrics, indent=2))
+        Path(args.out).write_text(jsonfile.dumps(metrics, indent=2))
     return 0
 
 

@@ -7,9 +7,9 @@ so the table it prints compares like with like.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from comet_ray import jsonfile
 from comet_ray.config import FeatureConfig, ModelConfig, TrainConfig
 from comet_ray.data.synthetic import make_texture_category
 from comet_ray.pipeline import prepare_data, resolve_device, train_category, write_run
@@ -45,5 +45,5 @@ def run_demo(out: str, epochs: int = 8, seed: int = 0, device: str = "auto") -> 
                                 on_epoch_end=lambda _t, e: print(e.line(config.epochs), flush=True))
         write_run(str(out_dir / strategy), config, data, result)
         rows.append(result.metrics)
-    (out_dir / "summary.json").write_text(json.dumps(rows, indent=2))
+    (out_dir / "summary.json").write_text(jsonfile.dumps(rows, indent=2))
     return rows

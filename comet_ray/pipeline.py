@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from comet_ray import jsonfile
 from comet_ray.checkpoint import save_detector
 from comet_ray.comet.collective import Collective
 from comet_ray.comet.trainer import CometTrainer, EpochLog
@@ -300,14 +301,14 @@ def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResu
     try:
         config_dict = config.to_dict()
         config_dict["data_root"] = public_uri(config.data_root)
-        (staging / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+        (staging / "metrics.json").write_text(jsonfile.dumps(result.metrics, indent=2))
         (staging / "manifest.json").write_text(json.dumps(data.manifest, indent=2))
-        (staging / "history.json").write_text(json.dumps([e.to_dict() for e in result.epochs], indent=2))
+        (staging / "history.json").write_text(jsonfile.dumps([e.to_dict() for e in result.epochs], indent=2))
         weights = {
             "weights": result.final_weights,
             "injected": sorted(data.injected_ids),
         }
-        (staging / "weights.json").write_text(json.dumps(weights, indent=2))
+        (staging / "weights.json").write_text(jsonfile.dumps(weights, indent=2))
         (staging / "config.json").write_text(json.dumps(config_dict, indent=2))
         save_detector(
             staging / "model.pt",

@@ -148,13 +148,18 @@ def test_untrainable_categories_stop_with_one_line(corpus: BadInputCorpus, tmp_p
     assert not out.exists() and not (tmp_path / "tune").exists()
 
 
+def _refuse_non_json(token: str) -> None:
+    raise AssertionError(f"{token} written into a JSON file: not JSON, strict parsers refuse the file")
+
+
 def test_evaluate_on_anomalies_only_gives_pixel_metrics_and_says_why_image_ones_are_missing(
         corpus: BadInputCorpus, messy_run: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "eval.json"
     assert main(["evaluate", str(messy_run), str(corpus.root), "--category", "only_anomalies", "--device", "cpu",
                  "--out", str(out)]) == 0
-    evaluated = json.loads(out.read_text())
-    assert math.isnan(evaluated["image_auroc"]) and math.isfinite(evaluated["pixel_auroc"])
+    evaluated = json.loads(out.read_text(), parse_constant=_refuse_non_json)  # undefined is null, not NaN
+    assert evaluated["image_auroc"] is None and evaluated["f1_max"] is None
+    assert math.isfinite(evaluated["pixel_auroc"])
     assert "image AUROC and F1 are undefined: all 6 evaluated test images are anomalous" in capsys.readouterr().err
     assert main(["evaluate", str(messy_run), str(corpus.root), "--category", "empty", "--device", "cpu"]) == 2
     assert "contains no images" in _one_line_error(capsys)

@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from comet_ray.data.synthetic import make_texture_category
+from comet_ray.distributed.staging import orphaned_staging
 from comet_ray.testing import LOCAL_ENV, TINY_TRAIN_ARGS
 
 pytest.importorskip("ray")
@@ -136,6 +137,8 @@ def cli(tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(ENV)
     env["RAY_TMPDIR"] = str(ray_tmp)
+    env["TMPDIR"] = str(tmp_path / "tmp")  # the runs' own temp dir: what they leave there is checked
+    (tmp_path / "tmp").mkdir()
     runs: list[CliRun] = []
 
     def start(args: list[str], name: str) -> CliRun:
@@ -242,8 +245,14 @@ def test_ray_train_driver_killed_after_checkpoint_resumes_from_it(cli, dataset: 
     assert resume_epoch < epochs, f"the kill came after the last epoch ({newest}); nothing left to resume"
     assert not (out / "metrics.json").exists()
 
+    # What a worker killed inside its checkpoint write leaves (the kill above may or may not hit that
+    # window): a staging folder named after a process that is gone. The rerun's worker removes it.
+    orphan = tmp_path / "tmp" / f"comet-ckpt-{first.process.pid}-killed"
+    (orphan / "sub").mkdir(parents=True, exist_ok=True)
+    (orphan / "sub" / "trainer_state.pt").write_bytes(b"weights")
     second = cli(command, "train-2")
     assert second.finish() == 0, second.tail()
+    assert not orphan.exists() and not orphaned_staging(tmp_path / "tmp")
     lines = (out / "attempts.jsonl").read_text().splitlines()
     attempts = [json.loads(line) for line in lines if line.strip()]
     assert [(a["rank"], a["start_epoch"]) for a in attempts] == [(0, 0), (0, resume_epoch)], attempts

@@ -177,7 +177,7 @@ def test_transient_errors_are_retried(s3, mode: str) -> None:
 
 
 def test_server_coming_back_is_retried_with_backoff(s3, monkeypatch) -> None:
-    local, uri = s3.local, s3.uri
+    uri = s3.uri
     monkeypatch.setenv("COMET_RAY_S3_MAX_ATTEMPTS", "10")
     with FlakyProxy(s3.server.port, down_for=1.5) as proxy:  # connection refused for 1.5 s
         fs, _ = open_dataset_filesystem(uri, proxy.endpoint)

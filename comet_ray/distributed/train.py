@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -32,8 +32,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from comet_ray import jsonfile
 from comet_ray.comet.collective import Collective, TorchDistributedCollective
 from comet_ray.config import TrainConfig
+from comet_ray.distributed.staging import checkpoint_staging, remove_orphaned_staging
 from comet_ray.errors import CometError
 
 STATE_FILE = "trainer_state.pt"
@@ -207,6 +209,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from comet_ray.pipeline import prepare_data, train_category, write_run
 
     torch.set_num_threads(int(loop_config.get("torch_threads", 1)))
+    remove_orphaned_staging()  # left on this node by a worker killed mid-checkpoint
     config = TrainConfig.from_dict(loop_config["train_config"])
     out = loop_config["out"]
     context = ray.train.get_context()
@@ -258,7 +261,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             )
             log.extra["validation_image_auroc"] = metrics["validation_image_auroc"]
             history.append({**log.to_dict(), "finished_at": time.time()})
-            with tempfile.TemporaryDirectory(prefix="comet-ckpt-") as tmp:
+            with checkpoint_staging() as tmp:
                 torch.save(trainer.state_dict(), Path(tmp) / STATE_FILE)
                 (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
                 ray.train.report(
@@ -392,12 +395,19 @@ def format_table(rows: list[dict]) -> str:
     cells = [[c for c in columns]]
     for row in rows:
         cells.append(
-            [f"{row.get(c):.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+            [_cell(row, c) for c in columns]
         )
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _cell(row: dict, column: str) -> str:
+    value = row.get(column, "")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"  # undefined (one class of test image): null in metrics.json
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def error_line(exc: BaseException) -> str:
@@ -452,5 +462,5 @@ def fit_categories(
     results = ray.get([_fit_one.remote(c.to_dict()) for c in configs])
     summary = Path(summary_path or os.path.join(storage_path, "summary.json"))
     summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(json.dumps(results, indent=2))
+    summary.write_text(jsonfile.dumps(results, indent=2))
     return results, format_table(results)

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from comet_ray import jsonfile
 from comet_ray.config import TrainConfig, apply_overrides
 from comet_ray.errors import CometError
 
@@ -460,14 +461,14 @@ def sweep(base: TrainConfig, settings: SweepSettings) -> dict:
     for level, row in best.items():
         level_dir = out / f"rho_{level:g}"
         level_dir.mkdir(exist_ok=True)
-        (level_dir / "best.json").write_text(json.dumps(row, indent=2, default=str))
+        (level_dir / "best.json").write_text(jsonfile.dumps(row, indent=2, default=str))
     summary: dict[str, Any] = {"best": {f"{k:g}": v for k, v in best.items()}}
     if settings.seeds > 0 and best:
         repeats = repeat_over_seeds(base, best, settings)
         _write_csv(out / "seeds.csv", repeats)
         plot_contamination(repeats, out / "contamination.png")
         summary["repeats"] = repeats
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "summary.json").write_text(jsonfile.dumps(summary, indent=2, default=str))
     return summary
 
 

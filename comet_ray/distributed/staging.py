@@ -1,0 +1,60 @@
+"""Local staging folders for Ray Train checkpoints, and the sweep that removes orphaned ones.
+
+Rank 0 writes each epoch's checkpoint into a temporary folder that ``ray.train.report`` copies to
+storage; the folder is removed when the ``with`` block ends. A worker killed inside that block (the
+OOM killer, a preempted node, ``kill -9`` of the driver's process group) never reaches the cleanup,
+and each such kill left a ``comet-ckpt-*`` folder of weights in the node's temp directory. The
+folder name carries the owner's PID, so the next worker on the node removes every folder whose
+owner is gone. A folder of a live process is never touched; a reused PID only delays the cleanup.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+PREFIX = "comet-ckpt-"
+_OWNED = re.compile(rf"^{re.escape(PREFIX)}(\d+)-")
+
+
+def checkpoint_staging(root: str | os.PathLike | None = None) -> tempfile.TemporaryDirectory:
+    """A temporary folder named after this process (``comet-ckpt-<pid>-<random>``)."""
+    return tempfile.TemporaryDirectory(prefix=f"{PREFIX}{os.getpid()}-", dir=root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def orphaned_staging(root: str | os.PathLike | None = None) -> list[Path]:
+    """Staging folders under ``root`` (default: the temp directory) whose owning process has exited."""
+    base = Path(root or tempfile.gettempdir())
+    try:
+        entries = sorted(base.iterdir())
+    except OSError:
+        return []
+    orphans = []
+    for entry in entries:
+        match = _OWNED.match(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(1))):
+            orphans.append(entry)
+    return orphans
+
+
+def remove_orphaned_staging(root: str | os.PathLike | None = None) -> list[Path]:
+    """Remove :func:`orphaned_staging` folders; returns those that are gone."""
+    removed = []
+    for entry in orphaned_staging(root):
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+    return removed

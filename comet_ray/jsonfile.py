@@ -1,0 +1,29 @@
+"""JSON that every parser reads: undefined numbers are written as ``null``, never as ``NaN``.
+
+An image AUROC is undefined when the test split holds one class only, a pixel AUROC when no mask
+is usable. Python's ``json`` writes such floats as the bare token ``NaN``, which is not JSON:
+``JSON.parse``, Go, Rust's serde and strict ``jq`` builds refuse the whole file. Every file and
+stdout document comet-ray writes for people and other tools goes through :func:`dumps`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in nested dicts, lists and tuples) made ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` with undefined numbers as ``null``; raises rather than ever writing ``NaN``."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
