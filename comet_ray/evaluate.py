@@ -44,6 +44,7 @@ class SplitEvaluation:
     metrics: dict
     image_scores: torch.Tensor  # [N], aligned with the split's store ids
     labels: torch.Tensor  # [N] bool
+    patch_scores: torch.Tensor | None = None  # [N, P] on the scoring device: reused, not recomputed
 
 
 def split_labels(split: ExtractedSplit, anomalous_ids: set[str]) -> torch.Tensor:
@@ -78,7 +79,7 @@ def evaluate_split(
     metrics["n_images"] = int(labels.numel())
     metrics["n_anomalous"] = int(labels.sum())
     metrics["n_pixel_evaluated"] = 0 if maps is None else int(maps.shape[0])
-    return SplitEvaluation(metrics, scores.cpu(), labels.cpu())
+    return SplitEvaluation(metrics, scores.cpu(), labels.cpu(), patch)
 
 
 def validation_auroc(model: nn.Module, split: ExtractedSplit, labels: torch.Tensor, device) -> float:

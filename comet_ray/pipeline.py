@@ -209,8 +209,12 @@ def decision_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[floa
     return float(scores.max()), median
 
 
-def pixel_threshold(model, split: ExtractedSplit, image_size: int, device, precision: str) -> float | None:
-    """F1-optimal pixel threshold on the validation split's masks (for region outlines), if it has any."""
+def pixel_threshold(model, split: ExtractedSplit, image_size: int, device, precision: str,
+                    patch: torch.Tensor | None = None) -> float | None:
+    """F1-optimal pixel threshold on the validation split's masks (for region outlines), if it has any.
+
+    ``patch``: the split's patch scores if already computed (the validation evaluation has them).
+    """
     from comet_ray.evaluate import score_patches
     from comet_ray.models.anomaly_map import anomaly_maps
 
@@ -220,7 +224,8 @@ def pixel_threshold(model, split: ExtractedSplit, image_size: int, device, preci
     masks = split.masks[keep]
     if not bool(masks.any()) or bool(masks.all()):
         return None
-    patch = score_patches(model, split.store, device, precision=precision)
+    if patch is None:
+        patch = score_patches(model, split.store, device, precision=precision)
     maps = anomaly_maps(patch[keep.to(patch.device)], split.store.grid, image_size)
     return float(f1_max(maps.flatten(), masks.to(maps.device).flatten())[1])
 
@@ -258,7 +263,7 @@ def train_category(
     )
     report = evaluate_split(model, data.report, data.report_labels, size, device, precision=precision)
     threshold, nominal = decision_threshold(validation.image_scores, validation.labels)
-    pixel_cut = pixel_threshold(model, data.validation, size, device, precision)
+    pixel_cut = pixel_threshold(model, data.validation, size, device, precision, validation.patch_scores)
     contamination = data.manifest["contamination"]
     metrics = {
         "image_auroc": report.metrics.get("image_auroc"),

@@ -144,3 +144,19 @@ def test_maps_match_a_direct_forward_pass(trained_run: Path, inbox: Path) -> Non
     with torch.no_grad():
         expected = anomaly_maps(model.patch_scores(extractor(image)), tuple(meta["grid"]), 64)[0]
     np.testing.assert_allclose(maps[path], expected.numpy(), atol=1e-6)
+
+
+def test_saved_pixel_threshold_is_the_validation_f1_cut_recomputed_from_scratch(trained_run: Path) -> None:
+    """Training reuses the validation split's patch scores for the outline threshold instead of
+    scoring the split twice; the saved cut must equal one computed afresh from the saved model."""
+    import json
+
+    from comet_ray.checkpoint import load_detector
+    from comet_ray.config import TrainConfig
+    from comet_ray.pipeline import pixel_threshold, prepare_data
+
+    model, meta = load_detector(trained_run, "cpu")
+    config = TrainConfig.from_dict(json.loads((trained_run / "config.json").read_text()))
+    data = prepare_data(config, torch.device("cpu"))
+    fresh = pixel_threshold(model, data.validation, config.features.image_size, torch.device("cpu"), config.precision)
+    assert fresh is not None and meta["pixel_threshold"] == pytest.approx(fresh, rel=1e-6)
