@@ -3,7 +3,8 @@
 An image AUROC is undefined when the test split holds one class only, a pixel AUROC when no mask
 is usable. Python's ``json`` writes such floats as the bare token ``NaN``, which is not JSON:
 ``JSON.parse``, Go, Rust's serde and strict ``jq`` builds refuse the whole file. Every file and
-stdout document comet-ray writes for people and other tools goes through :func:`dumps`.
+stdout document comet-ray writes for people and other tools (run folders, summaries, ``evaluate``
+output) goes through :func:`dumps`; internal state that only comet-ray reads back may use ``json``.
 """
 
 from __future__ import annotations

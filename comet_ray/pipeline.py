@@ -8,7 +8,6 @@ half-written there.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -307,14 +306,14 @@ def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResu
         config_dict = config.to_dict()
         config_dict["data_root"] = public_uri(config.data_root)
         (staging / "metrics.json").write_text(jsonfile.dumps(result.metrics, indent=2))
-        (staging / "manifest.json").write_text(json.dumps(data.manifest, indent=2))
+        (staging / "manifest.json").write_text(jsonfile.dumps(data.manifest, indent=2))
         (staging / "history.json").write_text(jsonfile.dumps([e.to_dict() for e in result.epochs], indent=2))
         weights = {
             "weights": result.final_weights,
             "injected": sorted(data.injected_ids),
         }
         (staging / "weights.json").write_text(jsonfile.dumps(weights, indent=2))
-        (staging / "config.json").write_text(json.dumps(config_dict, indent=2))
+        (staging / "config.json").write_text(jsonfile.dumps(config_dict, indent=2))
         save_detector(
             staging / "model.pt",
             result.model,

@@ -31,6 +31,18 @@ def _no_ray_left_running():
             ray.shutdown()
 
 
+@pytest.fixture
+def one_line_error(capsys):
+    """Read what the command printed on stderr: it must be one ``comet-ray: error: ...`` line."""
+
+    def read() -> str:
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("comet-ray: error: ") and len(err.splitlines()) == 1, err
+        return err
+
+    return read
+
+
 @pytest.fixture(scope="session")
 def bottle_root() -> Path:
     """Root holding the real MVTec AD ``mvtec_bottle`` category; skips when ../shared is absent."""

@@ -39,12 +39,6 @@ def _ids(records: list[dict]) -> set[str]:
     return {r["sample_id"] for r in records}
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("comet-ray: error: ") and len(err.splitlines()) == 1, err
-    return err
-
-
 def test_corpus_size(corpus: BadInputCorpus) -> None:
     assert corpus.size >= 24  # the closing note quotes this figure
 
@@ -138,13 +132,13 @@ def test_export_and_report_work_on_the_messy_run(messy_run: Path, tmp_path: Path
     ("only_anomalies", "no good test images"),
     ("no_train", "has no train/ folder"),
 ])
-def test_untrainable_categories_stop_with_one_line(corpus: BadInputCorpus, tmp_path: Path, capsys,
+def test_untrainable_categories_stop_with_one_line(corpus: BadInputCorpus, tmp_path: Path, one_line_error,
                                                     command: str, category: str, expected: str) -> None:
     out = tmp_path / "out"
     extra = ["--trials", "2", "--seeds", "0", "--contamination", "0", "--storage-path", str(tmp_path / "tune")] \
         if command == "tune" else []
     assert main([command, str(corpus.root), "--category", category, "--out", str(out), *extra, *TINY]) == 2
-    assert expected in _one_line_error(capsys)
+    assert expected in one_line_error()
     assert not out.exists() and not (tmp_path / "tune").exists()
 
 
@@ -153,7 +147,7 @@ def _refuse_non_json(token: str) -> None:
 
 
 def test_evaluate_on_anomalies_only_gives_pixel_metrics_and_says_why_image_ones_are_missing(
-        corpus: BadInputCorpus, messy_run: Path, tmp_path: Path, capsys) -> None:
+        corpus: BadInputCorpus, messy_run: Path, tmp_path: Path, capsys, one_line_error) -> None:
     out = tmp_path / "eval.json"
     assert main(["evaluate", str(messy_run), str(corpus.root), "--category", "only_anomalies", "--device", "cpu",
                  "--out", str(out)]) == 0
@@ -162,7 +156,7 @@ def test_evaluate_on_anomalies_only_gives_pixel_metrics_and_says_why_image_ones_
     assert math.isfinite(evaluated["pixel_auroc"])
     assert "image AUROC and F1 are undefined: all 6 evaluated test images are anomalous" in capsys.readouterr().err
     assert main(["evaluate", str(messy_run), str(corpus.root), "--category", "empty", "--device", "cpu"]) == 2
-    assert "contains no images" in _one_line_error(capsys)
+    assert "contains no images" in one_line_error()
 
 
 # --- the same corpus through Ray: Data streaming, Train over several categories, Tune ---------------

@@ -43,12 +43,6 @@ def _normalised(samples, root_prefix: str) -> list[tuple]:
              (s.mask_uri or "").removeprefix(root_prefix)) for s in samples]
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("comet-ray: error: ") and len(err.splitlines()) == 1, err
-    return err
-
-
 # --- URIs (no server) -----------------------------------------------------------------------------
 
 
@@ -105,7 +99,7 @@ def test_endpoint_and_region_from_env_and_credentials_from_profile(s3, tmp_path,
 # --- one-line errors ------------------------------------------------------------------------------
 
 
-def test_denied_credentials_give_one_line_without_secrets(s3, monkeypatch, capsys, tmp_path) -> None:
+def test_denied_credentials_give_one_line_without_secrets(s3, monkeypatch, one_line_error, tmp_path) -> None:
     uri = s3.uri
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", WRONG_SECRET)
     with pytest.raises(StorageError, match="access denied to s3://comet-test/datasets/mvtec") as err:
@@ -114,12 +108,12 @@ def test_denied_credentials_give_one_line_without_secrets(s3, monkeypatch, capsy
     code = main(["train", uri, "--category", "weave", "--out", str(tmp_path / "run"),
                  "--s3-endpoint", s3.endpoint, *TINY])
     assert code == 2
-    line = _one_line_error(capsys)
+    line = one_line_error()
     assert "access denied" in line and WRONG_SECRET not in line and FAKE_SECRET_KEY not in line
     assert not (tmp_path / "run").exists()
 
 
-def test_endpoint_down_gives_one_line_quickly(s3, monkeypatch, capsys, tmp_path) -> None:
+def test_endpoint_down_gives_one_line_quickly(s3, monkeypatch, capsys, one_line_error, tmp_path) -> None:
     uri = s3.uri
     monkeypatch.setenv("COMET_RAY_S3_MAX_ATTEMPTS", "2")
     down = f"http://127.0.0.1:{free_ports(1)[0]}"
@@ -131,11 +125,11 @@ def test_endpoint_down_gives_one_line_quickly(s3, monkeypatch, capsys, tmp_path)
     assert code == 2  # the checkpoint is missing: evaluate fails before touching storage
     capsys.readouterr()
     code = main(["train", uri, "--category", "weave", "--out", str(tmp_path / "run"), "--s3-endpoint", down, *TINY])
-    assert code == 2 and "cannot reach the object store" in _one_line_error(capsys)
+    assert code == 2 and "cannot reach the object store" in one_line_error()
     assert time.monotonic() - start < 30
 
 
-def test_missing_bucket_and_wrong_prefix(s3, capsys, tmp_path) -> None:
+def test_missing_bucket_and_wrong_prefix(s3, one_line_error, tmp_path) -> None:
     endpoint = s3.endpoint
     with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
         build_sample_table("s3://no-such-bucket/mvtec", "weave", open_dataset_filesystem("s3://x", endpoint)[0])
@@ -147,7 +141,7 @@ def test_missing_bucket_and_wrong_prefix(s3, capsys, tmp_path) -> None:
         build_sample_table(s3.uri, "gadget", open_dataset_filesystem("s3://x", endpoint)[0])
     code = main(["train", "s3://no-such-bucket/mvtec", "--category", "weave", "--out", str(tmp_path / "run"),
                  "--s3-endpoint", endpoint, *TINY])
-    assert code == 2 and "bucket 'no-such-bucket' does not exist" in _one_line_error(capsys)
+    assert code == 2 and "bucket 'no-such-bucket' does not exist" in one_line_error()
 
 
 def test_list_image_uris_for_predict(s3, monkeypatch) -> None:

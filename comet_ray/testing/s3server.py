@@ -173,10 +173,8 @@ class SeaweedServer:
             process.wait(timeout=10)
 
     def restart(self, timeout: float = 120.0) -> None:
-        """Stop and start again on the same ports and data."""
-        ports = dict(self.ports)
+        """Stop and start again on the same ports (``start`` tries the previous ones first) and data."""
         self.stop()
-        self.ports = ports
         self.start(timeout)
 
     def make_bucket(self, name: str) -> None:
