@@ -33,6 +33,7 @@ from comet_ray.features.extractor import ExtractedSplit, PatchFeatureExtractor, 
 from comet_ray.features.store import place_store
 from comet_ray.metrics import f1_max
 from comet_ray.models import build_detector
+from comet_ray.weights_file import weights_document
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,10 @@ class RunResult:
     final_weights: dict[str, float]
     pixel_threshold: float | None = None
     report_scores: list[float] = field(default_factory=list)
+    # For ``comet-ray audit``: every epoch's SCL weights [epochs, N] and the final model's SCL score of
+    # each training image [N], both in the training store's id order.
+    weight_history: torch.Tensor | None = None
+    train_scores: list[float] = field(default_factory=list)
 
 
 def decision_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -253,8 +258,12 @@ def train_category(
     epochs = trainer.fit(config.epochs, on_epoch_end)
     train_seconds = time.perf_counter() - start
     final_weights = dict(zip(data.train.store.ids, trainer.sample_weights.tolist()))
+    # The audit ranks the training images by the final model's score: one more pass of the scoring SCL
+    # uses every epoch (every rank joins it when distributed: it gathers across workers).
+    train_scores = trainer.score_training_set()[0].tolist()
+    audit_record = {"weight_history": trainer.weight_history_tensor(), "train_scores": train_scores}
     if not evaluate:
-        return RunResult({}, {}, epochs, model, float("nan"), float("nan"), final_weights)
+        return RunResult({}, {}, epochs, model, float("nan"), float("nan"), final_weights, **audit_record)
     size = config.features.image_size
     precision = config.precision
     validation = evaluate_split(
@@ -289,11 +298,12 @@ def train_category(
         metrics["mean_weight_injected"] = last.mean_weight_injected
         metrics["mean_weight_nominal"] = last.mean_weight_nominal
     return RunResult(metrics, validation.metrics, epochs, model, threshold, nominal, final_weights, pixel_cut,
-                     report.image_scores.tolist())
+                     report.image_scores.tolist(), **audit_record)
 
 
 def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResult) -> Path:
-    """Write metrics.json, manifest.json, history.json, weights.json and model.pt into ``out`` at once.
+    """Write metrics.json, manifest.json, history.json, weights.json (see :mod:`comet_ray.weights_file`),
+    config.json, scores.csv and model.pt into ``out`` at once.
 
     Files are staged in a temporary folder beside ``out`` and moved in only when all are written.
     """
@@ -308,10 +318,12 @@ def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResu
         (staging / "metrics.json").write_text(jsonfile.dumps(result.metrics, indent=2))
         (staging / "manifest.json").write_text(jsonfile.dumps(data.manifest, indent=2))
         (staging / "history.json").write_text(jsonfile.dumps([e.to_dict() for e in result.epochs], indent=2))
-        weights = {
-            "weights": result.final_weights,
-            "injected": sorted(data.injected_ids),
-        }
+        ids = list(result.final_weights)
+        weights = weights_document(
+            ids, list(result.final_weights.values()), data.injected_ids,
+            None if result.weight_history is None else result.weight_history.numpy(),
+            result.train_scores or None,
+        )
         (staging / "weights.json").write_text(jsonfile.dumps(weights, indent=2))
         (staging / "config.json").write_text(jsonfile.dumps(config_dict, indent=2))
         save_detector(

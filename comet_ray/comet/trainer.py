@@ -110,6 +110,9 @@ class CometTrainer:
             )
         self.sample_weights = torch.ones(n)
         self.patch_weights: torch.Tensor | None = None
+        # Every epoch's weights, one [N] row per epoch in store order: what ``comet-ray audit`` reads
+        # (when each image fell below 1, its trajectory). Part of the state, so a resumed run has them all.
+        self.weight_history: list[torch.Tensor] = []
         self.history = CovarianceHistory(self.comet.window)
         self.lam = self.comet.lambda0 if self.comet.uses_meta else 0.0
         self.det_sigma = 0.0
@@ -260,6 +263,7 @@ class CometTrainer:
         image_scores, patch_scores = self.score_training_set()
         self.last_scores = image_scores
         fence = self.update_weights(image_scores, patch_scores)
+        self.weight_history.append(self.sample_weights.detach().float().cpu().clone())
         l_tr = l_val = None
         if self.comet.uses_meta:
             l_tr, l_val = self.meta_phase()
@@ -303,20 +307,40 @@ class CometTrainer:
             "sample_ids": list(self.store.ids),
             "sample_weights": self.sample_weights.clone(),
             "patch_weights": None if self.patch_weights is None else self.patch_weights.clone(),
+            "weight_history": self.weight_history_tensor(),
             "history": self.history.state(),
             "lam": self.lam,
             "det_sigma": self.det_sigma,
             "torch_rng": torch.get_rng_state(),
         }
 
+    def weight_history_tensor(self) -> torch.Tensor:
+        """The weights of every epoch so far, ``[epochs, N]`` in store order (NaN: not recorded)."""
+        if not self.weight_history:
+            return torch.zeros(0, len(self.store))
+        return torch.stack(self.weight_history)
+
     def load_state_dict(self, state: dict) -> None:
-        if list(state["sample_ids"]) != list(self.store.ids):
+        same_ids = list(state["sample_ids"]) == list(self.store.ids)
+        if not same_ids:
             by_id = dict(zip(state["sample_ids"], state["sample_weights"].tolist()))
             self.sample_weights = torch.tensor([by_id.get(i, 1.0) for i in self.store.ids])
         else:
             self.sample_weights = state["sample_weights"].clone()
         self.patch_weights = state["patch_weights"]
         self.epoch = int(state["epoch"])
+        # State saved before weight histories existed: the earlier epochs' weights are unknown (NaN).
+        history = state.get("weight_history")
+        if history is None:
+            history = torch.full((self.epoch, len(state["sample_ids"])), float("nan"))
+        if not same_ids:
+            column = {sample_id: j for j, sample_id in enumerate(state["sample_ids"])}
+            rows = torch.full((history.shape[0], len(self.store)), float("nan"))
+            for i, sample_id in enumerate(self.store.ids):
+                if sample_id in column:
+                    rows[:, i] = history[:, column[sample_id]]
+            history = rows
+        self.weight_history = list(history.float().unbind(0))
         self.model.load_state_dict(state["model"])
         for optimiser, optimiser_state in zip(self.optimizers, state["optimizers"]):
             optimiser.load_state_dict(optimiser_state)
