@@ -339,14 +339,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from comet_ray.upload import register as register_upload
 
     register_tune(sub)
-    if _wants(("export", "report"), argv):  # torch-heavy modules: imported only when their command is used
-        from comet_ray import export, report
+    if _wants(("export", "report", "audit"), argv):  # torch-heavy modules: imported only when their command is used
+        from comet_ray import audit, export, report
 
         export.register(sub)
         report.register(sub)
+        audit.register(sub)
     else:
         sub.add_parser("export", help="export a checkpoint as one ONNX or TorchScript graph (image -> scores, maps)")
         sub.add_parser("report", help="one self-contained report.html from run folders")
+        sub.add_parser("audit", help="rank a run's training images by how much CoMet distrusts them; gallery; clean copy")
     register_upload(sub)
     register_jobs(sub)  # submit, status, logs, stop
     return parser

@@ -281,3 +281,48 @@ def contamination_chart(series: dict[str, list[tuple[float, float, float]]], met
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     return figure_png(figure)
+
+
+def weight_trajectory_chart(per_epoch: np.ndarray, flagged: np.ndarray, injected: np.ndarray | None, title: str,
+                            order: Sequence[int] | None = None, limit: int = 200) -> bytes:
+    """SCL weight per epoch: one line per flagged image against the band of the images not flagged.
+
+    ``per_epoch`` is ``[epochs, N]`` (NaN: not recorded); ``flagged`` and ``injected`` (None when no
+    anomaly is known) are ``[N]`` masks. Flagged images are red when injected, orange otherwise; injected
+    images that ended unflagged are dashed red. At most ``limit`` lines are drawn, first in ``order``.
+    """
+    per_epoch = np.asarray(per_epoch, dtype=np.float64)
+    epochs = np.arange(1, per_epoch.shape[0] + 1)
+    flagged = np.asarray(flagged, dtype=bool)
+    known = injected is not None
+    injected = np.zeros_like(flagged) if injected is None else np.asarray(injected, dtype=bool)
+    figure = _figure(6.4, 3.6)
+    axis = figure.subplots()
+    rest = per_epoch[:, ~flagged]
+    if rest.size:
+        with np.errstate(all="ignore"):
+            low, median, high = (np.nanpercentile(rest, q, axis=1) for q in (5, 50, 95))
+        axis.fill_between(epochs, low, high, color="#4c78a8", alpha=0.25, linewidth=0,
+                          label=f"not flagged ({rest.shape[1]}): 5-95 %")
+        axis.plot(epochs, median, color="#4c78a8", linewidth=1.6, label="not flagged: median")
+    order = np.arange(per_epoch.shape[1]) if order is None else np.asarray(order)
+    drawn = [i for i in order if flagged[i] or injected[i]][:limit]
+    labelled: set[str] = set()
+    for i in drawn:
+        if flagged[i]:
+            kind = ("flagged, injected" if injected[i] else "flagged, not injected") if known else "flagged"
+            style = {"color": "#e45756" if injected[i] else "#f58518", "linestyle": "-", "linewidth": 1.0}
+        else:
+            kind, style = "injected, not flagged", {"color": "#e45756", "linestyle": "--", "linewidth": 0.8}
+        axis.plot(epochs, per_epoch[:, i], alpha=0.75, label=None if kind in labelled else kind, **style)
+        labelled.add(kind)
+    shown = sum(flagged[i] for i in drawn)
+    note = f" (first {shown} of {int(flagged.sum())} flagged)" if shown < int(flagged.sum()) else ""
+    axis.set_xlim(0.8, max(epochs[-1], 1) + 0.2 if epochs.size else 1.2)
+    axis.set_ylim(-0.03, 1.05)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("SCL weight (1 = fully trusted)")
+    axis.set_title(title + note, fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="lower left")
+    return figure_png(figure)
