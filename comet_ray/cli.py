@@ -262,12 +262,14 @@ def _metrics_table(rows: list[dict]) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from comet_ray.demo import run_demo
+    from comet_ray.demo import demo_audit, run_demo
 
     rows = run_demo(args.out, epochs=args.epochs, seed=args.seed, device=args.device)
     print()
     print(_metrics_table(rows))
-    print(f"\nresults in {args.out}")
+    print(f"\nresults in {args.out}\n")
+    for line in demo_audit(args.out, args.device):
+        print(line)
     return 0
 
 

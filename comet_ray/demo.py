@@ -2,7 +2,8 @@
 
 It writes a synthetic texture category in which one defect type is common, contaminates the
 training set with it (20 %), and trains the plain baseline and CoMet on the same cached features,
-so the table it prints compares like with like.
+so the table it prints compares like with like. It ends with the audit of the CoMet run
+(:mod:`comet_ray.audit`): which of the injected images SCL flagged, and the gallery of its top suspects.
 """
 
 from __future__ import annotations
@@ -47,3 +48,21 @@ def run_demo(out: str, epochs: int = 8, seed: int = 0, device: str = "auto") -> 
         rows.append(result.metrics)
     (out_dir / "summary.json").write_text(jsonfile.dumps(rows, indent=2))
     return rows
+
+
+def demo_audit(out: str, device: str = "auto") -> list[str]:
+    """Audit the demo's CoMet run (gallery and audit.csv in ``OUT/comet/audit``); returns the lines to print."""
+    from comet_ray.audit import GALLERY_DIR, run_audit
+
+    run = Path(out) / "comet"
+    outcome = run_audit(str(run), device=device)
+    m = outcome.audit.metrics
+    precision = "-" if m.get("precision") is None else f"{m['precision']:.2f}"
+    found = (f"  SCL flagged {m['n_flagged']} of its {m['n_images']} training images: {m['n_flagged_injected']} of "
+             f"the {m['n_injected']} injected anomalies (recall {m['recall']:.2f}), precision {precision}; the "
+             f"{m['k']} most suspect images hold {round(m['precision_at_k'] * m['k'])} injected (top-{m['k']} "
+             f"precision {m['precision_at_k']:.2f})")
+    where = (f"  gallery of the top suspects: {Path(outcome.out) / GALLERY_DIR}; every image ranked in "
+             f"{Path(outcome.out) / 'audit.csv'}")
+    lines = [f"training-set audit of the CoMet run (comet-ray audit {run}):", found, where]
+    return lines

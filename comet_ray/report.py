@@ -12,7 +12,10 @@ The page (every picture inlined as a base64 PNG, no external file, script or fon
   does from ``model.pt`` + the run's manifest when the data root in ``config.json`` is reachable;
 * per run: the final SCL weight histogram with injected anomalies marked (``weights.json``), λ(Σ),
   det Σ and loss over epochs (``history.json``), and the highest-scoring nominal and lowest-scoring
-  anomalous report images with their anomaly maps (data root reachable).
+  anomalous report images with their anomaly maps (data root reachable);
+* per run, the training-set audit (:mod:`comet_ray.audit`): how many training images SCL flagged,
+  precision and recall against injected anomalies where the run injected some, the weight
+  trajectories, and the top suspects with their anomaly maps.
 
 Anything that cannot be shown is replaced by a one-line note saying why; a checkpoint from another
 model or format version is an error (:class:`~comet_ray.errors.CheckpointError`), not a note.
@@ -153,6 +156,8 @@ class RunRecord:
     model: Any = None
     scores: ScoreTable | None = None
     examples: dict[str, list[Example]] = field(default_factory=dict)
+    audit: Any = None  # comet_ray.audit.TrainingAudit, for runs that recorded per-epoch weights
+    suspects: list[tuple[dict, bytes]] = field(default_factory=list)  # (audit.csv row, panel PNG)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -343,12 +348,38 @@ def worst_examples(scores: ScoreTable, count: int) -> dict[str, list[Example]]:
     return {"false_positives": make(nominal), "false_negatives": make(anomalous)}
 
 
+def collect_audit(record: RunRecord, recompute: bool, suspects: int, device: str, s3_endpoint: str | None) -> None:
+    """The run's training-set audit and, when the data and model.pt are at hand, its top suspects' panels."""
+    from comet_ray.audit import audit_from_documents, source_scan, suspect_panels
+
+    if record.weights is None:
+        return
+    try:
+        record.audit = audit_from_documents(str(record.path), record.weights, record.history, record.manifest,
+                                            record.config, record.metrics)
+    except CometError as exc:
+        record.notes.append(f"no training-set audit: {exc}")
+        return
+    if not recompute or record.model is None or suspects <= 0:
+        return
+    try:
+        source_scan(record.audit, s3_endpoint)
+        with tempfile.TemporaryDirectory(prefix="comet-report-") as tmp:
+            record.suspects = [(row, path.read_bytes()) for row, path in
+                               suspect_panels(record.audit, record.path / "model.pt", suspects, tmp, device, s3_endpoint)]
+    except CheckpointError:
+        raise
+    except CometError as exc:
+        record.notes.append(f"no anomaly maps of the training-set suspects: {exc}")
+
+
 def collect(run_dirs: Sequence[str | os.PathLike], device: str = "auto", s3_endpoint: str | None = None,
-            recompute: bool = True, examples: int = 3) -> list[RunRecord]:
-    """Load every run and gather the scores and example maps its report needs."""
+            recompute: bool = True, examples: int = 3, suspects: int = 6) -> list[RunRecord]:
+    """Load every run and gather the scores, example maps and training-set audit its report needs."""
     records = [load_run(p) for p in expand_run_dirs(run_dirs)]
     access = _DataAccess(device, s3_endpoint) if recompute else None
     for record in records:
+        collect_audit(record, access is not None, suspects, device, s3_endpoint)
         if access is None or record.model is None:
             if record.scores is None:
                 record.notes.append("no scores.csv and recomputation is off or impossible: no ROC curve")
@@ -564,6 +595,40 @@ def _examples_html(record: RunRecord) -> str:
     return "<div class='examples'>" + "".join(columns) + "</div>" + note
 
 
+def _audit_html(record: RunRecord) -> str:
+    """The training-set audit: summary, weight trajectories, top suspects with their maps."""
+    from comet_ray.audit import trajectory_chart
+
+    audit = record.audit
+    if audit is None:
+        return ""
+    lines = "".join(f"<li>{html.escape(line)}</li>" for line in audit.summary_lines())
+    parts = ["<h3>Training-set audit</h3>", f"<ul class='muted'>{lines}</ul>",
+             "<div class='figs'>" + _img(trajectory_chart(audit), "SCL weight per epoch") + "</div>"]
+    if record.suspects:
+        parts.append("<p class='muted'>Top suspects (lowest final weight, then highest score), drawn as "
+                     "<code>predict --maps</code> draws them:</p><div class='figs'>")
+        for row, panel in record.suspects:
+            injected = " · injected" if row["injected"] == 1 else ""
+            caption = f"#{row['rank']} {row['sample_id']} · weight {row['weight']:.3f}{injected}"
+            parts.append(f"<figure style='margin:0;max-width:49%'>{_img(panel, row['sample_id'])}"
+                         f"<figcaption class='muted'>{html.escape(caption)}</figcaption></figure>")
+        parts.append("</div>")
+    rows = audit.rows()[:10]
+    parts.append("<table><tr><th>rank</th><th class='l'>training image</th><th>weight</th><th>score</th>"
+                 "<th>below 1 since epoch</th>" + ("<th>injected</th>" if audit.injected_known else "") + "</tr>")
+    for row in rows:
+        since = "–" if row["first_below_one"] is None else str(row["first_below_one"])
+        score = "–" if row["score"] is None else f"{row['score']:.4g}"
+        parts.append(f"<tr><td>{row['rank']}</td><td class='l'>{html.escape(row['sample_id'])}</td>"
+                     f"<td>{row['weight']:.3f}</td><td>{score}</td><td>{since}</td>"
+                     + (f"<td>{'yes' if row['injected'] == 1 else 'no'}</td>" if audit.injected_known else "")
+                     + "</tr>")
+    parts.append("</table><p class='muted'><code>comet-ray audit RUN</code> writes every image's row "
+                 "(audit.csv), the panels, and with <code>--export-clean</code> the set without the flagged images.</p>")
+    return "".join(parts)
+
+
 def _run_html(record: RunRecord, open_: bool) -> str:
     from comet_ray.visualize import history_chart, weight_histogram_chart
 
@@ -590,7 +655,7 @@ def _run_html(record: RunRecord, open_: bool) -> str:
         figures.append(_img(history_chart(record.history), "lambda and det Sigma over epochs"))
     else:
         record.notes.append("no history.json entries: no λ(Σ) / det Σ chart")
-    body = "<div class='figs'>" + "".join(figures) + "</div>" + _examples_html(record)
+    body = "<div class='figs'>" + "".join(figures) + "</div>" + _examples_html(record) + _audit_html(record)
     notes = "".join(_note(n) for n in dict.fromkeys(record.notes))
     return "".join(head) + body + notes + "</details>"
 
@@ -613,9 +678,10 @@ def render_html(records: Sequence[RunRecord]) -> str:
 
 
 def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike = "report.html", device: str = "auto",
-                 s3_endpoint: str | None = None, recompute: bool = True, examples: int = 3) -> Path:
+                 s3_endpoint: str | None = None, recompute: bool = True, examples: int = 3,
+                 suspects: int = 6) -> Path:
     """Collect the runs and write the self-contained HTML report atomically; returns its path."""
-    records = collect(run_dirs, device, s3_endpoint, recompute, examples)
+    records = collect(run_dirs, device, s3_endpoint, recompute, examples, suspects)
     page = render_html(records)
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -721,7 +787,8 @@ class TensorBoardLogger:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    target = build_report(args.runs, args.out, args.device, args.s3_endpoint, not args.no_recompute, args.examples)
+    target = build_report(args.runs, args.out, args.device, args.s3_endpoint, not args.no_recompute, args.examples,
+                          args.suspects)
     print(f"report -> {target}")
     return 0
 
@@ -736,6 +803,8 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default="report.html", help="HTML file to write")
     parser.add_argument("--examples", type=int, default=3,
                         help="worst false positives and false negatives shown per run (0: none)")
+    parser.add_argument("--suspects", type=int, default=6,
+                        help="training-set audit: top suspects shown with their anomaly maps per run (0: none)")
     parser.add_argument("--no-recompute", action="store_true",
                         help="never read the dataset: ROC only from scores.csv, no anomaly maps")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (for recomputed scores and maps)")

@@ -302,9 +302,10 @@ def weight_trajectory_chart(per_epoch: np.ndarray, flagged: np.ndarray, injected
     if rest.size:
         with np.errstate(all="ignore"):
             low, median, high = (np.nanpercentile(rest, q, axis=1) for q in (5, 50, 95))
-        axis.fill_between(epochs, low, high, color="#4c78a8", alpha=0.25, linewidth=0,
+        # Drawn over the flagged lines: most of the set sits at 1, where the lines start.
+        axis.fill_between(epochs, low, high, color="#4c78a8", alpha=0.35, linewidth=0, zorder=3,
                           label=f"not flagged ({rest.shape[1]}): 5-95 %")
-        axis.plot(epochs, median, color="#4c78a8", linewidth=1.6, label="not flagged: median")
+        axis.plot(epochs, median, color="#1f4e8c", linewidth=2.2, zorder=4, label="not flagged: median")
     order = np.arange(per_epoch.shape[1]) if order is None else np.asarray(order)
     drawn = [i for i in order if flagged[i] or injected[i]][:limit]
     labelled: set[str] = set()
@@ -318,7 +319,8 @@ def weight_trajectory_chart(per_epoch: np.ndarray, flagged: np.ndarray, injected
         labelled.add(kind)
     shown = sum(flagged[i] for i in drawn)
     note = f" (first {shown} of {int(flagged.sum())} flagged)" if shown < int(flagged.sum()) else ""
-    axis.set_xlim(0.8, max(epochs[-1], 1) + 0.2 if epochs.size else 1.2)
+    axis.set_xlim(0.8, (epochs[-1] if epochs.size else 1) + 0.2)
+    axis.xaxis.get_major_locator().set_params(integer=True)
     axis.set_ylim(-0.03, 1.05)
     axis.set_xlabel("epoch")
     axis.set_ylabel("SCL weight (1 = fully trusted)")
