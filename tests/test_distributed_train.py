@@ -183,6 +183,14 @@ def test_data_parallel_equals_single_process(ray_local, workdir: Path, plain_run
         assert abs(one[key] - plain_metrics[key]) <= AUROC_TOL, key
         assert abs(two[key] - plain_metrics[key]) <= AUROC_TOL, key
     assert [e["loss"] for e in two_history] == pytest.approx([e["loss"] for e in plain_history], rel=1e-4)
+    # What comet-ray audit reads is recorded the same way: every epoch's weights, the final scores.
+    plain_audit = json.loads((Path(plain_run) / "weights.json").read_text())
+    two_audit = json.loads((Path(two["out"]) / "weights.json").read_text())
+    assert two_audit["per_epoch"]["epochs"] == EPOCHS and two_audit["per_epoch"]["below_one"]
+    assert two_audit["per_epoch"]["below_one"].keys() == plain_audit["per_epoch"]["below_one"].keys()
+    for sample_id, row in plain_audit["per_epoch"]["below_one"].items():
+        assert two_audit["per_epoch"]["below_one"][sample_id] == pytest.approx(row, abs=WEIGHT_TOL)
+    assert _max_weight_gap(two_audit["scores"], plain_audit["scores"]) <= 1e-3
     # Two workers trained on shards of every batch.
     attempts = _attempts(two["out"])
     assert sorted(a["rank"] for a in attempts) == [0, 1] and all(a["world_size"] == 2 for a in attempts)
@@ -204,6 +212,11 @@ def test_worker_kill_recovers_from_last_checkpoint(ray_local, workdir: Path, two
     # The checkpoint holds the whole CoMet state, so the resumed run matches the uninterrupted one.
     _, two_weights, _ = _outputs(two_worker_run["out"])
     assert _max_weight_gap(killed_weights, two_weights) <= WEIGHT_TOL
+    # The per-epoch weights from before the kill came back with the checkpoint.
+    killed_epochs = json.loads((Path(killed["out"]) / "weights.json").read_text())["per_epoch"]
+    two_epochs = json.loads((Path(two_worker_run["out"]) / "weights.json").read_text())["per_epoch"]
+    assert killed_epochs["epochs"] == EPOCHS and killed_epochs["unknown_epochs"] == []
+    assert killed_epochs["below_one"].keys() == two_epochs["below_one"].keys()
 
 
 def test_same_run_name_resumes_instead_of_retraining(ray_local, workdir: Path, two_worker_run: dict) -> None:
