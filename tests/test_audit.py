@@ -313,3 +313,24 @@ def test_audit_of_an_s3_run_on_s3_data_and_an_s3_clean_copy(s3_server, s3_datase
     assert not any(("weave/" + k.split("/", 1)[1]) in flagged for k in exported if k.startswith("weave/"))
     assert main(["train", f"s3://{bucket}/clean", "--category", "weave", "--out", str(tmp_path / "retrained"),
                  "--s3-endpoint", endpoint, *TINY_TRAIN_ARGS]) == 0
+
+
+def test_export_clean_between_local_and_s3(run, s3_env, s3_dataset, tmp_path) -> None:
+    """A local run exported to s3://, and an s3:// data root exported to a local folder."""
+    endpoint, client = s3_env.endpoint, s3_env.client()
+    assert main(["audit", str(run), "--out", str(tmp_path / "a"), "--gallery", "0", "--s3-endpoint", endpoint,
+                 "--export-clean", "s3://comet-test/from-local"]) == 0
+    rows = read_csv(tmp_path / "a" / "audit.csv")
+    kept = sum(1 for r in rows if not r["flagged"])
+    objects = _objects(client, "comet-test", "from-local/")
+    assert sum(k.startswith("weave/train/") for k in objects) == kept and "export_manifest.json" in objects
+    _, data = s3_dataset
+    remote_run = tmp_path / "remote-data-run"
+    assert main(["train", data, "--category", "weave", "--contamination", "0.2", "--out", str(remote_run),
+                 "--s3-endpoint", endpoint, *AUDIT_TRAIN]) == 0
+    clean = tmp_path / "clean"
+    assert main(["audit", str(remote_run), "--gallery", "0", "--s3-endpoint", endpoint, "--export-clean",
+                 str(clean), "--copy"]) == 0
+    manifest = json.loads((clean / "export_manifest.json").read_text())
+    assert manifest["mode"] == "copy" and manifest["n_left_out"] > 0
+    assert len(list((clean / "weave" / "train").rglob("*.png"))) == manifest["n_train_kept"]
