@@ -98,8 +98,9 @@ def _decoded_pngs(page: str) -> list[Image.Image]:
 def test_every_image_is_an_inline_png(report: Path) -> None:
     page = report.read_text(encoding="utf-8")
     images = _decoded_pngs(page)
-    # 2 contamination charts + 2 ROC charts + per run (3): weight histogram, history, 3 FP + 3 FN panels.
-    assert len(images) == 2 + 2 + 3 * (2 + 6)
+    # 2 contamination charts + 2 ROC charts + per run (3): weight histogram, history, 3 FP + 3 FN panels,
+    # and the training-set audit's weight trajectories and 6 top suspects.
+    assert len(images) == 2 + 2 + 3 * (2 + 6 + 1 + 6)
     assert all(min(i.size) > 100 for i in images)
     assert "http://" not in page and "https://" not in page
 
@@ -168,7 +169,8 @@ def test_scores_csv_round_trip_and_use_without_data(runs, tmp_path: Path) -> Non
     page = build_report([run], tmp_path / "r.html", device="cpu").read_text()
     assert "scores.csv" in page and "no anomaly maps" in page
     assert "weave/test/spot/001.png" in page  # the worst false negative, listed
-    assert len(_decoded_pngs(page)) == 3  # ROC, weights, history
+    assert len(_decoded_pngs(page)) == 4  # ROC, weights, history, the audit's weight trajectories
+    assert "no anomaly maps of the training-set suspects" in page
 
 
 def test_unreachable_data_and_no_scores_is_a_note_not_a_failure(runs, tmp_path: Path) -> None:
@@ -180,7 +182,7 @@ def test_unreachable_data_and_no_scores_is_a_note_not_a_failure(runs, tmp_path: 
     (run / "config.json").write_text(json.dumps(config))
     page = build_report([run], tmp_path / "r.html", device="cpu").read_text()
     assert "no ROC curve and anomaly maps" in page and "gone" in page
-    assert len(_decoded_pngs(page)) == 2  # weights, history
+    assert len(_decoded_pngs(page)) == 3  # weights, history, the audit's weight trajectories
 
 
 def test_checkpoint_of_another_version_is_a_clear_error(runs, tmp_path: Path) -> None:
