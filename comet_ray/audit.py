@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import posixpath
@@ -41,6 +40,7 @@ import numpy as np
 
 from comet_ray import jsonfile
 from comet_ray.errors import CometError
+from comet_ray.jsonfile import read_run_file
 from comet_ray.weights_file import TrainingWeights, read_training_weights
 
 AUDIT_DIR = "audit"
@@ -243,28 +243,16 @@ def audit_from_documents(run: str, weights_doc: dict, history: list[dict], manif
     )
 
 
-def _read_json(folder: Path, name: str, default=None):
-    path = folder / name
-    if not path.exists():
-        if default is not None:
-            return default
-        raise CometError(f"{folder} is not a comet-ray run folder (no {name})")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CometError(f"cannot read {path}: {exc}") from None
-
-
 def load_audit(folder: str | os.PathLike, shown: str | None = None) -> TrainingAudit:
     """The audit of a local run folder (``shown``: how to name it, e.g. its s3:// URI)."""
     folder = Path(folder)
     shown = shown or str(folder)
     if not folder.is_dir():
         raise CometError(f"run folder not found: {shown}")
-    metrics = _read_json(folder, "metrics.json")
+    metrics = read_run_file(folder / "metrics.json")
     return audit_from_documents(
-        shown, _read_json(folder, "weights.json"), _read_json(folder, "history.json", []),
-        _read_json(folder, "manifest.json", {}), _read_json(folder, "config.json", {}), metrics,
+        shown, read_run_file(folder / "weights.json"), read_run_file(folder / "history.json", []),
+        read_run_file(folder / "manifest.json", {}), read_run_file(folder / "config.json", {}), metrics,
     )
 
 

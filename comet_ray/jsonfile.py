@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
+
+from comet_ray.errors import CometError
 
 
 def finite_or_none(value: Any) -> Any:
@@ -28,3 +31,16 @@ def finite_or_none(value: Any) -> Any:
 def dumps(value: Any, **kwargs: Any) -> str:
     """``json.dumps`` with undefined numbers as ``null``; raises rather than ever writing ``NaN``."""
     return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
+
+
+def read_run_file(path: Path, default: Any = None) -> Any:
+    """A run folder's JSON file; ``default`` when it is missing (without one, a missing file means the folder
+    is not a run folder). Unreadable JSON is one :class:`~comet_ray.errors.CometError` line."""
+    if not path.exists():
+        if default is not None:
+            return default
+        raise CometError(f"{path.parent} is not a comet-ray run folder (no {path.name})")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CometError(f"cannot read {path}: {exc}") from None

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from comet_ray.errors import CheckpointError, CometError
+from comet_ray.jsonfile import read_run_file
 
 SCORES_FILE = "scores.csv"
 TABLE_METRICS = (
@@ -185,17 +186,6 @@ class RunRecord:
         return None if self.meta is None else float(self.meta["threshold"])
 
 
-def _read_json(path: Path, default: Any = None) -> Any:
-    if not path.exists():
-        if default is not None:
-            return default
-        raise CometError(f"{path.parent} is not a comet-ray run folder (no {path.name})")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CometError(f"cannot read {path}: {exc}") from None
-
-
 def expand_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Run folders (holding metrics.json), or folders whose direct subfolders are run folders."""
     found: list[Path] = []
@@ -222,14 +212,14 @@ def load_run(run_dir: str | os.PathLike) -> RunRecord:
     from comet_ray.checkpoint import load_detector
 
     path = Path(run_dir)
-    metrics = _read_json(path / "metrics.json")
+    metrics = read_run_file(path / "metrics.json")
     record = RunRecord(
         path=path,
         metrics=metrics,
-        manifest=_read_json(path / "manifest.json", {}),
-        history=_read_json(path / "history.json", []),
-        weights=_read_json(path / "weights.json", {}) or None,
-        config=_read_json(path / "config.json", {}),
+        manifest=read_run_file(path / "manifest.json", {}),
+        history=read_run_file(path / "history.json", []),
+        weights=read_run_file(path / "weights.json", {}) or None,
+        config=read_run_file(path / "config.json", {}),
     )
     if (path / "model.pt").exists():
         try:
