@@ -202,11 +202,14 @@ class TrainingAudit:
             achieved = self.contamination.get("achieved_ratio")
             injected = f"{m['n_injected']} anomalies were injected"
             injected += f" ({achieved:.1%} of the training set)" if isinstance(achieved, (int, float)) else ""
-            lines.append(f"estimated contamination {m['flagged_share']:.1%}; {injected}")
-            precision = "-" if m["precision"] is None else f"{m['precision']:.2f}"
-            lines.append(f"flagged: {m['n_flagged_injected']} of the {m['n_injected']} injected (recall "
-                         f"{m['recall']:.2f}), precision {precision}; top-{m['k']} precision "
-                         f"{m['precision_at_k']:.2f}")
+            top = f"top-{m['k']} precision {m['precision_at_k']:.2f}"
+            if self.uses_scl:
+                lines.append(f"estimated contamination {m['flagged_share']:.1%}; {injected}")
+                precision = "-" if m["precision"] is None else f"{m['precision']:.2f}"
+                lines.append(f"flagged: {m['n_flagged_injected']} of the {m['n_injected']} injected (recall "
+                             f"{m['recall']:.2f}), precision {precision}; {top}")
+            else:
+                lines.append(f"{injected}; ranked by score, {top}")
         elif self.uses_scl and flagged:
             lines.append("the fence marks the images least typical of this set: the likeliest defects if any "
                          "slipped in, but unusual is not defective; look at them before removing any")

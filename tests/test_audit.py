@@ -334,3 +334,16 @@ def test_export_clean_between_local_and_s3(run, s3_env, s3_dataset, tmp_path) ->
     manifest = json.loads((clean / "export_manifest.json").read_text())
     assert manifest["mode"] == "copy" and manifest["n_left_out"] > 0
     assert len(list((clean / "weave" / "train").rglob("*.png"))) == manifest["n_train_kept"]
+
+
+def test_demo_ends_with_the_audit_of_its_comet_run(run, tmp_path) -> None:
+    from comet_ray.demo import demo_audit
+
+    shutil.copytree(run, tmp_path / "comet", ignore=shutil.ignore_patterns("audit"))
+    lines = demo_audit(str(tmp_path), device="cpu")
+    summary = json.loads((tmp_path / "comet" / "audit" / "audit.json").read_text())
+    text = "\n".join(lines)
+    assert f"{summary['n_flagged_injected']} of the {summary['n_injected']} injected anomalies" in text
+    assert f"top-{summary['k']} precision {summary['precision_at_k']:.2f}" in text
+    gallery = tmp_path / "comet" / "audit" / "gallery"
+    assert str(gallery) in text and len(list(gallery.glob("*.png"))) == 8
