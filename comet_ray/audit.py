@@ -30,6 +30,7 @@ import math
 import os
 import posixpath
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -549,20 +550,19 @@ def export_plan(audit: TrainingAudit, scan, folder: str, prefix: str) -> tuple[l
     left_out, missing, kept_injected = [], [], []
     for sample_id in audit.ids:
         row = rows[sample_id]
-        uri = audit.paths.get(sample_id) or (by_id[sample_id].uri if sample_id in by_id else "")
         if row["flagged"]:
             left_out.append({**{k: row[k] for k in ("sample_id", "path", "rank", "weight", "score",
                                                     "first_below_one")},
                              "reason": f"SCL weight {row['weight']:.3g} < 1 after the last epoch"})
             continue
-        if not uri or (sample_id not in by_id and sample_id not in moved):
+        if sample_id not in by_id:  # deleted or renamed at the source since training
             missing.append(sample_id)
             continue
-        rel = _relative(uri, folder, prefix)
+        rel = _relative(by_id[sample_id].uri, folder, prefix)
         if sample_id in moved:
             rel = "train/" + rel.split("/", 1)[1]  # test/<defect>/x.png -> train/<defect>/x.png
             kept_injected.append(sample_id)
-        plan.append((uri, rel))
+        plan.append((by_id[sample_id].uri, rel))
     trained = set(audit.ids)
     not_in_run = sorted(s.sample_id for s in scan.samples if s.split == "train" and s.sample_id not in trained)
     n_test = n_masks = 0
@@ -692,6 +692,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         export = outcome.export
         print(f"clean copy: {export['n_train_kept']} training images kept, {export['n_left_out']} left out, "
               f"{export['n_test']} test images -> {export['destination']} ({EXPORT_MANIFEST} says what and why)")
+        if export["missing_at_source"]:
+            print(f"{len(export['missing_at_source'])} training image(s) of the run are no longer at the source "
+                  f"(listed in {EXPORT_MANIFEST})", file=sys.stderr)
     return 0
 
 
