@@ -16,8 +16,9 @@ Written by :func:`comet_ray.pipeline.write_run`, read by ``comet-ray audit`` and
 
 Every image not in ``below_one`` had weight 1 in every epoch, so the file grows with the images SCL
 distrusted, not with the category: a 20,000-image category with 10 % ever below 1 over 40 epochs
-writes about 3.3 MB (1.8 MB without any per-epoch row; 17 MB if every image were below 1 every epoch). Run folders written before the audit existed hold only
-``weights`` and ``injected``; :func:`read_training_weights` then leaves ``scores`` and ``per_epoch`` None.
+writes about 3.3 MB (1.8 MB without any per-epoch row; 17 MB if every image were below 1 every
+epoch). Run folders written before the audit existed hold only ``weights`` and ``injected``;
+:func:`read_training_weights` then leaves ``scores`` and ``per_epoch`` None.
 """
 
 from __future__ import annotations
