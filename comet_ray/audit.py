@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from comet_ray import jsonfile
+from comet_ray.config import CometConfig
 from comet_ray.errors import CometError
 from comet_ray.jsonfile import read_run_file
 from comet_ray.weights_file import TrainingWeights, read_training_weights
@@ -58,8 +59,7 @@ FLAG_RULE = "SCL weight below 1 after the last epoch (the image scored above SCL
 def rank_order(weights: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
     """Row indices from most to least suspect: lowest weight first, then highest score, then row order.
 
-    ``weights=None``-like inputs are not accepted; pass ones to rank by score alone. A NaN score counts
-    as the lowest.
+    To rank by score alone (a model without SCL weights), pass weights of 1. A NaN score ranks lowest.
     """
     weights = np.asarray(weights, dtype=np.float64)
     scores = np.zeros_like(weights) if scores is None else np.asarray(scores, dtype=np.float64)
@@ -243,7 +243,7 @@ def audit_from_documents(run: str, weights_doc: dict, history: list[dict], manif
         fence=fence,
         metrics=result,
         contamination=manifest.get("contamination") or {},
-        uses_scl=strategy in ("scl", "comet"),
+        uses_scl=CometConfig(strategy=strategy).uses_scl,
     )
 
 
