@@ -70,11 +70,13 @@ class CometConfig:
     inner_steps: int = 5
     inner_lr: float = 1e-4
     reptile_step: float = 0.5
-    # lambda(Sigma)
+    # lambda(Sigma): a window of `window` epochs, one (mean L_tr, mean L_val) pair each, standardised
+    # per coordinate, so det Sigma = 1 - r^2 in [0, 1]; det_clip is the normaliser C of the squash
+    # log(1 + min(det, C)) / log(1 + C): 1 spans [0, 1], smaller saturates lambda earlier.
     lambda0: float = 0.005
     gamma: float = 0.5
     window: int = 5
-    det_clip: float = 100.0
+    det_clip: float = 1.0
     l2_include_norm_and_bias: bool = False
     # "fan_in": each matrix contributes ||W||^2 / fan_in (about 1 at Xavier init, whatever the width), so
     # lambda0 means the same for a 128- or 1536-wide head. "sum": the plain ||theta||^2 of the paper,
