@@ -99,7 +99,11 @@ class TrainConfig:
     data_root: str = ""
     category: str = ""
     contamination: float = 0.0
+    # seed: initialisation, batch order, task sampling and synthetic noise. split_seed: which anomalies
+    # move into train and which test images form the validation split; None = seed. A sweep keeps the
+    # split it selected a configuration on and repeats it over training seeds only.
     seed: int = 0
+    split_seed: int | None = None
     epochs: int = 40
     passes: int = 4
     batch_size: int = 8
@@ -112,6 +116,11 @@ class TrainConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     comet: CometConfig = field(default_factory=CometConfig)
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the contamination draw and the validation split."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

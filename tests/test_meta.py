@@ -98,7 +98,8 @@ def lambda_run(epochs: int, lr_scale: float = 20.0, outliers: int = 0, strategy:
 
     generator = torch.Generator().manual_seed(seed)
     prototypes = torch.randn(4, D, generator=generator)
-    features = prototypes[torch.randint(0, 4, (N, P), generator=generator)] + 0.02 * torch.randn(N, P, D, generator=generator)
+    features = prototypes[torch.randint(0, 4, (N, P), generator=generator)]
+    features = features + 0.02 * torch.randn(N, P, D, generator=generator)
     for row in range(outliers):
         features[row, : P // 2] = 2.0 * torch.randn(P // 2, D, generator=generator)
     store = FeatureStore([f"img{i:02d}" for i in range(N)], features, (4, 4))
