@@ -654,9 +654,10 @@ def _cmd_tune(args) -> int:
     if not ray.is_initialized():
         ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     summary = sweep(base, settings)
-    for level, row in sorted(summary["best"].items(), key=lambda kv: float(kv[0])):
-        print(f"rho {level}: best validation objective {row['objective']:.4f} "
-              f"-> test image AUROC {row.get('test_image_auroc')}")
+    for key, label in (("best_baseline", "baseline"), ("best", "CoMet")):
+        for level, row in sorted(summary[key].items(), key=lambda kv: float(kv[0])):
+            print(f"rho {level}: best {label} validation objective {row['objective']:.4f} "
+                  f"-> test image AUROC {row.get('test_image_auroc')}")
     print(f"results in {args.out}")
     return 0
 
