@@ -69,6 +69,7 @@ class CometConfig:
     query_fraction: float = 0.3
     inner_steps: int = 5
     inner_lr: float = 1e-4
+    # beta of theta += beta * mean(theta'_m - theta): worth 1-3 main-phase steps at these defaults (see meta.py)
     reptile_step: float = 0.5
     # lambda(Sigma): a window of `window` epochs, one (mean L_tr, mean L_val) pair each, standardised
     # per coordinate, so det Sigma = 1 - r^2 in [0, 1]; det_clip is the normaliser C of the squash

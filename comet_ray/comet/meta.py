@@ -12,6 +12,15 @@ strength grows with it: ``lambda = lambda0 * (1 + gamma * log(1 + min(det Sigma,
 C = 1 by default. Raw (unstandardised) losses give det Sigma ~ 1e-7..1e-5, which no fixed clip range
 turns into a moving lambda. The mean task direction feeds a first-order (Reptile) update
 ``theta += beta * mean(theta'_m - theta)`` (the authors' release had the sign reversed).
+
+Why the Reptile step is small: an inner Adam step at ``inner_lr`` moves each weight by about
+``inner_lr``, as a main-phase step at the detector's own learning rate does, and the task directions
+partly cancel, so with the defaults (beta 0.5, 5 inner steps at 1e-4) the Reptile step is worth 1-3
+main-phase steps (measured on MVTec bottle, MobileNetV2 features): 2-4 % of an epoch's main-phase
+displacement at 4 passes. Its effect on validation AUROC/AUPRO there is positive but within
+seed-to-seed noise, and a 10x larger inner learning rate (5-12 main steps) did not improve it
+consistently; so the meta phase is above all the probe that feeds lambda(Sigma), with a nudge towards
+parameters that adapt well. ``reptile_step`` and ``inner_lr`` are searched by ``comet-ray tune``.
 """
 
 from __future__ import annotations
