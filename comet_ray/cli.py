@@ -53,7 +53,7 @@ def _add_training_options(parser: argparse.ArgumentParser, contamination_list: b
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help="seeds initialisation, batch order, tasks and noise (and the split, unless --split-seed)")
     parser.add_argument("--split-seed", type=int, default=None,
-                        help="seeds the contamination draw and the validation split (default: --seed)")
+                        help="seeds the contamination draw and the validation split (unset: the same as --seed)")
     parser.add_argument("--backbone", default=features.backbone, choices=("wide_resnet50_2", "resnet18", "mobilenet_v2"),
                         help="frozen feature extractor (paper: wide_resnet50_2)")
     parser.add_argument("--weights", default=None, help="ImageNet weights file for the backbone (default: torchvision's hub cache)")
