@@ -50,7 +50,10 @@ def _add_training_options(parser: argparse.ArgumentParser, contamination_list: b
     else:
         parser.add_argument("--contamination", type=float, default=0.0,
                             help="experiments: move this fraction of anomalous test images into train (SoftPatch no-overlap protocol); 0 = use train/ as it is")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seeds contamination, splits, batch order and noise")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seeds initialisation, batch order, tasks and noise (and the split, unless --split-seed)")
+    parser.add_argument("--split-seed", type=int, default=None,
+                        help="seeds the contamination draw and the validation split (unset: the same as --seed)")
     parser.add_argument("--backbone", default=features.backbone, choices=("wide_resnet50_2", "resnet18", "mobilenet_v2"),
                         help="frozen feature extractor (paper: wide_resnet50_2)")
     parser.add_argument("--weights", default=None, help="ImageNet weights file for the backbone (default: torchvision's hub cache)")
@@ -79,6 +82,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         category=args.category,
         contamination=args.contamination,
         seed=args.seed,
+        split_seed=args.split_seed,
         epochs=args.epochs,
         passes=args.passes,
         batch_size=args.batch_size,

@@ -69,12 +69,15 @@ class CometConfig:
     query_fraction: float = 0.3
     inner_steps: int = 5
     inner_lr: float = 1e-4
+    # beta of theta += beta * mean(theta'_m - theta): worth 1-3 main-phase steps at these defaults (see meta.py)
     reptile_step: float = 0.5
-    # lambda(Sigma)
+    # lambda(Sigma): a window of `window` epochs, one (mean L_tr, mean L_val) pair each, standardised
+    # per coordinate, so det Sigma = 1 - r^2 in [0, 1]; det_clip is the normaliser C of the squash
+    # log(1 + min(det, C)) / log(1 + C): 1 spans [0, 1], smaller saturates lambda earlier.
     lambda0: float = 0.005
     gamma: float = 0.5
     window: int = 5
-    det_clip: float = 100.0
+    det_clip: float = 1.0
     l2_include_norm_and_bias: bool = False
     # "fan_in": each matrix contributes ||W||^2 / fan_in (about 1 at Xavier init, whatever the width), so
     # lambda0 means the same for a 128- or 1536-wide head. "sum": the plain ||theta||^2 of the paper,
@@ -97,7 +100,11 @@ class TrainConfig:
     data_root: str = ""
     category: str = ""
     contamination: float = 0.0
+    # seed: initialisation, batch order, task sampling and synthetic noise. split_seed: which anomalies
+    # move into train and which test images form the validation split; None = seed. A sweep keeps the
+    # split it selected a configuration on and repeats it over training seeds only.
     seed: int = 0
+    split_seed: int | None = None
     epochs: int = 40
     passes: int = 4
     batch_size: int = 8
@@ -110,6 +117,11 @@ class TrainConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     comet: CometConfig = field(default_factory=CometConfig)
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the contamination draw and the validation split."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -2,6 +2,11 @@
 
 Used once at the end of training on the report split (final numbers) and on the validation split
 (threshold, Tune objective). Nothing here ever chooses an epoch or a hyperparameter.
+
+:func:`detector_patch_scores` is the one way an image is scored: validation (and so the saved
+threshold), ``evaluate`` and ``predict`` all go through it, with features as the cache holds them
+(float16 by default: ``predict`` rounds fresh features the same way, see ``as_stored``) and the
+precision the run was trained with.
 """
 
 from __future__ import annotations
@@ -20,20 +25,32 @@ from comet_ray.models.anomaly_map import anomaly_maps, image_scores
 
 
 @torch.no_grad()
+def detector_patch_scores(model: nn.Module, features: torch.Tensor, precision: str = "auto") -> torch.Tensor:
+    """Patch scores [B, P] float32 of features [B, P, D]: eval mode, bf16 autocast as ``precision`` says."""
+    bf16 = use_bf16(precision, features.device.type)
+    was_training = model.training
+    model.eval()
+    with torch.autocast(features.device.type, dtype=torch.bfloat16, enabled=bf16):
+        scores = model.patch_scores(features).float()
+    model.train(was_training)
+    return scores
+
+
+def checkpoint_precision(meta: dict) -> str:
+    """The precision a checkpoint's run scored its validation split with (so its threshold holds)."""
+    return (meta.get("config") or {}).get("precision", "auto")
+
+
+@torch.no_grad()
 def score_patches(
     model: nn.Module, store: FeatureStore, device: torch.device | str, chunk: int = 64, precision: str = "auto"
 ) -> torch.Tensor:
-    """Patch scores [N, P] of every image in ``store`` (eval mode; bf16 autocast on CUDA by default)."""
+    """Patch scores [N, P] of every image in ``store`` (see :func:`detector_patch_scores`)."""
     device = torch.device(device)
-    bf16 = use_bf16(precision, device.type)
-    was_training = model.training
-    model.eval()
     parts = []
     for start in range(0, len(store), chunk):
         rows = torch.arange(start, min(start + chunk, len(store)))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            parts.append(model.patch_scores(store.batch(rows, device)).float())
-    model.train(was_training)
+        parts.append(detector_patch_scores(model, store.batch(rows, device), precision))
     if not parts:
         return torch.zeros(0, store.num_patches, device=device)
     return torch.cat(parts)
@@ -82,8 +99,10 @@ def evaluate_split(
     return SplitEvaluation(metrics, scores.cpu(), labels.cpu(), patch)
 
 
-def validation_auroc(model: nn.Module, split: ExtractedSplit, labels: torch.Tensor, device) -> float:
+def validation_auroc(
+    model: nn.Module, split: ExtractedSplit, labels: torch.Tensor, device, precision: str = "auto"
+) -> float:
     """Image AUROC on the validation split only: the per-epoch signal Tune may use."""
     if labels.numel() == 0 or bool(labels.all()) or not bool(labels.any()):
         return float("nan")
-    return auroc(image_scores(score_patches(model, split.store, device)), labels)
+    return auroc(image_scores(score_patches(model, split.store, device, precision=precision)), labels)

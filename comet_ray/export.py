@@ -2,7 +2,8 @@
 
 :class:`ExportedDetector` maps an ImageNet-normalised image batch ``[B, 3, S, S]`` (exactly what
 ``comet_ray.data.images.preprocess_image`` produces) to ``(image scores [B], anomaly maps [B, S, S])``,
-the same numbers ``predict`` computes in float32 on the CPU.
+the same numbers ``predict`` computes in float32 on the CPU (features rounded to the cache dtype the
+detector was trained and thresholded on, as ``predict`` does).
 
 Every step is written with operators that ONNX and TorchScript both have:
 
@@ -77,8 +78,11 @@ class ExportedDetector(nn.Module):
     """
 
     def __init__(self, trunk: nn.Module, detector: nn.Module, feature_dim: int, channels: tuple[int, ...],
-                 image_size: int, grid: tuple[int, int], sigma: float = 4.0) -> None:
+                 image_size: int, grid: tuple[int, int], sigma: float = 4.0, cache_dtype: str = "float16") -> None:
         super().__init__()
+        from comet_ray.features.store import storage_dtype
+
+        self.cache_dtype = storage_dtype(cache_dtype)
         from comet_ray.models.anomaly_map import gaussian_kernel
 
         self.trunk = trunk.float().eval()
@@ -112,7 +116,7 @@ class ExportedDetector(nn.Module):
         extractor = extractor_for(meta, torch.device("cpu"))
         channels = BACKBONES[extractor.config.backbone].channels
         exported = cls(extractor.trunk, model, extractor.feature_dim, channels, extractor.config.image_size,
-                       tuple(meta["grid"]))
+                       tuple(meta["grid"]), cache_dtype=extractor.config.cache_dtype)
         exported.meta = {
             "threshold": float(meta["threshold"]),
             "nominal_score": float(meta["nominal_score"]),
@@ -137,7 +141,7 @@ class ExportedDetector(nn.Module):
         return features.flatten(2).transpose(1, 2)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.patch_features(images)
+        features = self.patch_features(images).to(self.cache_dtype).float()  # as the feature cache holds them
         patch = self.detector.patch_scores(features)  # [B, P]
         scores = patch.max(dim=1).values
         grid = patch.reshape(-1, 1, self.grid[0], self.grid[1])

@@ -25,8 +25,9 @@ from comet_ray.data.layout import (
 )
 from comet_ray.data.local_walk import is_utf8_name, printable, walk_files
 from comet_ray.errors import CometError, ImageDecodeError
-from comet_ray.evaluate import evaluate_split, split_labels
+from comet_ray.evaluate import checkpoint_precision, detector_patch_scores, evaluate_split, split_labels
 from comet_ray.features.extractor import PatchFeatureExtractor, extract_features_cached
+from comet_ray.features.store import as_stored
 from comet_ray.pipeline import resolve_device, subset_split
 
 
@@ -77,7 +78,8 @@ def evaluate_checkpoint(
     extracted = extract_features_cached(samples, extractor, filesystem, True, cache_dir, progress=True)
     split = subset_split(extracted, [s.sample_id for s in samples])
     labels = split_labels(split, {s.sample_id for s in samples if s.is_anomalous})
-    result = evaluate_split(model, split, labels, extractor.config.image_size, torch_device)
+    result = evaluate_split(model, split, labels, extractor.config.image_size, torch_device,
+                            precision=checkpoint_precision(meta))
     result.metrics["checkpoint"] = str(checkpoint)
     skipped = [u for u in scan.unlisted if u["sample_id"].split("/")[1] in ("test", "ground_truth")]
     skipped += split.skipped
@@ -127,12 +129,17 @@ def normalised_score(score: float, nominal: float, threshold: float) -> float:
 @torch.no_grad()
 def score_images(
     model: torch.nn.Module, extractor: PatchFeatureExtractor, images: torch.Tensor, grid: tuple[int, int],
-    with_maps: bool = False,
+    with_maps: bool = False, precision: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Normalised images [B, 3, S, S] -> (image scores [B], anomaly maps [B, S, S] or None), on the CPU."""
+    """Normalised images [B, 3, S, S] -> (image scores [B], anomaly maps [B, S, S] or None), on the CPU.
+
+    Scored as validation and ``evaluate`` score cached features (same rounding to the cache dtype, same
+    precision), so an image gets the same score here as in training and the saved threshold holds.
+    """
     from comet_ray.models.anomaly_map import anomaly_maps, image_scores
 
-    patch = model.patch_scores(extractor(images)).float()
+    features = as_stored(extractor(images), extractor.config.cache_dtype)
+    patch = detector_patch_scores(model, features, precision)
     scores = image_scores(patch).cpu()
     if not with_maps:
         return scores, None
@@ -159,6 +166,7 @@ def predict_images(
     model, meta = load_detector(checkpoint, torch_device)
     extractor = extractor_for(meta, torch_device)
     grid = tuple(meta["grid"])
+    precision = checkpoint_precision(meta)
     cut = float(meta["threshold"]) if threshold is None else float(threshold)
     nominal = float(meta["nominal_score"])
     pixel_cut = meta.get("pixel_threshold") if threshold is None else None
@@ -182,7 +190,7 @@ def predict_images(
         if not pending:
             return
         batch = torch.stack([t for _, t in pending])
-        scores, batch_maps = score_images(model, extractor, batch, grid, with_maps)
+        scores, batch_maps = score_images(model, extractor, batch, grid, with_maps, precision)
         for index, ((path, tensor), score) in enumerate(zip(pending, scores.tolist())):
             rows.append({"path": path, "score": score, "normalised_score": normalised_score(score, nominal, cut),
                          "anomalous": int(score >= cut), "error": ""})

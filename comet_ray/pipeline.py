@@ -97,16 +97,17 @@ def select_samples(samples: list[Sample], config: TrainConfig) -> tuple[list[Sam
         "data_root": public_uri(config.data_root),
         "category": config.category,
         "seed": config.seed,
+        "split_seed": config.data_seed,
         "validation_fraction": config.validation_fraction,
     }
     if config.contamination > 0:
-        samples, contamination = inject_contamination(samples, config.contamination, config.seed)
+        samples, contamination = inject_contamination(samples, config.contamination, config.data_seed)
         manifest["contamination"] = contamination.to_dict()
     else:
         manifest["contamination"] = {"requested_ratio": 0.0, "achieved_ratio": 0.0, "n_moved": 0, "moved": []}
     train = [s for s in samples if s.split == "train"]
     test = [s for s in samples if s.split == "test"]
-    validation, report = validation_split(test, config.validation_fraction, config.seed)
+    validation, report = validation_split(test, config.validation_fraction, config.data_seed)
     manifest["n_train"] = len(train)
     manifest["validation_ids"] = [s.sample_id for s in validation]
     manifest["report_ids"] = [s.sample_id for s in report]
@@ -266,9 +267,7 @@ def train_category(
         return RunResult({}, {}, epochs, model, float("nan"), float("nan"), final_weights, **audit_record)
     size = config.features.image_size
     precision = config.precision
-    validation = evaluate_split(
-        model, data.validation, data.validation_labels, size, device, pixel_metrics=False, precision=precision
-    )
+    validation = evaluate_split(model, data.validation, data.validation_labels, size, device, precision=precision)
     report = evaluate_split(model, data.report, data.report_labels, size, device, precision=precision)
     threshold, nominal = decision_threshold(validation.image_scores, validation.labels)
     pixel_cut = pixel_threshold(model, data.validation, size, device, precision, validation.patch_scores)
@@ -279,12 +278,15 @@ def train_category(
         "aupro": report.metrics.get("aupro", float("nan")),
         "f1_max": report.metrics.get("f1_max"),
         "validation_image_auroc": validation.metrics.get("image_auroc"),
+        "validation_aupro": validation.metrics.get("aupro", float("nan")),
+        "final_loss": epochs[-1].loss if epochs else float("nan"),
         "strategy": config.comet.strategy,
         "model": config.model.model,
         "category": config.category,
         "contamination": config.contamination,
         "achieved_contamination": contamination["achieved_ratio"],
         "seed": config.seed,
+        "split_seed": config.data_seed,
         "n_train": len(data.train.store),
         "n_test": report.metrics["n_images"],
         "n_validation": validation.metrics["n_images"],

@@ -278,7 +278,7 @@ def _report_samples(record: RunRecord, access: _DataAccess):
 
 def recompute_scores(record: RunRecord, access: _DataAccess) -> ScoreTable:
     """Report-split image scores from model.pt + manifest, computed as ``comet-ray evaluate`` does."""
-    from comet_ray.evaluate import score_patches
+    from comet_ray.evaluate import checkpoint_precision, score_patches
     from comet_ray.features.extractor import extract_features
     from comet_ray.models.anomaly_map import image_scores
 
@@ -289,7 +289,9 @@ def recompute_scores(record: RunRecord, access: _DataAccess) -> ScoreTable:
         raise CometError("none of the manifest's report images is in the data root")
     extractor = access.extractor(record.meta)
     extracted = extract_features(samples, extractor, filesystem, with_masks=False)
-    scores = image_scores(score_patches(record.model.to(access.device), extracted.store, access.device)).cpu()
+    patch = score_patches(record.model.to(access.device), extracted.store, access.device,
+                          precision=checkpoint_precision(record.meta))
+    scores = image_scores(patch).cpu()
     by_id = {s.sample_id: s for s in samples}
     ids = list(extracted.store.ids)
     labels = np.array([by_id[i].is_anomalous for i in ids], dtype=bool)

@@ -191,6 +191,11 @@ def test_data_parallel_equals_single_process(ray_local, workdir: Path, plain_run
     for sample_id, row in plain_audit["per_epoch"]["below_one"].items():
         assert two_audit["per_epoch"]["below_one"][sample_id] == pytest.approx(row, abs=WEIGHT_TOL)
     assert _max_weight_gap(two_audit["scores"], plain_audit["scores"]) <= 1e-3
+    # lambda(Sigma) from one (L_tr, L_val) pair per epoch, the mean over every worker's tasks: the same window
+    # on every rank, so the same lambda as one process.
+    assert plain_history[-1]["det_sigma"] > 0
+    assert [e["det_sigma"] for e in two_history] == pytest.approx([e["det_sigma"] for e in plain_history], abs=1e-3)
+    assert [e["lam"] for e in two_history] == pytest.approx([e["lam"] for e in plain_history], rel=1e-4)
     # Two workers trained on shards of every batch.
     attempts = _attempts(two["out"])
     assert sorted(a["rank"] for a in attempts) == [0, 1] and all(a["world_size"] == 2 for a in attempts)

@@ -40,13 +40,14 @@ def trained_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(trained_run: Path):
-    """The unfused path predict uses: extractor -> detector.patch_scores -> image_scores / anomaly_maps."""
+    """The unfused path predict uses: extractor -> float16 cache rounding -> detector.patch_scores ->
+    image_scores / anomaly_maps."""
     model, meta = load_detector(trained_run, "cpu")
     extractor = extractor_for(meta, torch.device("cpu"))
 
     def run(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         with torch.no_grad():
-            patch = model.patch_scores(extractor(images))
+            patch = model.patch_scores(extractor(images).half().float())
             return image_scores(patch).numpy(), anomaly_maps(patch, tuple(meta["grid"]), 64).numpy()
 
     return run

@@ -141,8 +141,9 @@ def test_maps_match_a_direct_forward_pass(trained_run: Path, inbox: Path) -> Non
     model, meta = load_detector(trained_run, "cpu")
     extractor = extractor_for(meta, torch.device("cpu"))
     image = preprocess_image(decode_image(Path(path).read_bytes(), path), 64)[None]
-    with torch.no_grad():
-        expected = anomaly_maps(model.patch_scores(extractor(image)), tuple(meta["grid"]), 64)[0]
+    with torch.no_grad():  # features as the (float16) cache holds them: what the detector was trained on
+        features = extractor(image).half().float()
+        expected = anomaly_maps(model.patch_scores(features), tuple(meta["grid"]), 64)[0]
     np.testing.assert_allclose(maps[path], expected.numpy(), atol=1e-6)
 
 
@@ -160,3 +161,37 @@ def test_saved_pixel_threshold_is_the_validation_f1_cut_recomputed_from_scratch(
     data = prepare_data(config, torch.device("cpu"))
     fresh = pixel_threshold(model, data.validation, config.features.image_size, torch.device("cpu"), config.precision)
     assert fresh is not None and meta["pixel_threshold"] == pytest.approx(fresh, rel=1e-6)
+
+
+def test_predict_scores_an_image_as_training_and_evaluate_did(trained_run: Path, dataset: Path) -> None:
+    """One scoring path: ``predict`` on the report images gives the scores training wrote for them
+    (validation and ``evaluate`` score the float16-cached features; predict rounds its fresh features
+    the same way), and on the validation images it reproduces the saved F1-optimal threshold.
+
+    Tolerances are 1e-5 of the scores' spread (this tiny model's scores span ~1e-4): scoring float32
+    features instead of the cached float16 ones moves them by ~3e-4 of it."""
+    import json
+
+    from comet_ray.checkpoint import load_detector
+    from comet_ray.pipeline import decision_threshold
+
+    manifest = json.loads((trained_run / "manifest.json").read_text())
+    with open(trained_run / "scores.csv", newline="") as handle:
+        saved = {row["sample_id"]: float(row["score"]) for row in csv.DictReader(handle)}
+    tolerance = 1e-5 * (max(saved.values()) - min(saved.values()))
+    paths = {str(dataset / sample_id): sample_id for sample_id in manifest["report_ids"]}
+    rows = predict_images(str(trained_run), list(paths), "cpu")
+    assert len(rows) == len(saved) > 0 and tolerance > 0
+    for row in rows:
+        assert abs(row["score"] - saved[paths[row["path"]]]) <= tolerance, row
+
+    _, meta = load_detector(trained_run, "cpu")
+    validation = [str(dataset / sample_id) for sample_id in manifest["validation_ids"]]
+    rows = predict_images(str(trained_run), validation, "cpu")
+    scores = torch.tensor([row["score"] for row in rows])
+    labels = torch.tensor(["/good/" not in row["path"] for row in rows])
+    assert labels.any() and not labels.all()
+    threshold, nominal = decision_threshold(scores, labels)
+    assert abs(threshold - meta["threshold"]) <= tolerance and abs(nominal - meta["nominal_score"]) <= tolerance
+    at_cut = min(rows, key=lambda row: abs(row["score"] - meta["threshold"]))
+    assert at_cut["anomalous"] == 1  # the image that set the cut is flagged by it

@@ -190,7 +190,7 @@ class CometTrainer:
         return fence.tau
 
     def meta_phase(self) -> tuple[float, float]:
-        """Tasks ∝ weights, inner steps on copies, Reptile step, and lambda(Sigma) from the new pairs."""
+        """Tasks ∝ weights, inner steps on copies, Reptile step, and lambda(Sigma) with this epoch's pair."""
         c = self.comet
         generator = torch.Generator().manual_seed(mix_seed(self.config.seed, self.epoch, 7))
         tasks = sample_tasks(self.sample_weights, c.meta_tasks, c.task_size, generator)
@@ -218,10 +218,12 @@ class CometTrainer:
         pairs = self.collective.all_reduce_sum(pairs)
         if c.reptile_step > 0:
             reptile_step(self.model, direction_sum / len(tasks), c.reptile_step)
-        self.history.extend([tuple(p) for p in pairs.tolist()])
+        # One pair per epoch: the mean over every task of every worker, so all ranks hold the same window.
+        l_tr, l_val = pairs.mean(dim=0).tolist()
+        self.history.append(l_tr, l_val)
         self.det_sigma = self.history.determinant()
         self.lam = covariance_lambda(self.det_sigma, c.lambda0, c.gamma, c.det_clip)
-        return float(pairs[:, 0].mean()), float(pairs[:, 1].mean())
+        return l_tr, l_val
 
     def _local_copy(self) -> nn.Module:
         """A private copy for inner steps: plain BatchNorm, so no collective is entered on one rank only."""

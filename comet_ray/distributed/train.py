@@ -338,7 +338,8 @@ def fit_distributed(
 
     check_trainable(config)  # a layout error is one line here, not a retried worker crash
     storage_path = _local_path(storage_path)
-    run_name = run_name or f"{config.category}-{config.comet.strategy}-seed{config.seed}"
+    split = "" if config.data_seed == config.seed else f"-split{config.data_seed}"  # another split: another run
+    run_name = run_name or f"{config.category}-{config.comet.strategy}-seed{config.seed}{split}"
     remote = "://" in storage_path
     out = out or config.out or ("" if remote else os.path.join(storage_path, run_name, "output"))
     if not out or "://" in out:

@@ -4,8 +4,14 @@ Contamination is an experimental condition: each level gets its own seeded Optun
 early stopping on the per-epoch objective. The objective is image AUROC on the validation split
 (carved from test, disjoint from the reported images) or, with ``objective="unsupervised"``, the
 detector's own loss on the training images (no labels anywhere). Each trial evaluates its final model
-once on the report split so ``results.csv`` can show it, but :func:`select_best` reads only the
-objective column: test numbers never choose anything.
+once on the report split so ``results.csv`` can show it, but :func:`select_best` sees only the
+validation and training columns (:data:`SELECTION_COLUMNS`): test numbers never choose anything.
+
+A fair comparison, per level: the baseline is tuned first over the base-detector knobs of the space
+(``--trials`` trials), then CoMet over its own knobs (``--trials`` trials) on top of the base knobs
+chosen for the baseline, so both rows share the same base detector. Every trial and every repeat uses
+one split (contamination draw and validation split, ``split_seed``); repeats vary only the training
+seed, so no image that selection saw is ever reported on.
 
 A trial runs the plain core in-process (``workers=0``) or builds and fits a ``TorchTrainer`` over
 ``workers`` Ray Train workers (the Ray 2.60 pattern: Train V2 forbids ``Tuner(trainer)``), with the
@@ -29,15 +35,20 @@ from typing import Any
 import yaml
 
 from comet_ray import jsonfile
-from comet_ray.config import TrainConfig, apply_overrides
+from comet_ray.config import ModelConfig, TrainConfig, apply_overrides
 from comet_ray.errors import CometError
 
 log = logging.getLogger(__name__)
 DEFAULT_SPACE = Path(__file__).with_name("search_space.yaml")
-BASE_DETECTOR_KNOBS = {"noise_std", "margin", "adaptor_lr", "discriminator_lr"}
+# Knobs of the detector itself (ModelConfig), as opposed to CoMet's: the baseline searches these only.
+BASE_DETECTOR_KNOBS = {f.name for f in dataclasses.fields(ModelConfig)} - {"model"}
+STRATEGIES = ("baseline", "comet")
+# Everything select_best compares, best first: the objective, then (validation objective only) the
+# validation AUPRO, then the final training loss. None of them is computed on a reported image.
+SELECTION_COLUMNS = ("objective", "validation_aupro", "final_loss")
 RESULT_COLUMNS = [
-    "level", "trial_id", "objective", "epochs_run", "test_image_auroc", "test_pixel_auroc", "test_aupro",
-    "test_f1_max", "seconds",
+    "level", "strategy", "trial_id", "objective", "validation_aupro", "final_loss", "split_seed",
+    "epochs_run", "test_image_auroc", "test_pixel_auroc", "test_aupro", "test_f1_max", "seconds",
 ]
 
 
@@ -64,6 +75,12 @@ def load_search_space(path: str | os.PathLike | None = None, objective: str = "v
     if objective == "unsupervised":
         spec = {k: v for k, v in spec.items() if k not in BASE_DETECTOR_KNOBS}
     return spec
+
+
+def split_space(spec: dict[str, dict]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(base-detector knobs, CoMet knobs) of a search space: the baseline searches the first only."""
+    base = {k: v for k, v in spec.items() if k in BASE_DETECTOR_KNOBS}
+    return base, {k: v for k, v in spec.items() if k not in BASE_DETECTOR_KNOBS}
 
 
 def param_space(spec: dict[str, dict]) -> dict[str, Any]:
@@ -111,6 +128,12 @@ def unsupervised_loss(model, store, device) -> float:
     return total / max(count, 1)
 
 
+def _selection_metrics(metrics: dict, supervised: bool) -> dict:
+    """The tie-breakers a trial reports: validation AUPRO (labels: validation objective only), final loss."""
+    return {"validation_aupro": metrics.get("validation_aupro") if supervised else None,
+            "final_loss": metrics.get("final_loss"), "split_seed": metrics.get("split_seed")}
+
+
 def _test_metrics(metrics: dict) -> dict:
     return {
         "test_image_auroc": metrics.get("image_auroc"),
@@ -147,7 +170,7 @@ def run_trial(params: dict[str, Any]) -> None:
 
     def on_epoch_end(trainer, log) -> None:
         if supervised:
-            value = validation_auroc(trainer.model, data.validation, data.validation_labels, device)
+            value = validation_auroc(trainer.model, data.validation, data.validation_labels, device, config.precision)
         else:
             value = unsupervised_loss(trainer.model, trainer.store, device)
         metrics = {"objective": value, "epoch": log.epoch, "loss": log.loss, "lambda": log.lam,
@@ -160,7 +183,8 @@ def run_trial(params: dict[str, Any]) -> None:
     last = supervised and result.validation_metrics.get("image_auroc")
     objective = last if supervised else unsupervised_loss(result.model, data.train.store, device)
     tune.report({"objective": objective, "epoch": config.epochs, "final": True,
-                 "seconds": time.perf_counter() - start, **_test_metrics(result.metrics)})
+                 "seconds": time.perf_counter() - start, **_selection_metrics(result.metrics, supervised),
+                 **_test_metrics(result.metrics)})
 
 
 def _run_distributed_trial(config: TrainConfig, context: dict, start: float) -> None:
@@ -197,25 +221,60 @@ def _run_distributed_trial(config: TrainConfig, context: dict, start: float) -> 
         callbacks=[ObjectiveReportCallback()],
     )
     tune.report({"objective": metrics.get("validation_image_auroc"), "epoch": config.epochs, "final": True,
-                 "seconds": time.perf_counter() - start, **_test_metrics(metrics)})
+                 "seconds": time.perf_counter() - start, **_selection_metrics(metrics, True),
+                 **_test_metrics(metrics)})
 
 
 # --------------------------------------------------------------------------- selection (no test labels)
-def select_best(rows: list[dict], objective: str = "validation") -> dict[float, dict]:
-    """Best finished trial per level by the objective column alone (max AUROC / min loss)."""
-    best: dict[float, dict] = {}
+def _number(value: Any) -> float | None:
+    """A finite float from a result cell (CSV text, None, NaN and '' are missing)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def selection_key(view: dict, objective: str = "validation") -> tuple | None:
+    """Larger is better: the objective, then validation AUPRO (validation objective only), then a lower
+    final training loss; None for a trial that did not finish. ``view`` holds SELECTION_COLUMNS only.
+
+    A saturated objective (every trial at AUROC 1.0 on an easy category) still separates trials.
+    """
+    value = _number(view.get("objective"))
+    if value is None:
+        return None
+    loss = _number(view.get("final_loss"))
+    loss_key = -loss if loss is not None else -math.inf
+    if objective != "validation":
+        return (-value, loss_key)
+    aupro = _number(view.get("validation_aupro"))
+    return (value, aupro if aupro is not None else -math.inf, loss_key)
+
+
+def select_best(rows: list[dict], objective: str = "validation", strategy: str = "comet") -> dict[float, dict]:
+    """Best finished trial of ``strategy`` per level by :func:`selection_key`; the first of equals wins.
+
+    Each row is cut down to its SELECTION_COLUMNS before it is compared: no test column can reach the
+    choice. Rows without a strategy (results of older sweeps) are CoMet trials.
+    """
+    best: dict[float, tuple[tuple, dict]] = {}
     for row in rows:
-        value = row.get("objective")
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        if (row.get("strategy") or "comet") != strategy:
+            continue
+        key = selection_key({column: row.get(column) for column in SELECTION_COLUMNS}, objective)
+        if key is None:
             continue
         level = float(row["level"])
-        current = best.get(level)
-        better = current is None or (
-            value > current["objective"] if objective == "validation" else value < current["objective"]
-        )
-        if better:
-            best[level] = row
-    return best
+        if level not in best or key > best[level][0]:
+            best[level] = (key, row)
+    return {level: row for level, (_, row) in best.items()}
+
+
+def chosen_knobs(row: dict | None) -> dict[str, Any]:
+    """The knobs a result row was trained with (``knob_*`` columns), as trial parameters."""
+    return {k.removeprefix("knob_"): v for k, v in (row or {}).items()
+            if k.startswith("knob_") and v not in (None, "")}  # "": a column of the other strategy's knobs
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -255,7 +314,23 @@ def _max_concurrent(settings: SweepSettings) -> int:
 
 
 def _experiment_name(config: TrainConfig, level: float) -> str:
-    return f"tune-{config.category}-{config.model.model}-rho{level:g}"
+    strategy = "" if config.comet.strategy == "comet" else f"-{config.comet.strategy}"
+    return f"tune-{config.category}-{config.model.model}{strategy}-rho{level:g}"
+
+
+def level_config(base: TrainConfig, level: float, strategy: str, knobs: dict[str, Any] | None = None,
+                 seed: int | None = None) -> TrainConfig:
+    """``base`` at one contamination level with one strategy and chosen knobs, on the sweep's split.
+
+    The split seed is pinned to ``base``'s (``split_seed``, else ``seed``) whatever the training
+    ``seed``: every trial and every repeat of a level sees the same training, validation and report
+    images, so a configuration is never reported on images it was selected on.
+    """
+    config = dataclasses.replace(base, contamination=level, split_seed=base.data_seed,
+                                 seed=base.seed if seed is None else seed)
+    config = apply_overrides(config, knob_overrides(knobs or {}))
+    config.comet = dataclasses.replace(config.comet, strategy=strategy)
+    return config
 
 
 def _restorable(path: str) -> bool:
@@ -325,13 +400,16 @@ def _scheduler(settings: SweepSettings, epochs: int):
     return ASHAScheduler(max_t=epochs + 1, grace_period=min(settings.grace_period, epochs))
 
 
-def tune_level(base: TrainConfig, level: float, settings: SweepSettings) -> list[dict]:
-    """One Optuna + ASHA search at one contamination level; returns a row per trial."""
+def tune_level(base: TrainConfig, level: float, settings: SweepSettings, strategy: str = "comet",
+               spec: dict[str, dict] | None = None, fixed: dict[str, Any] | None = None) -> list[dict]:
+    """One Optuna + ASHA search of ``spec`` (default: the settings' space) for ``strategy`` at one
+    contamination level, with ``fixed`` knobs (the baseline's chosen base knobs) in every trial."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    config = dataclasses.replace(base, contamination=level)
-    config.comet = dataclasses.replace(base.comet, strategy="comet")
+    config = level_config(base, level, strategy, fixed)
+    if spec is None:
+        spec = load_search_space(settings.space_file, settings.objective)
     metric, mode = ("objective", "max") if settings.objective == "validation" else ("objective", "min")
     storage = os.path.abspath(settings.storage_path) if "://" not in settings.storage_path else settings.storage_path
     context = {
@@ -343,7 +421,7 @@ def tune_level(base: TrainConfig, level: float, settings: SweepSettings) -> list
         "feature_cache": settings.feature_cache,
         "storage_path": storage,
     }
-    space = {**param_space(load_search_space(settings.space_file, settings.objective)), "_context": context}
+    space = {**param_space(spec), "_context": context}
     trainable = tune.with_resources(run_trial, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
     name = _experiment_name(config, level)
     path = os.path.join(storage, name)
@@ -374,12 +452,14 @@ def tune_level(base: TrainConfig, level: float, settings: SweepSettings) -> list
         finished = bool(metrics.get("final"))  # Ray sets its own "done" on every last result
         row = {
             "level": level,
+            "strategy": strategy,
             "trial_id": metrics.get("trial_id", ""),
             "objective": metrics.get("objective") if finished else None,
+            **{k: metrics.get(k) for k in ("validation_aupro", "final_loss", "split_seed")},
             "epochs_run": metrics.get("training_iteration"),
             "seconds": metrics.get("seconds", metrics.get("time_total_s")),
             **{k: metrics.get(k) for k in ("test_image_auroc", "test_pixel_auroc", "test_aupro", "test_f1_max")},
-            **{f"knob_{k}": v for k, v in knobs.items()},
+            **{f"knob_{k}": v for k, v in {**(fixed or {}), **knobs}.items()},
         }
         if not finished:
             row["stopped_early_objective"] = metrics.get("objective")
@@ -399,23 +479,55 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def repeat_over_seeds(base: TrainConfig, best: dict[float, dict], settings: SweepSettings) -> list[dict]:
-    """Baseline and the best CoMet configuration of every level, trained on ``settings.seeds`` seeds."""
+def repeat_configs(base: TrainConfig, level: float, knobs: dict[str, dict], seeds: int) -> list[TrainConfig]:
+    """Baseline and CoMet at one level with their chosen ``knobs[strategy]``, on training seeds
+    ``base.seed .. base.seed + seeds - 1``, all on the split the knobs were chosen on."""
+    return [level_config(base, level, strategy, knobs.get(strategy), seed=base.seed + k)
+            for k in range(seeds) for strategy in STRATEGIES]
+
+
+def check_reported_split(selection: dict, manifest: dict) -> None:
+    """Refuse a repeat that would train or report on an image the configuration was selected on."""
+    seen = set(selection["validation_ids"])
+    used = set(manifest["report_ids"]) | {m["sample_id"] for m in manifest["contamination"].get("moved", [])}
+    if seen & used or manifest["validation_ids"] != selection["validation_ids"]:
+        raise CometError(f"a repeat's split differs from the one its configuration was selected on "
+                         f"({len(seen & used)} validation image(s) reused): split seeds must match")
+
+
+def repeat_over_seeds(base: TrainConfig, best: dict[str, dict[float, dict]], settings: SweepSettings,
+                      out: Path | None = None) -> list[dict]:
+    """Baseline and the best CoMet configuration of every level, trained on ``settings.seeds`` training
+    seeds; each repeat's manifest goes to ``out/rho_<level>/repeats/`` when ``out`` is given."""
     from comet_ray.pipeline import prepare_data, resolve_device, train_category
 
     device = resolve_device(base.device)
     rows = []
-    for level, row in sorted(best.items()):
-        knobs = {k.removeprefix("knob_"): v for k, v in row.items() if k.startswith("knob_")}
-        for seed in range(settings.seeds):
-            for strategy in ("baseline", "comet"):
-                config = dataclasses.replace(base, contamination=level, seed=seed)
-                config = apply_overrides(config, knob_overrides(knobs) if strategy == "comet" else {})
-                config.comet = dataclasses.replace(config.comet, strategy=strategy)
-                data = prepare_data(config, device, cache_dir=settings.feature_cache)
-                metrics = train_category(config, data, device).metrics
-                rows.append({"level": level, "seed": seed, "strategy": strategy, **_test_metrics(metrics)})
+    for level in sorted(best["comet"]):
+        knobs = {strategy: chosen_knobs(best[strategy].get(level)) for strategy in STRATEGIES}
+        selection = None
+        for config in repeat_configs(base, level, knobs, settings.seeds):
+            data = prepare_data(config, device, cache_dir=settings.feature_cache)
+            selection = selection or selection_split(config)
+            check_reported_split(selection, data.manifest)
+            if out is not None:
+                folder = out / f"rho_{level:g}" / "repeats"
+                folder.mkdir(parents=True, exist_ok=True)
+                name = f"{config.comet.strategy}-seed{config.seed}.manifest.json"
+                (folder / name).write_text(jsonfile.dumps(data.manifest, indent=2))
+            metrics = train_category(config, data, device).metrics
+            rows.append({"level": level, "seed": config.seed, "split_seed": config.data_seed,
+                         "strategy": config.comet.strategy, **_test_metrics(metrics)})
     return rows
+
+
+def selection_split(config: TrainConfig) -> dict:
+    """The split every trial of ``config``'s level trains and is selected on (a listing, no decoding)."""
+    from comet_ray.pipeline import check_trainable, select_samples
+
+    _, _, _, manifest = select_samples(check_trainable(config).samples, config)
+    return {"split_seed": config.data_seed, "validation_ids": manifest["validation_ids"],
+            "report_ids": manifest["report_ids"], "moved": manifest["contamination"].get("moved", [])}
 
 
 def plot_contamination(rows: list[dict], path: Path) -> None:
@@ -447,24 +559,43 @@ def plot_contamination(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def tune_strategies(base: TrainConfig, level: float, settings: SweepSettings) -> list[dict]:
+    """The baseline's search over the base-detector knobs, then CoMet's over its own knobs with the
+    baseline's chosen base knobs fixed: ``settings.trials`` trials each. A space without base knobs
+    (or the unsupervised objective, which drops them) leaves the baseline on the given defaults."""
+    base_spec, comet_spec = split_space(load_search_space(settings.space_file, settings.objective))
+    new: list[dict] = []
+    fixed: dict[str, Any] = {}
+    if base_spec:
+        new.extend(tune_level(base, level, settings, "baseline", base_spec))
+        fixed = chosen_knobs(select_best(new, settings.objective, "baseline").get(level))
+    new.extend(tune_level(base, level, settings, "comet", comet_spec, fixed))
+    return new
+
+
 def sweep(base: TrainConfig, settings: SweepSettings) -> dict:
-    """Tune every level, pick the best configuration per level by the objective, repeat, plot."""
+    """Tune every level (baseline, then CoMet), pick the best of each per level on validation, repeat, plot."""
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     if settings.feature_cache is None:
         settings.feature_cache = os.path.join(os.path.abspath(settings.storage_path), "feature_cache")
     rows: list[dict] = []
     for level in settings.levels:
-        rows.extend(tune_level(base, level, settings))
+        rows.extend(tune_strategies(base, level, settings))
         _write_csv(out / "results.csv", rows)  # after every level: an interrupted sweep keeps its rows
-    best = select_best(rows, settings.objective)
-    for level, row in best.items():
+    best = {strategy: select_best(rows, settings.objective, strategy) for strategy in STRATEGIES}
+    for level in settings.levels:
         level_dir = out / f"rho_{level:g}"
         level_dir.mkdir(exist_ok=True)
-        (level_dir / "best.json").write_text(jsonfile.dumps(row, indent=2, default=str))
-    summary: dict[str, Any] = {"best": {f"{k:g}": v for k, v in best.items()}}
-    if settings.seeds > 0 and best:
-        repeats = repeat_over_seeds(base, best, settings)
+        split = selection_split(level_config(base, level, "comet"))
+        (level_dir / "selection_split.json").write_text(jsonfile.dumps(split, indent=2))
+        for strategy, name in (("comet", "best.json"), ("baseline", "best_baseline.json")):
+            if level in best[strategy]:
+                (level_dir / name).write_text(jsonfile.dumps(best[strategy][level], indent=2, default=str))
+    summary: dict[str, Any] = {"best": {f"{k:g}": v for k, v in best["comet"].items()},
+                               "best_baseline": {f"{k:g}": v for k, v in best["baseline"].items()}}
+    if settings.seeds > 0 and best["comet"]:
+        repeats = repeat_over_seeds(base, best, settings, out)
         _write_csv(out / "seeds.csv", repeats)
         plot_contamination(repeats, out / "contamination.png")
         summary["repeats"] = repeats
@@ -488,7 +619,9 @@ def register(subparsers) -> None:
     parser.add_argument("--objective", choices=("validation", "unsupervised"), default="validation",
                         help="validation: image AUROC on the validation split; unsupervised: training loss, no labels")
     parser.add_argument("--space", default=None, help=f"search-space YAML (default: {DEFAULT_SPACE.name} in the package)")
-    parser.add_argument("--seeds", type=int, default=3, help="repeat baseline and the best configuration per level over this many seeds (0: skip)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="repeat baseline and the best configuration per level over this many training seeds, "
+                             "on the split they were selected on (0: skip)")
     parser.add_argument("--search-seed", type=int, default=0, help="seed of the Optuna sampler")
     parser.add_argument("--storage-path", default="tune-runs", help="Tune storage (local folder or s3://); same path = resume")
     parser.add_argument("--workers", type=int, default=0, help="Ray Train workers per trial (0: train in the trial process)")
@@ -521,9 +654,10 @@ def _cmd_tune(args) -> int:
     if not ray.is_initialized():
         ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     summary = sweep(base, settings)
-    for level, row in sorted(summary["best"].items(), key=lambda kv: float(kv[0])):
-        print(f"rho {level}: best validation objective {row['objective']:.4f} "
-              f"-> test image AUROC {row.get('test_image_auroc')}")
+    for key, label in (("best_baseline", "baseline"), ("best", "CoMet")):
+        for level, row in sorted(summary[key].items(), key=lambda kv: float(kv[0])):
+            print(f"rho {level}: best {label} validation objective {row['objective']:.4f} "
+                  f"-> test image AUROC {row.get('test_image_auroc')}")
     print(f"results in {args.out}")
     return 0
 

@@ -26,6 +26,12 @@ def storage_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
+def as_stored(features: torch.Tensor, cache_dtype: str) -> torch.Tensor:
+    """Features rounded to the cache dtype and widened back to float32: exactly what a store hands
+    the detector, so freshly extracted images (``predict``) score as the cached ones of training did."""
+    return features.to(storage_dtype(cache_dtype)).float()
+
+
 @dataclass
 class FeatureStore:
     """Patch features of a set of images, addressed by sample id."""
