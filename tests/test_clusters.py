@@ -172,11 +172,20 @@ def test_kuberay_rayjob(path: Path) -> None:
 def test_runtime_env_file_is_a_valid_ray_runtime_env() -> None:
     from ray.runtime_env import RuntimeEnv
 
-    env = yaml.safe_load((JOBS / "runtime_env.yaml").read_text())
-    RuntimeEnv(**env)  # Ray's own validation of every field
+    text = (JOBS / "runtime_env.yaml").read_text()
+    env = yaml.safe_load(text)
+    runtime_env = RuntimeEnv(**env)  # Ray's own validation of every field
     assert env["working_dir"] == "."
-    assert {".venv/", ".git/", "runs/", "data/"} <= set(env["excludes"])
-    assert env["pip"]["packages"] == ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"]  # the project itself
+    # anchored at the project root: an unanchored "data/" would also drop the package's comet_ray/data/
+    assert {"/.venv/", "/.git/", "/runs/", "/data/"} <= set(env["excludes"])
+    assert not [p for p in env["excludes"] if p.rstrip("/").split("/")[-1] in ("data", "runs", "out") and
+                not p.startswith("/")]
+    # The pip list is what Ray hashes to name (and reuse) a node's virtualenv: the project's dependencies
+    # themselves, so a dependency change builds a new env; never a path or variable that hides them.
+    assert env["pip"]["packages"] == _project_dependencies()
+    assert "${" not in "".join(env["pip"]["packages"])
+    # torch with CUDA takes longer to install than Ray's default 600 s limit on a small node
+    assert runtime_env.get("config")["setup_timeout_seconds"] >= 1200
 
 
 @pytest.mark.parametrize("script,command", [("train.py", "train"), ("sweep.py", "tune")])

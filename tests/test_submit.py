@@ -343,16 +343,59 @@ def test_entrypoint_runtime_env_and_results_line(tmp_path) -> None:
     env = submit.build_runtime_env({"pip": ["x"], "excludes": ["big/"]})
     root = submit.project_root()
     assert root is not None and env["working_dir"] == str(root)
-    assert env["excludes"][0] == "big/" and ".venv/" in env["excludes"] and ".git/" in env["excludes"]
+    assert env["excludes"][0] == "big/" and "/.venv/" in env["excludes"] and "/.git/" in env["excludes"]
     assert env["pip"] == ["x"] and env["env_vars"]["PYTHONUNBUFFERED"] == "1"
     jobs_env = submit.load_runtime_env(str(root / "jobs" / "runtime_env.yaml"))
-    assert jobs_env["working_dir"] == "." and any("RAY_RUNTIME_ENV_CREATE_WORKING_DIR" in p
-                                                  for p in jobs_env["pip"]["packages"])
+    assert jobs_env["working_dir"] == "." and any(p.startswith("torch") for p in jobs_env["pip"]["packages"])
     wheel_env = submit.build_runtime_env({}, root=None)  # a wheel install: ship the package itself
     assert "working_dir" not in wheel_env and wheel_env["py_modules"][0].endswith("comet_ray")
     (tmp_path / "env.yaml").write_text("- not a mapping\n")
     with pytest.raises(CometError, match="expected a mapping"):
         submit.load_runtime_env(str(tmp_path / "env.yaml"))
+
+
+def test_the_job_package_holds_every_module_and_imports_without_an_install(tmp_path) -> None:
+    """Build the job's package the way ``ray job submit`` does (Ray's own packaging code, Ray's default
+    excludes plus ours, the project's .gitignore), unpack it, and import every ``comet_ray`` module from
+    it in a Python that has the dependencies but not comet-ray (the cluster's Python)."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    from comet_ray.testing.cluster import cluster_python
+
+    root = submit.project_root()
+    assert root is not None
+    archive = tmp_path / "package.zip"
+
+    def build(directory, excludes, is_file=False):
+        create_package(directory, archive, include_gitignore=True, excludes=excludes)
+
+    upload_working_dir_if_needed(submit.build_runtime_env({}), include_gitignore=True, upload_fn=build)
+    unpacked = tmp_path / "job"
+    with zipfile.ZipFile(archive) as package:
+        package.extractall(unpacked)
+    shipped = sorted(p.relative_to(unpacked).as_posix() for p in (unpacked / "comet_ray").rglob("*.py"))
+    source = sorted(p.relative_to(root).as_posix() for p in (root / "comet_ray").rglob("*.py"))
+    assert shipped == source  # comet_ray/data/ included: the excludes are anchored at the project root
+    assert not (unpacked / ".venv").exists() and not (unpacked / ".git").exists()
+    modules = [p.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for p in shipped
+               if not p.endswith("__main__.py")]
+    python = cluster_python(tmp_path / "py")
+    check = ("import importlib, os, sys\n"
+             "for name in sys.argv[1:]:\n"
+             "    module = importlib.import_module(name)\n"
+             "    assert module.__file__.startswith(os.getcwd() + os.sep), (name, module.__file__)\n"
+             "print('imported', len(sys.argv) - 1)")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "COMET_RAY_CACHE")}
+    result = subprocess.run([str(python), "-c", check, *modules], cwd=unpacked, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == f"imported {len(modules)}"
+    outside = subprocess.run([str(python), "-c", "import comet_ray"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert "No module named 'comet_ray'" in outside.stderr  # the modules above came from the package alone
 
 
 def test_results_are_copied_to_s3_after_success_only(s3_env, tmp_path, monkeypatch) -> None:

@@ -50,10 +50,14 @@ DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
 RESULTS_URI_ENV = "COMET_RAY_RESULTS_URI"
 
 # gitignore-style patterns, relative to the working dir (Ray also honours the project's .gitignore).
+# Folders a user keeps in the project root (environments, datasets, run outputs) are anchored with a
+# leading "/": an unanchored "data/" matches at any depth and would strip the package's own
+# comet_ray/data/ from the job. Only names that are never part of the package match everywhere.
 DEFAULT_EXCLUDES = [
-    ".venv/", "venv/", ".git/", "**/__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/",
-    ".ruff_cache/", ".mypy_cache/", "runs/", "out/", "data/", "datasets/", ".cache/", "cache/",
-    ".whl/", ".gpu/", "dist/", "build/", "comet-ray-demo/", "predictions/",
+    "/.venv/", "/venv/", "/.git/", "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/",
+    ".ruff_cache/", ".mypy_cache/", "/runs/", "/out/", "/data/", "/datasets/", "/.cache/", "/cache/",
+    "/.whl/", "/.gpu/", "/dist/", "/build/", "/comet-ray-demo/", "/predictions/", "/tune-runs/",
+    "/tune-results/", "/.ci/out/",
 ]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 POLL_SECONDS = 2.0
