@@ -10,6 +10,14 @@ objective column: test numbers never choose anything.
 A trial runs the plain core in-process (``workers=0``) or builds and fits a ``TorchTrainer`` over
 ``workers`` Ray Train workers (the Ray 2.60 pattern: Train V2 forbids ``Tuner(trainer)``), with the
 workers' per-epoch reports forwarded to Tune by ``TuneReportCallback``.
+
+On a cluster the driver runs on the head, which trains nothing: the trials, the one task that fills
+the feature cache before them and the seed repeats after them are Ray work with the trials'
+resources (GPUs when the cluster has or can autoscale GPU nodes), placed wherever those are.
+Concurrency is ``--max-concurrent-trials`` or what the cluster can hold at its largest. Tune's
+storage (default ``OUT/.ray``) and the feature cache under it must be shared by the nodes
+(``s3://`` on a cluster of several nodes); an ``s3://`` ``--out`` receives the results once the
+sweep is complete.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ import yaml
 from comet_ray import jsonfile
 from comet_ray.config import TrainConfig, apply_overrides
 from comet_ray.errors import CometError
+from comet_ray.storage import check_location, is_remote, require_shared, staged
+from comet_ray.storage import join as join_location
 
 log = logging.getLogger(__name__)
 DEFAULT_SPACE = Path(__file__).with_name("search_space.yaml")
@@ -193,7 +203,7 @@ def _run_distributed_trial(config: TrainConfig, context: dict, start: float) -> 
         storage_path=context["storage_path"],
         run_name=f"{trial.get_experiment_name()}-{trial.get_trial_id()}-train",
         feature_cache=context.get("feature_cache"),
-        out=os.path.join(context["storage_path"], trial.get_experiment_name(), trial.get_trial_id(), "output"),
+        out=join_location(context["storage_path"], trial.get_experiment_name(), trial.get_trial_id(), "output"),
         callbacks=[ObjectiveReportCallback()],
     )
     tune.report({"objective": metrics.get("validation_image_auroc"), "epoch": config.epochs, "final": True,
@@ -240,11 +250,11 @@ class SweepSettings:
 
 
 def _max_concurrent(settings: SweepSettings) -> int:
-    import ray
+    from comet_ray.distributed.resources import cluster_capacity
 
     if settings.max_concurrent_trials:
         return settings.max_concurrent_trials
-    resources = ray.cluster_resources()
+    resources = cluster_capacity()  # autoscaling node types not started yet included
     cpus = resources.get("CPU", 1.0)
     per_trial = settings.cpus_per_trial + settings.workers * settings.cpus_per_worker
     limit = max(1, int(cpus // max(per_trial, 1e-3)))
@@ -333,7 +343,7 @@ def tune_level(base: TrainConfig, level: float, settings: SweepSettings) -> list
     config = dataclasses.replace(base, contamination=level)
     config.comet = dataclasses.replace(base.comet, strategy="comet")
     metric, mode = ("objective", "max") if settings.objective == "validation" else ("objective", "min")
-    storage = os.path.abspath(settings.storage_path) if "://" not in settings.storage_path else settings.storage_path
+    storage = check_location(settings.storage_path, "--storage-path")
     context = {
         "base": config.to_dict(),
         "objective": settings.objective,
@@ -399,12 +409,54 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def repeat_over_seeds(base: TrainConfig, best: dict[float, dict], settings: SweepSettings) -> list[dict]:
-    """Baseline and the best CoMet configuration of every level, trained on ``settings.seeds`` seeds."""
+def _training_resources(settings: SweepSettings) -> dict[str, float]:
+    """What one training process of the sweep reserves: a trial's, or (``workers`` > 0) a Train worker's."""
+    if settings.workers > 0:
+        return {"num_cpus": settings.cpus_per_worker, "num_gpus": settings.gpus_per_worker}
+    return {"num_cpus": settings.cpus_per_trial, "num_gpus": settings.gpus_per_trial}
+
+
+def _train_once(config_dict: dict, feature_cache: str | None, threads: int) -> dict:
+    """One training run as Ray work (a repeat, on whichever node has a trial's resources); its metrics."""
+    import torch
+
     from comet_ray.pipeline import prepare_data, resolve_device, train_category
 
-    device = resolve_device(base.device)
-    rows = []
+    torch.set_num_threads(threads)
+    config = TrainConfig.from_dict(config_dict)
+    device = resolve_device(config.device)
+    data = prepare_data(config, device, cache_dir=feature_cache)
+    return train_category(config, data, device).metrics
+
+
+def _extract(config_dict: dict, feature_cache: str) -> None:
+    from comet_ray.pipeline import prepare_data, resolve_device
+
+    config = TrainConfig.from_dict(config_dict)
+    prepare_data(config, resolve_device(config.device), cache_dir=feature_cache)
+
+
+def _extract_once(base: TrainConfig, settings: SweepSettings) -> None:
+    """Fill the shared feature cache with one Ray task before any trial starts: the trials and repeats
+    (every contamination level and seed embeds the same images) then all read it, on any node."""
+    import ray
+
+    task = ray.remote(_extract).options(**_training_resources(settings))
+    ray.get(task.remote(base.to_dict(), settings.feature_cache))
+
+
+def repeat_over_seeds(base: TrainConfig, best: dict[float, dict], settings: SweepSettings) -> list[dict]:
+    """Baseline and the best CoMet configuration of every level, trained on ``settings.seeds`` seeds.
+
+    Each run is a Ray task with a trial's resources, so the repeats run side by side on the cluster's
+    workers (never in the driver, which on a cluster sits on the head).
+    """
+    import ray
+
+    resources = _training_resources(settings)
+    run = ray.remote(_train_once).options(**resources)
+    threads = max(1, int(resources["num_cpus"]))
+    keys, pending = [], []
     for level, row in sorted(best.items()):
         knobs = {k.removeprefix("knob_"): v for k, v in row.items() if k.startswith("knob_")}
         for seed in range(settings.seeds):
@@ -412,10 +464,9 @@ def repeat_over_seeds(base: TrainConfig, best: dict[float, dict], settings: Swee
                 config = dataclasses.replace(base, contamination=level, seed=seed)
                 config = apply_overrides(config, knob_overrides(knobs) if strategy == "comet" else {})
                 config.comet = dataclasses.replace(config.comet, strategy=strategy)
-                data = prepare_data(config, device, cache_dir=settings.feature_cache)
-                metrics = train_category(config, data, device).metrics
-                rows.append({"level": level, "seed": seed, "strategy": strategy, **_test_metrics(metrics)})
-    return rows
+                keys.append({"level": level, "seed": seed, "strategy": strategy})
+                pending.append(run.remote(config.to_dict(), settings.feature_cache, threads))
+    return [{**key, **_test_metrics(metrics)} for key, metrics in zip(keys, ray.get(pending))]
 
 
 def plot_contamination(rows: list[dict], path: Path) -> None:
@@ -449,10 +500,18 @@ def plot_contamination(rows: list[dict], path: Path) -> None:
 
 def sweep(base: TrainConfig, settings: SweepSettings) -> dict:
     """Tune every level, pick the best configuration per level by the objective, repeat, plot."""
+    if is_remote(settings.out):  # put together locally, uploaded once the sweep is complete
+        with staged(check_location(settings.out, "--out"), last=("summary.json",)) as local:
+            return sweep(base, dataclasses.replace(settings, out=str(local)))
+    from comet_ray.distributed.resources import cluster_nodes
+
+    storage_path = check_location(settings.storage_path, "--storage-path")
+    require_shared(storage_path, "--storage-path", cluster_nodes())  # before any trial starts
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     if settings.feature_cache is None:
-        settings.feature_cache = os.path.join(os.path.abspath(settings.storage_path), "feature_cache")
+        settings.feature_cache = join_location(storage_path, "feature_cache")
+    _extract_once(base, settings)
     rows: list[dict] = []
     for level in settings.levels:
         rows.extend(tune_level(base, level, settings))
@@ -490,36 +549,46 @@ def register(subparsers) -> None:
     parser.add_argument("--space", default=None, help=f"search-space YAML (default: {DEFAULT_SPACE.name} in the package)")
     parser.add_argument("--seeds", type=int, default=3, help="repeat baseline and the best configuration per level over this many seeds (0: skip)")
     parser.add_argument("--search-seed", type=int, default=0, help="seed of the Optuna sampler")
-    parser.add_argument("--storage-path", default="tune-runs", help="Tune storage (local folder or s3://); same path = resume")
+    parser.add_argument("--storage-path", default=None,
+                        help="Tune storage and feature cache (local folder or s3://; s3:// on a cluster of several "
+                             "nodes); default OUT/.ray; same path = resume")
     parser.add_argument("--workers", type=int, default=0, help="Ray Train workers per trial (0: train in the trial process)")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved for each trial process")
-    parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs for each in-process trial")
+    parser.add_argument("--gpus-per-trial", type=float, default=None,
+                        help="GPUs for each in-process trial (and repeat); default: 1 when the cluster has, or can "
+                             "autoscale, GPU nodes, else 0")
     parser.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs per Ray Train worker")
-    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker")
+    parser.add_argument("--gpus-per-worker", type=float, default=None,
+                        help="GPUs per Ray Train worker; default: 1 when the cluster has, or can autoscale, a GPU "
+                             "for every worker of a trial, else 0")
     parser.add_argument("--max-concurrent-trials", type=int, default=None, help="default: derived from the cluster's resources")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    parser.add_argument("--out", required=True, help="results.csv, rho_*/best.json, seeds.csv, contamination.png")
+    parser.add_argument("--out", required=True,
+                        help="folder or s3://bucket/prefix: results.csv, rho_*/best.json, seeds.csv, contamination.png")
     parser.set_defaults(func=_cmd_tune)
 
 
 def _cmd_tune(args) -> int:
-    import ray
+    from comet_ray.distributed.connect import init_ray
+    from comet_ray.distributed.resources import auto_gpus
+    from comet_ray.pipeline import check_trainable
 
     levels = [float(x) for x in str(args.contamination).split(",") if x.strip()]
     args.contamination = 0.0
     base = _base_config(args)
+    check_trainable(base, s3_endpoint=args.s3_endpoint)  # one line now, not an error in every trial
+    out = check_location(args.out, "--out")
+    init_ray(args.address, log_to_driver=False)
+    workers = args.workers
     settings = SweepSettings(
         levels=levels, trials=args.trials, objective=args.objective, space_file=args.space,
-        storage_path=args.storage_path, out=args.out, search_seed=args.search_seed, seeds=args.seeds,
-        workers=args.workers, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-        cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+        storage_path=args.storage_path or join_location(out, ".ray"), out=out, search_seed=args.search_seed,
+        seeds=args.seeds, workers=workers, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=auto_gpus(args.gpus_per_trial) if workers == 0 else (args.gpus_per_trial or 0.0),
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=auto_gpus(args.gpus_per_worker, workers) if workers > 0 else 0.0,
         max_concurrent_trials=args.max_concurrent_trials, feature_cache=args.cache_dir,
     )
-    from comet_ray.pipeline import check_trainable
-
-    check_trainable(base, s3_endpoint=args.s3_endpoint)  # one line now, not an error in every trial
-    if not ray.is_initialized():
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     summary = sweep(base, settings)
     for level, row in sorted(summary["best"].items(), key=lambda kv: float(kv[0])):
         print(f"rho {level}: best validation objective {row['objective']:.4f} "

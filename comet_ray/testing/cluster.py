@@ -74,7 +74,7 @@ def cluster_python(directory: str | os.PathLike) -> Path:
     ours = [p for p in dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"]]) if Path(p).is_dir()]
     (Path(purelib) / "cluster-dependencies.pth").write_text("".join(f"{p}\n" for p in ours))
     probe = subprocess.run([str(python), "-c", "import ray, torch; import comet_ray"], capture_output=True,
-                           text=True, cwd=directory, env=_clean_env(os.environ))
+                           text=True, cwd=directory, env=_clean_env(os.environ), check=False)
     if probe.returncode == 0:
         raise RuntimeError("comet_ray is importable without the project on the path (installed as a wheel?): "
                            "the cluster Python must not have it")
@@ -101,7 +101,7 @@ def unshare_command() -> list[str] | None:
         for command in (["unshare", "-m", "--propagation", "private"],
                         ["unshare", "-r", "-m", "--propagation", "private"]):
             result = subprocess.run([*command, "sh", "-c", _MOUNT_SCRIPT, "sh", probe, probe, "--", "true"],
-                                    capture_output=True, timeout=30)
+                                    capture_output=True, timeout=30, check=False)
             if result.returncode == 0:
                 return command
         return None
@@ -331,7 +331,7 @@ class LocalCluster:
         """Run ``code`` with the cluster's Python on the head, outside any job, as a driver of this cluster."""
         env = {**self.env, "RAY_ADDRESS": self.gcs_address}
         return subprocess.run([str(self.python), "-c", code], capture_output=True, text=True, timeout=timeout,
-                              env=env, cwd=self.shared["tmp"])
+                              env=env, cwd=self.shared["tmp"], check=False)
 
     # ----------------------------------------------------------------- stopping
     def stop_node(self, name: str) -> ClusterNode:
