@@ -88,6 +88,7 @@ class PreparedData:
     grid: tuple[int, int]
     skipped: list[dict] = field(default_factory=list)
     mask_issues: list[dict] = field(default_factory=list)
+    feature_origin: str = ""  # where the features came from, when a cache was used (ExtractedSplit.origin)
 
 
 def select_samples(samples: list[Sample], config: TrainConfig) -> tuple[list[Sample], list[Sample], list[Sample], dict]:
@@ -183,6 +184,7 @@ def prepare_data(
         grid=extracted.store.grid,
         skipped=skipped,
         mask_issues=extracted.mask_issues,
+        feature_origin=extracted.origin,
     )
 
 

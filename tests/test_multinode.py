@@ -12,7 +12,7 @@ there, with the options of a tiny model appended (``comet_ray.testing.TINY_TRAIN
 shows what this tier runs.
 
 Where work ran is read from the nodes' own disks: a Ray worker's log lines land in the session
-folder of the node that ran it, so "extracted features" / "feature cache hit" lines there show which
+folder of the node that ran it, so "features: extracted ..." / "features: read ..." lines there show which
 node extracted and which only read the shared cache, and that the head trained nothing.
 """
 
@@ -41,8 +41,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.filterwarnings("ignore:ssl=None i
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "comet-cluster"
 JOB_TIMEOUT_S = 600
-EXTRACTED = "extracted features of"
-CACHE_HIT = "feature cache hit"
+EXTRACTED = "features: extracted"
+CACHE_HIT = "features: read"
 
 
 # --------------------------------------------------------------------------- the README's commands
@@ -108,7 +108,8 @@ class Submit:
 
     @property
     def output(self) -> str:
-        self.handle.flush()
+        if not self.handle.closed:
+            self.handle.flush()
         return self.log.read_text(errors="replace")
 
     def wait(self, timeout: float = JOB_TIMEOUT_S) -> int:
@@ -144,16 +145,15 @@ def read(s3, key: str) -> str:
 
 
 def log_lines(cluster: LocalCluster, text: str, also: str = "") -> dict[str, int]:
-    """Per node ("head" included), how many Ray worker log lines contain ``text`` (and ``also``)."""
-    disks = {"head": cluster.shared["ray"]}
-    disks.update({node.disk.name: node.disk / "ray" for node in [*cluster.retired, *cluster.nodes.values()]})
+    """Per node ("head" included), how many lines Ray workers printed there contain ``text`` (and ``also``)."""
+    disks = {"head": cluster.ray_temp}
+    disks.update({node.disk.name: node.disk / "tmp" / "ray" for node in [*cluster.retired, *cluster.nodes.values()]})
     counts = {}
     for name, ray_dir in disks.items():
-        count = 0
-        for path in ray_dir.glob("session_*/logs/worker-*"):
-            for line in path.read_text(errors="replace").splitlines():
-                count += text in line and also in line
-        counts[name] = count
+        sessions = [p for p in ray_dir.glob("session_*") if not p.is_symlink()]  # not session_latest
+        lines = [line for session in sessions for path in session.glob("logs/worker-*.out")  # stdout
+                 for line in path.read_text(errors="replace").splitlines() if text in line and also in line]
+        counts[name] = len(lines)
     return counts
 
 
@@ -241,7 +241,7 @@ def test_submit_tune_runs_trials_and_repeats_on_worker_nodes(cluster: LocalClust
     names = set(keys(s3, "sweeps/bottle/"))
     assert {"results.csv", "rho_0.1/best.json", "seeds.csv", "contamination.png", "summary.json"} <= names
     trials = list(csv.DictReader(io.StringIO(read(s3, "sweeps/bottle/results.csv"))))
-    assert len(trials) == 2 and all(t["objective"] for t in trials)
+    assert len(trials) == 2 and all(t["objective"] or t["stopped_early_objective"] for t in trials)  # ASHA may stop one
     repeats = list(csv.DictReader(io.StringIO(read(s3, "sweeps/bottle/seeds.csv"))))
     assert sorted((r["seed"], r["strategy"]) for r in repeats) == [("0", "baseline"), ("0", "comet"),
                                                                    ("1", "baseline"), ("1", "comet")]
@@ -254,3 +254,84 @@ def test_submit_tune_runs_trials_and_repeats_on_worker_nodes(cluster: LocalClust
     assert sum(extracted.values()) == 1 and sum(hits.values()) == 6, (extracted, hits)
     assert extracted["head"] == hits["head"] == 0
     assert all(hits[node.disk.name] or extracted[node.disk.name] for node in cluster.nodes.values())
+
+
+# --------------------------------------------------------------------------- faults
+def wait_for(condition, what: str, run: Submit, timeout: float = 300.0, poll: float = 0.25):
+    """Poll ``condition()`` until it returns something truthy (returned); fail if the job ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if run.process.poll() is not None:
+            pytest.fail(f"the job ended before {what}:\n{run.output[-6000:]}")
+        time.sleep(poll)
+    pytest.fail(f"no {what} after {timeout:.0f}s:\n{run.output[-6000:]}")
+
+
+def test_a_killed_worker_and_a_replaced_node_resume_from_s3_checkpoints(cluster: LocalCluster, s3,
+                                                                         tmp_path: Path) -> None:
+    """The README's train command, 10 epochs: once the first checkpoint is in S3 one Ray Train worker
+    process is SIGKILLed; once the restarted group has checkpointed, worker node ``worker-b`` is taken
+    away (every process SIGKILLed, as a reclaimed spot instance) and a fresh node with an empty disk
+    joins. The run resumes both times from its newest S3 checkpoint and finishes with every epoch
+    once; the fresh node reads the features from the S3 cache instead of extracting them."""
+    epochs = 10
+    run = Submit(cluster, readme_commands()["train"] + TINY_TRAIN_ARGS + [
+        "--epochs", str(epochs), "--out", f"s3://{BUCKET}/runs/faults"], tmp_path / "submit.log")
+    run_prefix = "runs/faults/.ray/bottle-comet-seed0/"
+
+    def epochs_checkpointed() -> int:
+        """Epochs covered by the newest checkpoint Ray Train has registered (its snapshot in S3), else 0."""
+        snapshot = run_prefix + "checkpoint_manager_snapshot.json"
+        if not keys(s3, snapshot):
+            return 0
+        latest = json.loads(read(s3, snapshot)).get("latest_checkpoint_result")
+        return int(latest["checkpoint_dir_name"].removeprefix("epoch_")) + 1 if latest else 0
+
+    def starts() -> list[dict]:
+        names = sorted(keys(s3, run_prefix + "attempts/"))
+        return [json.loads(read(s3, run_prefix + "attempts/" + name)) for name in names]
+
+    try:
+        # 1. One worker process killed once Ray Train has registered a checkpoint (in S3).
+        at_kill = wait_for(epochs_checkpointed, "a first registered checkpoint", run)
+        victims = {name: cluster.processes_named(node, "RayTrainWorker") for name, node in cluster.nodes.items()}
+        name, pids = next((n, p) for n, p in victims.items() if p)
+        os.kill(pids[0], signal.SIGKILL)
+        # 2. The group restarted from a checkpoint; once it registered one of its own, worker-b goes away.
+        second = wait_for(lambda: starts()[2:4] if len(starts()) >= 4 else None, "a restarted worker group", run)
+        resumed = second[0]["start_epoch"]
+        at_stop = wait_for(lambda: max(epochs_checkpointed() - resumed, 0), "a checkpoint of the restarted group",
+                           run) + resumed
+        gone = cluster.stop_node("worker-b")
+        fresh = cluster.add_node("worker-b", num_cpus=1)
+        code = run.wait()
+    finally:
+        if run.process.poll() is None:
+            run.process.kill()
+    output = run.output
+    assert code == 0, output[-6000:]
+
+    attempts = [json.loads(line) for line in read(s3, "runs/faults/attempts.jsonl").splitlines()]
+    groups = [sorted((a["start_epoch"], a["rank"]) for a in attempts[i:i + 2]) for i in range(0, len(attempts), 2)]
+    assert len(attempts) == 6, attempts
+    assert groups[0] == [(0, 0), (0, 1)]
+    first_resume, second_resume = groups[1][0][0], groups[2][0][0]
+    assert groups[1] == [(first_resume, 0), (first_resume, 1)] and groups[2] == [(second_resume, 0), (second_resume, 1)]
+    # each restart began from the newest registered checkpoint, not from scratch
+    assert 0 < at_kill <= first_resume < at_stop <= second_resume < epochs, (at_kill, first_resume, at_stop,
+                                                                             second_resume)
+    metrics = json.loads(read(s3, "runs/faults/metrics.json"))
+    assert metrics["resumed_from_epoch"] == second_resume and metrics["epochs"] == epochs
+    history = json.loads(read(s3, "runs/faults/history.json"))
+    assert [e["epoch"] for e in history] == list(range(epochs))  # every epoch once
+
+    # The fresh node started on an empty disk and took its features from the S3 cache.
+    cache = f"s3://{BUCKET}/runs/faults/.ray/feature_cache/"
+    assert log_lines(cluster, CACHE_HIT, cache)[fresh.disk.name] >= 1
+    assert log_lines(cluster, EXTRACTED, cache)[fresh.disk.name] == 0
+    assert sum(log_lines(cluster, EXTRACTED, cache).values()) == 1  # extracted once, before any fault
+    assert fresh.disk != gone.disk and list((fresh.disk / "tmp").glob("comet-ray-features/*"))
+    assert name in cluster.nodes or name == "worker-b"

@@ -270,6 +270,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     collective.barrier()
     if rank != 0:
         data = prepare_data(config, device, cache_dir=cache)
+    say_feature_origin(data, f"rank {rank}")
 
     kill_at = loop_config.get("kill_at_epoch")
     kill_rank = int(loop_config.get("kill_rank", 0))
@@ -314,6 +315,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             (local / ATTEMPTS_FILE).write_text(_gathered_attempts(attempts))
     ray.train.report({"done": True, **_plain(result.metrics)})
     return _plain(result.metrics) if rank == 0 else None  # the driver's Result.return_value
+
+
+def say_feature_origin(data, who: str) -> None:
+    """One line in the worker's output (and its node's logs): did this process extract or read the features?"""
+    if data.feature_origin:
+        print(f"[{who}] features: {data.feature_origin}", flush=True)
 
 
 class _EpochRecord:

@@ -143,11 +143,13 @@ def run_trial(params: dict[str, Any]) -> None:
         _run_distributed_trial(config, context, start)
         return
 
+    from comet_ray.distributed.train import say_feature_origin
     from comet_ray.evaluate import validation_auroc
     from comet_ray.pipeline import prepare_data, resolve_device, train_category
 
     device = resolve_device(config.device)
     data = prepare_data(config, device, cache_dir=context.get("feature_cache"))
+    say_feature_origin(data, "trial")
     state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -420,20 +422,23 @@ def _train_once(config_dict: dict, feature_cache: str | None, threads: int) -> d
     """One training run as Ray work (a repeat, on whichever node has a trial's resources); its metrics."""
     import torch
 
+    from comet_ray.distributed.train import say_feature_origin
     from comet_ray.pipeline import prepare_data, resolve_device, train_category
 
     torch.set_num_threads(threads)
     config = TrainConfig.from_dict(config_dict)
     device = resolve_device(config.device)
     data = prepare_data(config, device, cache_dir=feature_cache)
+    say_feature_origin(data, "repeat")
     return train_category(config, data, device).metrics
 
 
 def _extract(config_dict: dict, feature_cache: str) -> None:
+    from comet_ray.distributed.train import say_feature_origin
     from comet_ray.pipeline import prepare_data, resolve_device
 
     config = TrainConfig.from_dict(config_dict)
-    prepare_data(config, resolve_device(config.device), cache_dir=feature_cache)
+    say_feature_origin(prepare_data(config, resolve_device(config.device), cache_dir=feature_cache), "cache fill")
 
 
 def _extract_once(base: TrainConfig, settings: SweepSettings) -> None:

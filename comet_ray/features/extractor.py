@@ -83,6 +83,7 @@ class ExtractedSplit:
     mask_available: torch.Tensor | None = None  # [N] bool
     skipped: list[dict] = field(default_factory=list)
     mask_issues: list[dict] = field(default_factory=list)
+    origin: str = ""  # with a cache: "extracted N images into the cache LOCATION" or "read N images from ..."
 
 
 def extract_features(
@@ -245,8 +246,9 @@ def extract_features_cached(
     cached = load_cached(location, with_masks, mmap=mmap)
     if cached is not None:
         log.info("feature cache hit: %s", public_s3_uri(location))
+        cached.origin = f"read {len(cached.store)} images from the cache {public_s3_uri(location)}"
         return cached
     result = extract_features(samples, extractor, filesystem, with_masks, progress=progress)
     save_cached(location, result, with_masks)
-    log.info("extracted features of %d images into the cache: %s", len(result.store), public_s3_uri(location))
+    result.origin = f"extracted {len(result.store)} images into the cache {public_s3_uri(location)}"
     return result

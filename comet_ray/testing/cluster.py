@@ -5,9 +5,10 @@ What makes it behave like a real cluster rather than Ray's usual single-machine 
 * **a head that trains nothing**: ``ray start --head --num-cpus=0`` (as ``clusters/aws-gpu.yaml`` starts
   it), dashboard and job API on 127.0.0.1, token authentication on (``RAY_AUTH_MODE=token``);
 * **worker nodes with their own disks**: each worker node runs inside its own mount namespace
-  (``unshare -m``) where bind mounts put private folders over the cluster's temp folder, Ray's temp
-  folder (session, runtime envs, working dirs) and ``HOME``. What a node writes there (checkpoint
-  staging, feature caches, a relative ``--out``) is invisible to the head and to the other nodes, as
+  (``unshare -m``) where bind mounts put private folders over the cluster's temp folder (``TMPDIR``,
+  which holds Ray's ``<tmp>/ray``: sessions, runtime envs, working dirs) and over ``HOME``. What a
+  node writes there (checkpoint staging, feature caches, a relative ``--out``) is invisible to the
+  head and to the other nodes, as
   on separate machines; a node removed and added again starts on an empty disk. The nodes share only
   the network (127.0.0.1) and the read-only software (the Python environment);
 * **a Python without comet-ray**: :func:`cluster_python` builds a venv whose only link to this
@@ -198,9 +199,11 @@ class LocalCluster:
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="crm", dir=parent))
         self.token = token or secrets.token_hex(32)
         self.python = cluster_python(self.root / "py")
-        self.shared = {name: self.root / name for name in ("tmp", "ray", "home")}  # the folders each node gets privately
+        # The folders each worker node gets privately; Ray's temp folder is <tmp>/ray, as /tmp/ray on a machine.
+        self.shared = {name: self.root / name for name in ("tmp", "home")}
         for folder in self.shared.values():
             folder.mkdir(exist_ok=True)
+        self.ray_temp = self.shared["tmp"] / "ray"
         self.env = {
             **_clean_env(os.environ), **LOCAL_ENV, **FAST_FAILURE_DETECTION, **(env or {}),
             "PATH": f"{self.python.parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -243,7 +246,7 @@ class LocalCluster:
         low = _free_port_range()
         command = [
             str(self.python), "-m", "ray.scripts.scripts", "start", "--head", "--block",
-            "--node-ip-address=127.0.0.1", "--num-cpus=0", "--num-gpus=0", f"--temp-dir={self.shared['ray']}",
+            "--node-ip-address=127.0.0.1", "--num-cpus=0", "--num-gpus=0", f"--temp-dir={self.ray_temp}",
             f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
             "--include-dashboard=true", f"--ray-client-server-port={client}", f"--node-manager-port={manager}",
             f"--object-manager-port={objects}", f"--dashboard-agent-listen-port={agent}",
@@ -251,6 +254,9 @@ class LocalCluster:
             f"--metrics-export-port={metrics}", f"--min-worker-port={low}", f"--max-worker-port={low + 99}",
             "--object-store-memory=100000000", "--disable-usage-stats",
         ]
+        # Every process of the cluster knows its GCS, as KubeRay's pods do: Ray tools run on a node (the
+        # state API Ray Train's placement-group cleaner calls) never scan the machine for other Rays.
+        self.env["RAY_ADDRESS"] = self.gcs_address
         self.head = self._spawn(command, self.root / "head.log")
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -329,9 +335,8 @@ class LocalCluster:
 
     def run_driver(self, code: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run ``code`` with the cluster's Python on the head, outside any job, as a driver of this cluster."""
-        env = {**self.env, "RAY_ADDRESS": self.gcs_address}
         return subprocess.run([str(self.python), "-c", code], capture_output=True, text=True, timeout=timeout,
-                              env=env, cwd=self.shared["tmp"], check=False)
+                              env=self.env, cwd=self.shared["tmp"], check=False)
 
     # ----------------------------------------------------------------- stopping
     def stop_node(self, name: str) -> ClusterNode:
