@@ -162,8 +162,7 @@ def staged(destination: str, last: Sequence[str] = ("metrics.json",), s3_endpoin
            ) -> Iterator[Path]:
     """A local folder for ``destination``, published there only if the block succeeds (module docstring)."""
     if not is_remote(destination):
-        Path(destination).mkdir(parents=True, exist_ok=True)
-        yield Path(destination)
+        yield Path(destination)  # created by whoever writes into it: a failed command leaves nothing
         return
     local = staging_folder(destination)
     local.mkdir(parents=True, exist_ok=True)
@@ -176,7 +175,6 @@ def staged(destination: str, last: Sequence[str] = ("metrics.json",), s3_endpoin
 def staged_file(destination: str, s3_endpoint: str | None = None) -> Iterator[Path]:
     """A local path for the single file ``destination``, uploaded there if the block succeeds."""
     if not is_remote(destination):
-        Path(destination).parent.mkdir(parents=True, exist_ok=True)
         yield Path(destination)
         return
     with tempfile.TemporaryDirectory(prefix="comet-file-") as tmp:
