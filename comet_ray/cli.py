@@ -169,7 +169,8 @@ def _train_in_process(args: argparse.Namespace) -> int:
     from comet_ray import storage
 
     out = storage.check_location(args.out, "--out")
-    with storage.staged(out) as local:  # out itself, or a local folder uploaded to s3:// once complete
+    # out itself, or a local folder uploaded to s3:// once the run is complete
+    with storage.staged(out, s3_endpoint=args.s3_endpoint) as local:
         _train_into(args, str(local))
     print(f"results in {out}")
     return 0
@@ -184,6 +185,8 @@ def _train_into(args: argparse.Namespace, out: str) -> None:
     print(f"comet-ray train: {config.category} | strategy {config.comet.strategy} | device {device}", flush=True)
     data = prepare_data(config, device, cache_dir=args.cache_dir, progress=True, s3_endpoint=args.s3_endpoint,
                         engine=args.engine)
+    if data.feature_origin:
+        print(f"features: {data.feature_origin}", flush=True)
     _report_left_out(data.skipped, "image(s) skipped", "manifest.json")
     _report_left_out(data.mask_issues, "mask(s) unusable (image kept for image-level metrics)", "manifest.json")
     # Killed and run again, the same command continues from the last finished epoch (comet_ray.resume).

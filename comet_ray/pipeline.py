@@ -160,7 +160,8 @@ def prepare_data(
         extracted = extract_features_streaming(every, extractor, s3_endpoint, True, cache_dir,
                                                progress=progress, data_root=config.data_root)
     else:
-        extracted = extract_features_cached(every, extractor, filesystem, True, cache_dir, progress=progress)
+        extracted = extract_features_cached(every, extractor, filesystem, True, cache_dir, progress=progress,
+                                            s3_endpoint=s3_endpoint)
     train_x = subset_split(extracted, [s.sample_id for s in train])
     if len(train_x.store) == 0:
         raise DatasetLayoutError(f"no readable training images in category {config.category!r}")

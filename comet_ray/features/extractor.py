@@ -173,7 +173,7 @@ def cache_location(cache_dir: str, samples: list[Sample], extractor: PatchFeatur
     return storage.join(cache_dir, cache_key(samples, extractor, with_masks))
 
 
-def _local_entry(location: str) -> Path | None:
+def _local_entry(location: str, s3_endpoint: str | None = None) -> Path | None:
     """A complete cache entry as a local folder: ``location`` itself, or this node's copy of an S3 entry
     (downloaded once per node, then reused); None when the entry does not exist (yet)."""
     if not storage.is_remote(location):
@@ -181,10 +181,10 @@ def _local_entry(location: str) -> Path | None:
     mirror = Path(tempfile.gettempdir()) / LOCAL_MIRROR / hashlib.sha256(location.encode()).hexdigest()[:24]
     if (mirror / CACHE_MARKER).exists():
         return mirror
-    if not storage.exists(storage.join(location, CACHE_MARKER)):
+    if not storage.exists(storage.join(location, CACHE_MARKER), s3_endpoint):
         return None
     partial = mirror.with_name(f"{mirror.name}.tmp-{os.getpid()}")
-    storage.download(location, partial)
+    storage.download(location, partial, s3_endpoint)
     try:
         os.replace(partial, mirror)
     except OSError:  # another process on this node finished the same download first
@@ -192,9 +192,10 @@ def _local_entry(location: str) -> Path | None:
     return mirror
 
 
-def load_cached(location: str, with_masks: bool, mmap: bool = False) -> ExtractedSplit | None:
+def load_cached(location: str, with_masks: bool, mmap: bool = False,
+                s3_endpoint: str | None = None) -> ExtractedSplit | None:
     """The :class:`ExtractedSplit` stored at ``location`` (local or ``s3://``), or None if there is none."""
-    directory = _local_entry(location)
+    directory = _local_entry(location, s3_endpoint)
     if directory is None or not FeatureStore.exists(directory):
         return None
     store = FeatureStore.load(directory, mmap=mmap)
@@ -206,7 +207,7 @@ def load_cached(location: str, with_masks: bool, mmap: bool = False) -> Extracte
     return result
 
 
-def save_cached(location: str, result: ExtractedSplit, with_masks: bool) -> None:
+def save_cached(location: str, result: ExtractedSplit, with_masks: bool, s3_endpoint: str | None = None) -> None:
     """Store ``result`` at ``location`` (local or ``s3://``); the marker file last, so readers see it whole."""
     remote = storage.is_remote(location)
     directory = Path(tempfile.mkdtemp(prefix="comet-features-")) if remote else Path(location)
@@ -219,7 +220,7 @@ def save_cached(location: str, result: ExtractedSplit, with_masks: bool) -> None
         extras = {"skipped": result.skipped, "mask_issues": result.mask_issues}
         (directory / CACHE_MARKER).write_text(json.dumps(extras))
         if remote:
-            storage.upload(directory, location, last=[CACHE_MARKER])
+            storage.upload(directory, location, last=[CACHE_MARKER], s3_endpoint=s3_endpoint)
     finally:
         if remote:
             shutil.rmtree(directory, ignore_errors=True)
@@ -233,6 +234,7 @@ def extract_features_cached(
     cache_dir: str | None,
     progress: bool = False,
     mmap: bool = False,
+    s3_endpoint: str | None = None,
 ) -> ExtractedSplit:
     """``extract_features`` with a cache (a local folder or ``s3://``) keyed by the samples and the
     extractor's fingerprint (:func:`cache_location`).
@@ -243,12 +245,12 @@ def extract_features_cached(
     if not cache_dir:
         return extract_features(samples, extractor, filesystem, with_masks, progress=progress)
     location = cache_location(cache_dir, samples, extractor, with_masks)
-    cached = load_cached(location, with_masks, mmap=mmap)
+    cached = load_cached(location, with_masks, mmap=mmap, s3_endpoint=s3_endpoint)
     if cached is not None:
         log.info("feature cache hit: %s", public_s3_uri(location))
         cached.origin = f"read {len(cached.store)} images from the cache {public_s3_uri(location)}"
         return cached
     result = extract_features(samples, extractor, filesystem, with_masks, progress=progress)
-    save_cached(location, result, with_masks)
+    save_cached(location, result, with_masks, s3_endpoint)
     result.origin = f"extracted {len(result.store)} images into the cache {public_s3_uri(location)}"
     return result
