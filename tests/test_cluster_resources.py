@@ -12,10 +12,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from comet_ray.distributed.resources import auto_gpus, cluster_capacity, cluster_nodes  # noqa: E402
-from comet_ray.distributed.tune import SweepSettings, _max_concurrent, _training_resources  # noqa: E402
-from comet_ray.errors import CometError  # noqa: E402
-from comet_ray.storage import require_shared  # noqa: E402
+from comet_ray.distributed.resources import auto_gpus, cluster_capacity, cluster_nodes
+from comet_ray.distributed.tune import SweepSettings, _max_concurrent, _training_resources
+from comet_ray.errors import CometError
+from comet_ray.storage import require_shared
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 
 The cluster is private to the test: its own temp dir (short, for Unix socket paths), its own ports,
 its dashboard on 127.0.0.1. ``ray stop`` is never used -- it kills every Ray process on the machine,
-including other people's. Teardown ends exactly the processes this cluster started: the descendants
-of its ``ray start --block`` process plus anything whose command line names its temp dir.
+including other people's. Teardown ends exactly the processes this cluster started: the session of
+its ``ray start --block`` process, their descendants and anything whose command line names its temp
+dir (``comet_ray.testing.cluster.stop_processes``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +30,8 @@ import pytest
 from comet_ray.data.synthetic import make_texture_category
 from comet_ray.distributed import submit
 from comet_ray.errors import CometError
+from comet_ray.testing.cluster import free_port_range, stop_processes
+from comet_ray.testing.s3server import free_ports
 
 TINY = ["--backbone", "mobilenet_v2", "--no-pretrained", "--image-size", "64", "--feature-dim", "32",
         "--epochs", "1", "--passes", "1", "--set", "discriminator_hidden=32", "--set", "noise_std=0.1",
@@ -53,102 +55,15 @@ def run_cli(argv: list[str]) -> int:
         return 2
 
 
-# --------------------------------------------------------------------------- processes, from /proc
-def _proc_table() -> dict[int, tuple[int, str, str]]:
-    """pid -> (parent pid, start time, command line) for every process we can read."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        table[int(entry)] = (int(fields[1]), fields[19], cmdline)
-    return table
-
-
-def _descendants(roots: set[int], table: dict[int, tuple[int, str, str]]) -> set[int]:
-    found, frontier = set(roots), set(roots)
-    while frontier:
-        frontier = {pid for pid, (ppid, _, _) in table.items() if ppid in frontier and pid not in found}
-        found |= frontier
-    return found
-
-
-def _ours(root_pid: int, marker: str) -> dict[int, str]:
-    """pid -> start time of every process of this cluster (descendants of ray start + cmdline names marker)."""
-    table = _proc_table()
-    roots = {pid for pid, (_, _, cmd) in table.items() if marker in cmd}
-    if root_pid in table:
-        roots.add(root_pid)
-    return {pid: table[pid][1] for pid in _descendants(roots, table) if pid in table and pid != os.getpid()}
-
-
-def _signal_all(pids: dict[int, str], sig: int) -> None:
-    table = _proc_table()
-    for pid, started in pids.items():
-        if pid in table and table[pid][1] == started:  # same process, not a reused pid
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-
-def _alive(pids: dict[int, str]) -> dict[int, str]:
-    table = _proc_table()
-    alive = {}
-    for pid, started in pids.items():
-        if pid in table and table[pid][1] == started:
-            try:
-                if Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":
-                    alive[pid] = started
-            except (OSError, IndexError):
-                pass
-    return alive
-
-
-# --------------------------------------------------------------------------- a private Ray head
-def _free_ports(count: int) -> list[int]:
-    sockets, ports = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-        ports.append(s.getsockname()[1])
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _free_range(width: int = 60) -> tuple[int, int]:
-    """A run of ``width`` ports that are free now, for --min/--max-worker-port."""
-    rng = secrets.SystemRandom()
-    for _ in range(50):
-        low = rng.randrange(20000, 30000 - width)
-        busy = False
-        for port in range(low, low + width, 7):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    busy = True
-                    break
-        if not busy:
-            return low, low + width - 1
-    raise RuntimeError("no free worker port range")
-
-
 class RayHead:
     """``ray start --head --block`` on 127.0.0.1 with private ports and temp dir; ``close`` ends only it."""
 
     def __init__(self, token: str | None = None) -> None:
         self.temp = Path(tempfile.mkdtemp(prefix="crs", dir="/tmp"))  # short: Ray puts Unix sockets under it
         (gcs, dashboard, client, node_manager, object_manager, agent_listen, agent_grpc, runtime_env_agent,
-         metrics) = _free_ports(9)
-        low, high = _free_range()
+         metrics) = free_ports(9)
+        low = free_port_range(60)
+        high = low + 59
         self.dashboard_port = dashboard
         self.url = f"http://127.0.0.1:{dashboard}"
         self.token = token
@@ -199,39 +114,19 @@ class RayHead:
             return ""
 
     def stop(self) -> None:
-        """Note every process of this cluster, then SIGTERM ``ray start --block``, which stops its children."""
-        self._ours = _ours(self.process.pid, str(self.temp))
+        """SIGTERM ``ray start --block``, which stops its children (heads side by side wind down together)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
 
     def close(self) -> None:
-        """Stop (if :meth:`stop` was not called), then end whatever is left of this cluster, and only it."""
-        marker = str(self.temp)
-        if not hasattr(self, "_ours"):
-            self.stop()
-        ours = self._ours
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            ours.update(_ours(self.process.pid, marker))
-            left = _alive(ours)
-            if not left:
-                break
-            _signal_all(left, signal.SIGTERM)
-            time.sleep(0.5)
-        left = _alive(ours) | _alive(_ours(self.process.pid, marker))
-        _signal_all(left, signal.SIGKILL)
+        """End whatever is left of this cluster, and only it (SIGTERM, then SIGKILL, by PID)."""
+        survivors = stop_processes({self.process.pid}, marker=str(self.temp))
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(timeout=10)
         self.log.close()
-        time.sleep(0.5)
-        remaining = _alive(left) | _alive(_ours(-1, marker))
         shutil.rmtree(self.temp, ignore_errors=True)
-        assert not remaining, f"processes of the test cluster survived teardown: {sorted(remaining)}"
+        assert not survivors, f"processes of the test cluster survived teardown: {survivors}"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -300,7 +195,7 @@ def test_plain_http_to_another_host_is_refused_in_one_line(clean_env, capsys) ->
 
 
 def test_unreachable_address_is_one_clear_line(clean_env, capsys) -> None:
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     code = run_cli(["status", "raysubmit_x", "--address", f"http://127.0.0.1:{port}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
@@ -390,11 +285,11 @@ def test_the_job_package_holds_every_module_and_imports_without_an_install(tmp_p
              "print('imported', len(sys.argv) - 1)")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "COMET_RAY_CACHE")}
     result = subprocess.run([str(python), "-c", check, *modules], cwd=unpacked, env=env, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == f"imported {len(modules)}"
     outside = subprocess.run([str(python), "-c", "import comet_ray"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=60)
+                             text=True, timeout=60, check=False)
     assert "No module named 'comet_ray'" in outside.stderr  # the modules above came from the package alone
 
 

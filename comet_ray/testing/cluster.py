@@ -129,10 +129,12 @@ def _proc_table() -> dict[int, tuple[int, int, str, str]]:
     return table
 
 
-def session_processes(leaders: set[int]) -> dict[int, str]:
-    """pid -> start time of every live process in the sessions led by ``leaders`` and their descendants."""
+def session_processes(leaders: set[int], marker: str | None = None) -> dict[int, str]:
+    """pid -> start time of every live process in the sessions led by ``leaders`` (or whose command line
+    contains ``marker``, e.g. a cluster's temp folder) and of their descendants."""
     table = _proc_table()
-    found = {pid for pid, (_, sid, _, _) in table.items() if sid in leaders} | (leaders & set(table))
+    found = {pid for pid, (_, sid, _, cmd) in table.items() if sid in leaders or (marker and marker in cmd)}
+    found |= leaders & set(table)
     frontier = set(found)
     while frontier:
         frontier = {pid for pid, (ppid, _, _, _) in table.items() if ppid in frontier and pid not in found}
@@ -146,11 +148,12 @@ def _still_alive(pids: dict[int, str]) -> dict[int, str]:
     return {pid: started for pid, started in pids.items() if pid in table and table[pid][2] == started}
 
 
-def stop_processes(leaders: set[int], grace_s: float = 10.0) -> list[int]:
-    """SIGTERM every process of ``leaders``' sessions, SIGKILL what is left after ``grace_s``; returns survivors."""
-    known = session_processes(leaders)
+def stop_processes(leaders: set[int], grace_s: float = 10.0, marker: str | None = None) -> list[int]:
+    """SIGTERM every process of ``leaders``' sessions (and ``marker``'s), SIGKILL what is left after
+    ``grace_s``; returns the survivors."""
+    known = session_processes(leaders, marker)
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        known.update(session_processes(leaders))
+        known.update(session_processes(leaders, marker))
         for pid in _still_alive(known):
             try:
                 os.kill(pid, sig)
@@ -158,7 +161,7 @@ def stop_processes(leaders: set[int], grace_s: float = 10.0) -> list[int]:
                 pass
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            known.update(session_processes(leaders))
+            known.update(session_processes(leaders, marker))
             if not _still_alive(known):
                 return []
             time.sleep(0.2)
@@ -243,7 +246,7 @@ class LocalCluster:
     def start_head(self) -> LocalCluster:
         (self.gcs_port, self.dashboard_port, client, manager, objects, agent, agent_grpc, env_agent,
          metrics) = free_ports(9)
-        low = _free_port_range()
+        low = free_port_range()
         command = [
             str(self.python), "-m", "ray.scripts.scripts", "start", "--head", "--block",
             "--node-ip-address=127.0.0.1", "--num-cpus=0", "--num-gpus=0", f"--temp-dir={self.ray_temp}",
@@ -281,7 +284,7 @@ class LocalCluster:
             private = disk / key
             private.mkdir(parents=True)
             binds += [str(private), str(target)]
-        low = _free_port_range()
+        low = free_port_range()
         agent, env_agent, metrics = free_ports(3)
         spec = {"gcs_address": self.gcs_address, "name": name, "num_cpus": num_cpus, "num_gpus": num_gpus,
                 "resources": resources or {}, "object_store_memory": 100_000_000, "min_worker_port": low,
@@ -378,7 +381,7 @@ class LocalCluster:
             return "(no log)"
 
 
-def _free_port_range(width: int = 100) -> int:
+def free_port_range(width: int = 100) -> int:
     """The first of ``width`` consecutive ports that are free now (a node's worker ports)."""
     rng = secrets.SystemRandom()
     for _ in range(100):
