@@ -10,7 +10,9 @@ What makes it behave like a real cluster rather than Ray's usual single-machine 
   node writes there (checkpoint staging, feature caches, a relative ``--out``) is invisible to the
   head and to the other nodes, as
   on separate machines; a node removed and added again starts on an empty disk. The nodes share only
-  the network (127.0.0.1) and the read-only software (the Python environment);
+  the network (127.0.0.1) and the read-only software (the Python environment). Where mount
+  namespaces are not allowed, the same folders are private through TMPDIR, HOME and Ray's
+  ``temp_dir`` per node (:attr:`LocalCluster.isolation` says which);
 * **a Python without comet-ray**: :func:`cluster_python` builds a venv whose only link to this
   environment is a ``.pth`` *path line* naming its site-packages. Python adds such a line to
   ``sys.path`` as it is and does not process the ``.pth`` files inside that folder, so an editable
@@ -193,10 +195,13 @@ class LocalCluster:
     """
 
     def __init__(self, env: dict[str, str] | None = None, token: str | None = None,
-                 root: str | os.PathLike | None = None) -> None:
-        self.unshare = unshare_command()
-        if self.unshare is None:
-            raise RuntimeError("cannot create mount namespaces here (`unshare -m` and `unshare -rm` both fail)")
+                 root: str | os.PathLike | None = None, namespaces: bool = True) -> None:
+        # Where mount namespaces are not allowed (an unprivileged container), or with namespaces=False,
+        # each node still gets its own temp, Ray and home folders, through TMPDIR, HOME and Ray's
+        # temp_dir instead of bind mounts: everything Ray and comet-ray write goes there; only a
+        # hard-coded path would escape.
+        self.unshare = unshare_command() if namespaces else None
+        self.isolation = "mount namespaces" if self.unshare else "per-node TMPDIR, HOME and Ray temp dir"
         # Short: Ray puts Unix sockets under <root>/ray/session_.../sockets (107 characters at most).
         parent = tempfile.gettempdir() if len(tempfile.gettempdir()) <= 20 else "/tmp"
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="crm", dir=parent))
@@ -235,11 +240,11 @@ class LocalCluster:
         return {"RAY_ADDRESS": self.dashboard_url, "RAY_AUTH_TOKEN": self.token}
 
     # ----------------------------------------------------------------- starting
-    def _spawn(self, command: list[str], log: Path) -> subprocess.Popen:
+    def _spawn(self, command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         handle = open(log, "ab")  # noqa: SIM115 - kept open for the process's life, closed in close()
         self._logs.append(handle)
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=self.env, cwd=self.root, start_new_session=True)
+                                   env={**self.env, **(env or {})}, cwd=self.root, start_new_session=True)
         self._leaders.add(process.pid)
         return process
 
@@ -278,7 +283,7 @@ class LocalCluster:
         """Start worker node ``name`` on an empty private disk (a fresh one if ``name`` ran before)."""
         if name in self.nodes and self.nodes[name].alive:
             raise RuntimeError(f"node {name} is running")
-        disk = self.root / "nodes" / f"{name}-{len(self.retired) + len(self.nodes)}"
+        disk = self.root / "n" / str(len(self.retired) + len(self.nodes))  # short: Unix socket paths
         binds = []
         for key, target in self.shared.items():
             private = disk / key
@@ -290,10 +295,17 @@ class LocalCluster:
                 "resources": resources or {}, "object_store_memory": 100_000_000, "min_worker_port": low,
                 "max_worker_port": low + 99, "dashboard_agent_listen_port": agent,
                 "runtime_env_agent_port": env_agent, "metrics_export_port": metrics}
-        command = [*self.unshare, "sh", "-c", _MOUNT_SCRIPT, "sh", *binds, "--",
-                   str(self.python), str(NODE_SCRIPT), json.dumps(spec)]
+        node_env = None
+        if self.unshare:
+            command = [*self.unshare, "sh", "-c", _MOUNT_SCRIPT, "sh", *binds, "--",
+                       str(self.python), str(NODE_SCRIPT), json.dumps(spec)]
+        else:
+            spec["temp_dir"] = str(disk / "tmp" / "ray")
+            node_env = {"TMPDIR": str(disk / "tmp"), "HOME": str(disk / "home")}
+            command = [str(self.python), str(NODE_SCRIPT), json.dumps(spec)]
         log = disk.parent / f"{disk.name}.log"
-        node = ClusterNode(name, self._spawn(command, log), disk, log, resources={"CPU": num_cpus, "GPU": num_gpus})
+        node = ClusterNode(name, self._spawn(command, log, node_env), disk, log,
+                           resources={"CPU": num_cpus, "GPU": num_gpus})
         self.nodes[name] = node
         if wait:
             self.wait_for_node(node)
@@ -355,7 +367,7 @@ class LocalCluster:
 
     def close(self) -> None:
         """Stop every process this cluster started (by PID), remove its folders; fail if any survived."""
-        survivors = stop_processes(set(self._leaders))
+        survivors = stop_processes(set(self._leaders), grace_s=5.0)
         for handle in self._logs:
             handle.close()
         for process in [self.head, *(n.process for n in [*self.nodes.values(), *self.retired])]:
