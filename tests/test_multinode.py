@@ -203,6 +203,7 @@ def test_submit_train_with_both_workers_on_private_disk_nodes(cluster: LocalClus
     code, output = submit(cluster, readme_commands()["train"] + TINY_TRAIN_ARGS, tmp_path)
     assert code == 0, output[-6000:]
     assert f"results in s3://{BUCKET}/runs/bottle" in output
+    assert "State API" not in output and "Traceback" not in output  # no log floods, no swallowed errors
 
     names = set(keys(s3, "runs/bottle/"))
     assert {"metrics.json", "model.pt", "manifest.json", "history.json", "weights.json", "config.json",
