@@ -166,7 +166,12 @@ def staged(destination: str, last: Sequence[str] = ("metrics.json",), s3_endpoin
         return
     local = staging_folder(destination)
     local.mkdir(parents=True, exist_ok=True)
-    yield local
+    try:
+        yield local
+    except BaseException:
+        if not any(local.iterdir()):  # nothing to resume from: leave no trace
+            local.rmdir()
+        raise
     upload(local, destination, last=last, s3_endpoint=s3_endpoint)
     shutil.rmtree(local, ignore_errors=True)
 
