@@ -13,6 +13,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from comet_ray import jsonfile
@@ -136,36 +138,49 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_many(args: argparse.Namespace, categories: list[str]) -> int:
     """Several categories and/or Ray Train workers: one TorchTrainer per category, run concurrently."""
-    import ray
-
+    from comet_ray import storage
+    from comet_ray.distributed.connect import init_ray
+    from comet_ray.distributed.resources import auto_gpus
     from comet_ray.distributed.train import fit_categories, fit_distributed
 
-    storage = args.storage_path or os.path.join(os.path.abspath(args.out), ".ray")
+    out = storage.check_location(args.out, "--out")
+    store = storage.check_location(args.storage_path or storage.join(out, ".ray"), "--storage-path")
     many = len(categories) > 1
     configs = []
     for category in categories:
         args.category = category
         config = _train_config(args)
-        config.out = os.path.join(args.out, category) if many else args.out
+        config.out = storage.join(out, category) if many else out
         configs.append(config)
-    if not ray.is_initialized():
-        ray.init(address=args.address, include_dashboard=False)
+    init_ray(args.address)
     workers = max(1, args.workers)
+    gpus = auto_gpus(args.gpus_per_worker, workers)
     common = dict(num_to_keep=args.num_to_keep, max_failures=args.max_failures, feature_cache=args.cache_dir)
     if not many:
-        metrics = fit_distributed(configs[0], workers, args.gpus_per_worker, args.cpus_per_worker,
-                                  storage_path=storage, run_name=args.run_name, **common)
+        metrics = fit_distributed(configs[0], workers, gpus, args.cpus_per_worker,
+                                  storage_path=store, run_name=args.run_name, **common)
         print(_metrics_table([metrics]))
         print(f"results in {metrics['out']}")
         return 0
-    rows, table = fit_categories(configs, workers, args.gpus_per_worker, args.cpus_per_worker, storage_path=storage,
-                                 summary_path=os.path.join(args.out, "summary.json"), **common)
+    rows, table = fit_categories(configs, workers, gpus, args.cpus_per_worker, storage_path=store,
+                                 summary_path=storage.join(out, "summary.json"), **common)
     print(table)
     print(f"results in {args.out} (summary.json)")
     return 1 if any("error" in row for row in rows) else 0
 
 
 def _train_in_process(args: argparse.Namespace) -> int:
+    from comet_ray import storage
+
+    out = storage.check_location(args.out, "--out")
+    # out itself, or a local folder uploaded to s3:// once the run is complete
+    with storage.staged(out, s3_endpoint=args.s3_endpoint) as local:
+        _train_into(args, str(local))
+    print(f"results in {out}")
+    return 0
+
+
+def _train_into(args: argparse.Namespace, out: str) -> None:
     from comet_ray.pipeline import prepare_data, resolve_device, train_category, write_run
     from comet_ray.resume import EpochResume, run_fingerprint
 
@@ -174,10 +189,12 @@ def _train_in_process(args: argparse.Namespace) -> int:
     print(f"comet-ray train: {config.category} | strategy {config.comet.strategy} | device {device}", flush=True)
     data = prepare_data(config, device, cache_dir=args.cache_dir, progress=True, s3_endpoint=args.s3_endpoint,
                         engine=args.engine)
+    if data.feature_origin:
+        print(f"features: {data.feature_origin}", flush=True)
     _report_left_out(data.skipped, "image(s) skipped", "manifest.json")
     _report_left_out(data.mask_issues, "mask(s) unusable (image kept for image-level metrics)", "manifest.json")
     # Killed and run again, the same command continues from the last finished epoch (comet_ray.resume).
-    resume = EpochResume(args.out, run_fingerprint(config.to_dict(), list(data.train.store.ids), data.feature_info))
+    resume = EpochResume(out, run_fingerprint(config.to_dict(), list(data.train.store.ids), data.feature_info))
     state, logs = resume.load()
     resumed_from = len(logs)
     if state is not None:
@@ -192,11 +209,9 @@ def _train_in_process(args: argparse.Namespace) -> int:
     result = train_category(config, data, device, on_epoch_end=on_epoch_end, trainer_state=state)
     result.epochs = list(logs)
     result.metrics["resumed_from_epoch"] = resumed_from
-    out = write_run(args.out, config, data, result)
+    write_run(out, config, data, result)
     resume.clear()
     print(_metrics_table([result.metrics]))
-    print(f"results in {out}")
-    return 0
 
 
 def _report_left_out(records: list[dict], what: str, where: str, shown: int = 10) -> None:
@@ -209,29 +224,64 @@ def _report_left_out(records: list[dict], what: str, where: str, shown: int = 10
     print(f"{len(records)} {what}{more}; all listed in {where}", file=sys.stderr)
 
 
+@contextmanager
+def _local_checkpoint(checkpoint: str, s3_endpoint: str | None = None) -> Iterator[str]:
+    """``checkpoint`` as a local path: an ``s3://`` model.pt or run folder is fetched (model.pt and, when
+    there, the run's manifest.json, which evaluate reads to leave out the run's non-report images)."""
+    from comet_ray import storage
+
+    if not storage.is_remote(checkpoint):
+        yield checkpoint
+        return
+    storage.check_location(checkpoint, "checkpoint")
+    run = checkpoint.rstrip("/")
+    run = run.rsplit("/", 1)[0] if run.endswith(".pt") else run
+    model = checkpoint if checkpoint.endswith(".pt") else storage.join(run, "model.pt")
+    if not storage.exists(model, s3_endpoint):
+        raise CometError(f"no checkpoint at {storage.public(checkpoint)} (expected {storage.public(model)})")
+    with tempfile.TemporaryDirectory(prefix="comet-checkpoint-") as tmp:
+        storage.download_file(model, Path(tmp) / "model.pt", s3_endpoint)
+        manifest = storage.join(run, "manifest.json")
+        if storage.exists(manifest, s3_endpoint):
+            storage.download_file(manifest, Path(tmp) / "manifest.json", s3_endpoint)
+        yield str(Path(tmp) / "model.pt")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from comet_ray import storage
     from comet_ray.inference import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.data_root, args.category, args.device, args.s3_endpoint,
-                                  args.cache_dir)
+    out = storage.check_location(args.out, "--out") if args.out else None
+    with _local_checkpoint(args.checkpoint, args.s3_endpoint) as checkpoint:
+        metrics = evaluate_checkpoint(checkpoint, args.data_root, args.category, args.device, args.s3_endpoint,
+                                      args.cache_dir)
     print(jsonfile.dumps(metrics, indent=2))
     _report_left_out(metrics["skipped"], "image(s) skipped", "the JSON above" + (f" and {args.out}" if args.out else ""))
     if metrics["image_auroc"] != metrics["image_auroc"]:  # NaN: a single class of image
         kind = "anomalous" if metrics["n_anomalous"] == metrics["n_images"] else "good"
         print(f"note: image AUROC and F1 are undefined: all {metrics['n_images']} evaluated test images are {kind}",
               file=sys.stderr)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(jsonfile.dumps(metrics, indent=2))
+    if out:
+        storage.write_text(out, jsonfile.dumps(metrics, indent=2), args.s3_endpoint)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from comet_ray.inference import predict_images
+    from comet_ray import storage
 
-    out = Path(args.out)
+    destination = storage.check_location(args.out, "--out")
+    with _local_checkpoint(args.checkpoint, args.s3_endpoint) as checkpoint, \
+            storage.staged(destination, last=("predictions.csv",), s3_endpoint=args.s3_endpoint) as out:
+        code = _predict_into(args, checkpoint, out, destination)
+    return code
+
+
+def _predict_into(args: argparse.Namespace, checkpoint: str, out: Path, destination: str) -> int:
+    from comet_ray.inference import predict_images
+    from comet_ray.storage import join as storage_join
+
     maps_dir = out / "maps" if args.maps else None
-    rows = predict_images(args.checkpoint, args.images, args.device, args.threshold, args.s3_endpoint,
+    rows = predict_images(checkpoint, args.images, args.device, args.threshold, args.s3_endpoint,
                           maps_dir=maps_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / "predictions.csv"
@@ -241,12 +291,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(handle.name, target)
-    _report_left_out([r | {"reason": r["error"]} for r in rows if r["error"]], "image(s) not scored", str(target))
+    shown = storage_join(destination, "predictions.csv")
+    _report_left_out([r | {"reason": r["error"]} for r in rows if r["error"]], "image(s) not scored", shown)
     n_bad = sum(1 for r in rows if r["error"])
     n_anomalous = sum(1 for r in rows if r["anomalous"] == 1)
-    print(f"{len(rows) - n_bad} image(s) scored, {n_anomalous} anomalous, {n_bad} unreadable -> {target}")
+    print(f"{len(rows) - n_bad} image(s) scored, {n_anomalous} anomalous, {n_bad} unreadable -> {shown}")
     if maps_dir is not None:
-        print(f"anomaly maps -> {maps_dir}")
+        print(f"anomaly maps -> {storage_join(destination, 'maps')}")
     return 0
 
 
@@ -294,14 +345,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_training_options(train)
     train.add_argument("--out", required=True,
-                       help="run folder: metrics.json, manifest.json, history.json, model.pt (several categories: one subfolder each)")
+                       help="run folder or s3://bucket/prefix: metrics.json, manifest.json, history.json, model.pt "
+                            "(several categories: one subfolder each); s3:// results appear once complete")
     ray_options = train.add_argument_group("Ray Train (data-parallel; --workers 0 trains in this process, no Ray)")
     ray_options.add_argument("--workers", type=int, default=0, help="Ray Train workers per category")
-    ray_options.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (NCCL when > 0)")
+    ray_options.add_argument("--gpus-per-worker", type=float, default=None,
+                             help="GPUs per worker (NCCL when > 0); default: 1 when the cluster has, or can "
+                                  "autoscale, a GPU for every worker, else 0")
     ray_options.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (fractions allowed)")
     ray_options.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     ray_options.add_argument("--storage-path", default=None,
-                             help="checkpoints (local folder or s3://); default OUT/.ray. Same path + run name = resume")
+                             help="checkpoints and the feature cache (local folder or s3://; s3:// on a cluster of "
+                                  "several nodes); default OUT/.ray. Same path + run name = resume")
     ray_options.add_argument("--run-name", default=None, help="default: <category>-<strategy>-seed<seed>")
     ray_options.add_argument("--num-to-keep", type=int, default=2, help="checkpoints kept per run")
     ray_options.add_argument("--max-failures", type=int, default=2, help="worker-group failures recovered from checkpoints")

@@ -75,7 +75,8 @@ def evaluate_checkpoint(
     if not samples:
         raise CometError(f"no test images to evaluate in category {category!r}")
     extractor = extractor_for(meta, torch_device)
-    extracted = extract_features_cached(samples, extractor, filesystem, True, cache_dir, progress=True)
+    extracted = extract_features_cached(samples, extractor, filesystem, True, cache_dir, progress=True,
+                                        s3_endpoint=s3_endpoint)
     split = subset_split(extracted, [s.sample_id for s in samples])
     labels = split_labels(split, {s.sample_id for s in samples if s.is_anomalous})
     result = evaluate_split(model, split, labels, extractor.config.image_size, torch_device,

@@ -89,6 +89,7 @@ class PreparedData:
     grid: tuple[int, int]
     skipped: list[dict] = field(default_factory=list)
     mask_issues: list[dict] = field(default_factory=list)
+    feature_origin: str = ""  # where the features came from, when a cache was used (ExtractedSplit.origin)
 
 
 def select_samples(samples: list[Sample], config: TrainConfig) -> tuple[list[Sample], list[Sample], list[Sample], dict]:
@@ -161,7 +162,8 @@ def prepare_data(
         extracted = extract_features_streaming(every, extractor, s3_endpoint, True, cache_dir,
                                                progress=progress, data_root=config.data_root)
     else:
-        extracted = extract_features_cached(every, extractor, filesystem, True, cache_dir, progress=progress)
+        extracted = extract_features_cached(every, extractor, filesystem, True, cache_dir, progress=progress,
+                                            s3_endpoint=s3_endpoint)
     train_x = subset_split(extracted, [s.sample_id for s in train])
     if len(train_x.store) == 0:
         raise DatasetLayoutError(f"no readable training images in category {config.category!r}")
@@ -185,6 +187,7 @@ def prepare_data(
         grid=extracted.store.grid,
         skipped=skipped,
         mask_issues=extracted.mask_issues,
+        feature_origin=extracted.origin,
     )
 
 

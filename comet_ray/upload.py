@@ -13,6 +13,7 @@ import mimetypes
 import os
 import sys
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,8 +79,13 @@ def upload_tree(
     create_bucket: bool = False,
     workers: int = DEFAULT_WORKERS,
     progress: bool = False,
+    last: Sequence[str] = (),
 ) -> UploadSummary:
-    """Upload every non-hidden file under ``local_root`` to ``destination`` (``s3://bucket/prefix``)."""
+    """Upload every non-hidden file under ``local_root`` to ``destination`` (``s3://bucket/prefix``).
+
+    Files named in ``last`` (paths relative to ``local_root``) go up after all the others, so a reader
+    that waits for one of them (``metrics.json`` of a run) finds the rest already there.
+    """
     from boto3.s3.transfer import TransferConfig
     from botocore import exceptions as bex
 
@@ -114,9 +120,11 @@ def upload_tree(
         client.upload_file(str(path), location.bucket, key, ExtraArgs=extra, Config=transfer, Callback=on_bytes)
         return path.stat().st_size
 
+    final = {root / name for name in last}
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="upload") as pool:
-            sent = sum(pool.map(put, files))
+            sent = sum(pool.map(put, [f for f in files if f not in final]))
+        sent += sum(put(f) for f in files if f in final)
     except (bex.BotoCoreError, bex.ClientError) as exc:
         raise boto_error(exc, destination, endpoint) from exc
     except Exception as exc:  # boto3's S3UploadFailedError wraps the ClientError

@@ -94,8 +94,11 @@ def test_aws_cluster_shape() -> None:
         assert node_type["min_workers"] == 0 and node_type["max_workers"] >= 1, name
         assert node_type["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot", name
         assert re.match(r"g[56]\.", node_type["node_config"]["InstanceType"]), name
-    for name, node_type in types.items():
-        assert node_type["node_config"]["IamInstanceProfile"], f"{name}: S3 through an instance profile"
+    profiles = {name: t["node_config"]["IamInstanceProfile"]["Name"] for name, t in types.items()}
+    assert profiles.pop(config["head_node_type"]) == "comet-ray-head"  # the autoscaler's EC2 rights
+    assert set(profiles.values()) == {"comet-ray-worker"}  # job code: S3 only
+    drivers = [name for name, t in types.items() if t.get("resources", {}).get("job-driver")]
+    assert drivers and all("InstanceMarketOptions" not in types[n]["node_config"] for n in drivers)  # on demand
 
     docker = config["docker"]
     for key in ("image", "head_image", "worker_image"):
@@ -165,18 +168,31 @@ def test_kuberay_rayjob(path: Path) -> None:
     # the explicit pip list is the project's own dependency list (minus Ray, which the image has)
     assert env["pip"]["packages"] == _project_dependencies()
     assert "$" not in spec["runtimeEnvYAML"]  # KubeRay's submitter shell would expand it
-    assert env["env_vars"]["COMET_RAY_RESULTS_URI"].startswith("s3://")
+    out = spec["entrypoint"].split("--out", 1)[1].split()[0]
+    if "sweep" in path.name:  # the trials run on other pods than the driver: results and storage in S3
+        assert out.startswith("s3://YOUR_BUCKET/")
+    else:  # one process on one GPU pod, whose disk goes with the cluster: copied to S3 afterwards
+        assert env["env_vars"]["COMET_RAY_RESULTS_URI"].startswith("s3://")
 
 
 # --------------------------------------------------------------------------- jobs/
 def test_runtime_env_file_is_a_valid_ray_runtime_env() -> None:
     from ray.runtime_env import RuntimeEnv
 
-    env = yaml.safe_load((JOBS / "runtime_env.yaml").read_text())
-    RuntimeEnv(**env)  # Ray's own validation of every field
+    text = (JOBS / "runtime_env.yaml").read_text()
+    env = yaml.safe_load(text)
+    runtime_env = RuntimeEnv(**env)  # Ray's own validation of every field
     assert env["working_dir"] == "."
-    assert {".venv/", ".git/", "runs/", "data/"} <= set(env["excludes"])
-    assert env["pip"]["packages"] == ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"]  # the project itself
+    # anchored at the project root: an unanchored "data/" would also drop the package's comet_ray/data/
+    assert {"/.venv/", "/.git/", "/runs/", "/data/"} <= set(env["excludes"])
+    assert not [p for p in env["excludes"] if p.rstrip("/").split("/")[-1] in ("data", "runs", "out") and
+                not p.startswith("/")]
+    # The pip list is what Ray hashes to name (and reuse) a node's virtualenv: the project's dependencies
+    # themselves, so a dependency change builds a new env; never a path or variable that hides them.
+    assert env["pip"]["packages"] == _project_dependencies()
+    assert "${" not in "".join(env["pip"]["packages"])
+    # torch with CUDA takes longer to install than Ray's default 600 s limit on a small node
+    assert runtime_env.get("config")["setup_timeout_seconds"] >= 1200
 
 
 @pytest.mark.parametrize("script,command", [("train.py", "train"), ("sweep.py", "tune")])
@@ -208,3 +224,64 @@ def test_no_public_dashboard_no_ml_image_no_keys() -> None:
             assert RAY_VERSION in image, f"{path}: {image} is not Ray {RAY_VERSION}"
         for pattern in key_patterns:
             assert not pattern.search(text), f"{path}: looks like AWS credentials ({pattern.pattern})"
+
+
+# --------------------------------------------------------------------------- IAM, image, versions
+IAM = CLUSTERS / "iam"
+
+
+def _statements(name: str) -> list[dict]:
+    import json
+
+    policy = json.loads((IAM / name).read_text())
+    assert policy["Version"] == "2012-10-17"
+    return policy["Statement"]
+
+
+def _actions(statement: dict) -> list[str]:
+    actions = statement["Action"]
+    return [actions] if isinstance(actions, str) else list(actions)
+
+
+def test_head_policy_is_the_autoscalers_calls_and_nothing_else() -> None:
+    statements = _statements("head-policy.json")
+    actions = {a for s in statements for a in _actions(s)}
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags", "ec2:DescribeInstances",
+            "iam:PassRole", "ssm:GetParameters"} <= actions
+    assert not [a for a in actions if a.endswith("*") or a.startswith("s3:")]  # no wildcards, no data
+    by_action = {a: s for s in statements for a in _actions(s)}
+    assert by_action["iam:PassRole"]["Resource"].endswith(":role/comet-ray-worker")
+    assert by_action["ssm:GetParameters"]["Resource"].startswith("arn:aws:ssm:us-west-2::parameter/aws/service/")
+    config = yaml.safe_load((CLUSTERS / "aws-gpu.yaml").read_text())
+    image = config["available_node_types"][config["head_node_type"]]["node_config"]["ImageId"]
+    assert image.startswith("resolve:ssm:/aws/service/deeplearning/")  # what ssm:GetParameters covers
+    for statement in statements:  # launching and ending instances only for this cluster's tagged nodes
+        if {"ec2:TerminateInstances", "ec2:StopInstances"} & set(_actions(statement)):
+            assert statement["Condition"]["StringEquals"]["aws:ResourceTag/ray-cluster-name"] == config["cluster_name"]
+        if statement["Resource"] == "arn:aws:ec2:us-west-2:YOUR_ACCOUNT_ID:instance/*" and \
+                _actions(statement) == ["ec2:RunInstances"]:
+            assert statement["Condition"]["StringEquals"]["aws:RequestTag/ray-cluster-name"] == config["cluster_name"]
+    assert any(s.get("Resource") == "*" for s in statements if set(_actions(s)) <= {
+        "ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeImages"})
+
+
+def test_worker_policy_is_one_bucket() -> None:
+    statements = _statements("s3-bucket-policy.json")
+    resources = {r for s in statements for r in ([s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"])}
+    assert resources == {"arn:aws:s3:::YOUR_BUCKET", "arn:aws:s3:::YOUR_BUCKET/*"}
+    assert all(a.startswith("s3:") and "*" not in a for s in statements for a in _actions(s))
+    everything = " ".join(p.read_text() for p in _all_files())
+    assert "policy/AmazonEC2FullAccess" not in everything and "policy/AmazonS3FullAccess" not in everything
+
+
+def test_the_image_recipe_bakes_in_the_dependencies_not_comet_ray() -> None:
+    text = (CLUSTERS / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{RAY_VERSION}-py311-gpu" in text
+    assert "pyproject.toml" in text and "pip install" in text
+    assert "pip install ." not in text and "comet_ray-" not in text  # the code comes with each job
+
+
+def test_kuberay_needs_1_6_for_auth_secrets() -> None:
+    readme = (KUBERAY / "README.md").read_text()
+    assert "1.6.0 or newer" in readme and "1.5.1 or newer" not in readme
+    assert all("secretName" in spec["authOptions"] for _, spec in _cluster_specs())

@@ -2,8 +2,9 @@
 
 The cluster is private to the test: its own temp dir (short, for Unix socket paths), its own ports,
 its dashboard on 127.0.0.1. ``ray stop`` is never used -- it kills every Ray process on the machine,
-including other people's. Teardown ends exactly the processes this cluster started: the descendants
-of its ``ray start --block`` process plus anything whose command line names its temp dir.
+including other people's. Teardown ends exactly the processes this cluster started: the session of
+its ``ray start --block`` process, their descendants and anything whose command line names its temp
+dir (``comet_ray.testing.cluster.stop_processes``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +30,8 @@ import pytest
 from comet_ray.data.synthetic import make_texture_category
 from comet_ray.distributed import submit
 from comet_ray.errors import CometError
+from comet_ray.testing.cluster import free_port_range, stop_processes
+from comet_ray.testing.s3server import free_ports
 
 TINY = ["--backbone", "mobilenet_v2", "--no-pretrained", "--image-size", "64", "--feature-dim", "32",
         "--epochs", "1", "--passes", "1", "--set", "discriminator_hidden=32", "--set", "noise_std=0.1",
@@ -53,102 +55,15 @@ def run_cli(argv: list[str]) -> int:
         return 2
 
 
-# --------------------------------------------------------------------------- processes, from /proc
-def _proc_table() -> dict[int, tuple[int, str, str]]:
-    """pid -> (parent pid, start time, command line) for every process we can read."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        table[int(entry)] = (int(fields[1]), fields[19], cmdline)
-    return table
-
-
-def _descendants(roots: set[int], table: dict[int, tuple[int, str, str]]) -> set[int]:
-    found, frontier = set(roots), set(roots)
-    while frontier:
-        frontier = {pid for pid, (ppid, _, _) in table.items() if ppid in frontier and pid not in found}
-        found |= frontier
-    return found
-
-
-def _ours(root_pid: int, marker: str) -> dict[int, str]:
-    """pid -> start time of every process of this cluster (descendants of ray start + cmdline names marker)."""
-    table = _proc_table()
-    roots = {pid for pid, (_, _, cmd) in table.items() if marker in cmd}
-    if root_pid in table:
-        roots.add(root_pid)
-    return {pid: table[pid][1] for pid in _descendants(roots, table) if pid in table and pid != os.getpid()}
-
-
-def _signal_all(pids: dict[int, str], sig: int) -> None:
-    table = _proc_table()
-    for pid, started in pids.items():
-        if pid in table and table[pid][1] == started:  # same process, not a reused pid
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-
-def _alive(pids: dict[int, str]) -> dict[int, str]:
-    table = _proc_table()
-    alive = {}
-    for pid, started in pids.items():
-        if pid in table and table[pid][1] == started:
-            try:
-                if Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":
-                    alive[pid] = started
-            except (OSError, IndexError):
-                pass
-    return alive
-
-
-# --------------------------------------------------------------------------- a private Ray head
-def _free_ports(count: int) -> list[int]:
-    sockets, ports = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-        ports.append(s.getsockname()[1])
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _free_range(width: int = 60) -> tuple[int, int]:
-    """A run of ``width`` ports that are free now, for --min/--max-worker-port."""
-    rng = secrets.SystemRandom()
-    for _ in range(50):
-        low = rng.randrange(20000, 30000 - width)
-        busy = False
-        for port in range(low, low + width, 7):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    busy = True
-                    break
-        if not busy:
-            return low, low + width - 1
-    raise RuntimeError("no free worker port range")
-
-
 class RayHead:
     """``ray start --head --block`` on 127.0.0.1 with private ports and temp dir; ``close`` ends only it."""
 
     def __init__(self, token: str | None = None) -> None:
         self.temp = Path(tempfile.mkdtemp(prefix="crs", dir="/tmp"))  # short: Ray puts Unix sockets under it
         (gcs, dashboard, client, node_manager, object_manager, agent_listen, agent_grpc, runtime_env_agent,
-         metrics) = _free_ports(9)
-        low, high = _free_range()
+         metrics) = free_ports(9)
+        low = free_port_range(60)
+        high = low + 59
         self.dashboard_port = dashboard
         self.url = f"http://127.0.0.1:{dashboard}"
         self.token = token
@@ -199,39 +114,19 @@ class RayHead:
             return ""
 
     def stop(self) -> None:
-        """Note every process of this cluster, then SIGTERM ``ray start --block``, which stops its children."""
-        self._ours = _ours(self.process.pid, str(self.temp))
+        """SIGTERM ``ray start --block``, which stops its children (heads side by side wind down together)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
 
     def close(self) -> None:
-        """Stop (if :meth:`stop` was not called), then end whatever is left of this cluster, and only it."""
-        marker = str(self.temp)
-        if not hasattr(self, "_ours"):
-            self.stop()
-        ours = self._ours
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            ours.update(_ours(self.process.pid, marker))
-            left = _alive(ours)
-            if not left:
-                break
-            _signal_all(left, signal.SIGTERM)
-            time.sleep(0.5)
-        left = _alive(ours) | _alive(_ours(self.process.pid, marker))
-        _signal_all(left, signal.SIGKILL)
+        """End whatever is left of this cluster, and only it (SIGTERM, then SIGKILL, by PID)."""
+        survivors = stop_processes({self.process.pid}, marker=str(self.temp))
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(timeout=10)
         self.log.close()
-        time.sleep(0.5)
-        remaining = _alive(left) | _alive(_ours(-1, marker))
         shutil.rmtree(self.temp, ignore_errors=True)
-        assert not remaining, f"processes of the test cluster survived teardown: {sorted(remaining)}"
+        assert not survivors, f"processes of the test cluster survived teardown: {survivors}"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -300,7 +195,7 @@ def test_plain_http_to_another_host_is_refused_in_one_line(clean_env, capsys) ->
 
 
 def test_unreachable_address_is_one_clear_line(clean_env, capsys) -> None:
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     code = run_cli(["status", "raysubmit_x", "--address", f"http://127.0.0.1:{port}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
@@ -343,16 +238,59 @@ def test_entrypoint_runtime_env_and_results_line(tmp_path) -> None:
     env = submit.build_runtime_env({"pip": ["x"], "excludes": ["big/"]})
     root = submit.project_root()
     assert root is not None and env["working_dir"] == str(root)
-    assert env["excludes"][0] == "big/" and ".venv/" in env["excludes"] and ".git/" in env["excludes"]
+    assert env["excludes"][0] == "big/" and "/.venv/" in env["excludes"] and "/.git/" in env["excludes"]
     assert env["pip"] == ["x"] and env["env_vars"]["PYTHONUNBUFFERED"] == "1"
     jobs_env = submit.load_runtime_env(str(root / "jobs" / "runtime_env.yaml"))
-    assert jobs_env["working_dir"] == "." and any("RAY_RUNTIME_ENV_CREATE_WORKING_DIR" in p
-                                                  for p in jobs_env["pip"]["packages"])
+    assert jobs_env["working_dir"] == "." and any(p.startswith("torch") for p in jobs_env["pip"]["packages"])
     wheel_env = submit.build_runtime_env({}, root=None)  # a wheel install: ship the package itself
     assert "working_dir" not in wheel_env and wheel_env["py_modules"][0].endswith("comet_ray")
     (tmp_path / "env.yaml").write_text("- not a mapping\n")
     with pytest.raises(CometError, match="expected a mapping"):
         submit.load_runtime_env(str(tmp_path / "env.yaml"))
+
+
+def test_the_job_package_holds_every_module_and_imports_without_an_install(tmp_path) -> None:
+    """Build the job's package the way ``ray job submit`` does (Ray's own packaging code, Ray's default
+    excludes plus ours, the project's .gitignore), unpack it, and import every ``comet_ray`` module from
+    it in a Python that has the dependencies but not comet-ray (the cluster's Python)."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    from comet_ray.testing.cluster import cluster_python
+
+    root = submit.project_root()
+    assert root is not None
+    archive = tmp_path / "package.zip"
+
+    def build(directory, excludes, is_file=False):
+        create_package(directory, archive, include_gitignore=True, excludes=excludes)
+
+    upload_working_dir_if_needed(submit.build_runtime_env({}), include_gitignore=True, upload_fn=build)
+    unpacked = tmp_path / "job"
+    with zipfile.ZipFile(archive) as package:
+        package.extractall(unpacked)
+    shipped = sorted(p.relative_to(unpacked).as_posix() for p in (unpacked / "comet_ray").rglob("*.py"))
+    source = sorted(p.relative_to(root).as_posix() for p in (root / "comet_ray").rglob("*.py"))
+    assert shipped == source  # comet_ray/data/ included: the excludes are anchored at the project root
+    assert not (unpacked / ".venv").exists() and not (unpacked / ".git").exists()
+    modules = [p.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for p in shipped
+               if not p.endswith("__main__.py")]
+    python = cluster_python(tmp_path / "py")
+    check = ("import importlib, os, sys\n"
+             "for name in sys.argv[1:]:\n"
+             "    module = importlib.import_module(name)\n"
+             "    assert module.__file__.startswith(os.getcwd() + os.sep), (name, module.__file__)\n"
+             "print('imported', len(sys.argv) - 1)")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "COMET_RAY_CACHE")}
+    result = subprocess.run([str(python), "-c", check, *modules], cwd=unpacked, env=env, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == f"imported {len(modules)}"
+    outside = subprocess.run([str(python), "-c", "import comet_ray"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=60, check=False)
+    assert "No module named 'comet_ray'" in outside.stderr  # the modules above came from the package alone
 
 
 def test_results_are_copied_to_s3_after_success_only(s3_env, tmp_path, monkeypatch) -> None:

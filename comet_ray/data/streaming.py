@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import posixpath
 import re
 import threading
@@ -58,7 +57,7 @@ from comet_ray.data.images import IMAGENET_MEAN, IMAGENET_STD, _load_mask, decod
 from comet_ray.data.layout import Sample, open_dataset_filesystem, read_bytes
 from comet_ray.data.s3 import is_s3_uri, parse_s3_uri, public_s3_uri, s3_filesystem, storage_error
 from comet_ray.errors import CometError, ImageDecodeError, StorageError
-from comet_ray.features.extractor import ExtractedSplit, PatchFeatureExtractor, cache_key
+from comet_ray.features.extractor import ExtractedSplit, PatchFeatureExtractor, cache_key, cache_location
 from comet_ray.features.store import FeatureStore, storage_dtype
 
 log = logging.getLogger(__name__)
@@ -392,10 +391,9 @@ def extract_features_streaming(
     With ``cache_dir`` (local or ``s3://``) the Parquet output lives in ``<cache_dir>/<key>-ray`` and
     is reused by later runs, epochs and trials.
     """
-    key = cache_key(samples, extractor, with_masks)
     output = None
     if cache_dir:
-        output = f"{cache_dir.rstrip('/')}/{key}-ray" if is_s3_uri(cache_dir) else os.path.join(cache_dir, f"{key}-ray")
+        output = cache_location(cache_dir, samples, extractor, with_masks) + "-ray"
     return stream_features(
         samples, extractor.config, s3_endpoint, with_masks=with_masks, output=output, options=options,
         extractor=extractor, storage=StorageSpec.for_root(data_root, s3_endpoint), progress=progress,

@@ -50,10 +50,14 @@ DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
 RESULTS_URI_ENV = "COMET_RAY_RESULTS_URI"
 
 # gitignore-style patterns, relative to the working dir (Ray also honours the project's .gitignore).
+# Folders a user keeps in the project root (environments, datasets, run outputs) are anchored with a
+# leading "/": an unanchored "data/" matches at any depth and would strip the package's own
+# comet_ray/data/ from the job. Only names that are never part of the package match everywhere.
 DEFAULT_EXCLUDES = [
-    ".venv/", "venv/", ".git/", "**/__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/",
-    ".ruff_cache/", ".mypy_cache/", "runs/", "out/", "data/", "datasets/", ".cache/", "cache/",
-    ".whl/", ".gpu/", "dist/", "build/", "comet-ray-demo/", "predictions/",
+    "/.venv/", "/venv/", "/.git/", "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/",
+    ".ruff_cache/", ".mypy_cache/", "/runs/", "/out/", "/data/", "/datasets/", "/.cache/", "/cache/",
+    "/.whl/", "/.gpu/", "/dist/", "/build/", "/comet-ray-demo/", "/predictions/", "/tune-runs/",
+    "/tune-results/", "/.ci/out/",
 ]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 POLL_SECONDS = 2.0
@@ -364,6 +368,19 @@ def where_results_go(args: list[str], results_uri: str | None = None) -> str | N
             "unless absolute), not on this machine; pass --results-uri s3://... to copy them out")
 
 
+def entrypoint_resources(text: str) -> dict[str, float]:
+    """``--entrypoint-resources '{"job-driver": 1}'``: custom resources the command's process needs."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in value.values()):
+        raise CometError(f"--entrypoint-resources expects a JSON object of positive numbers, got {text!r}")
+    return {str(k): float(v) for k, v in value.items()}
+
+
 def new_submission_id(command: str) -> str:
     return f"comet-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
@@ -481,6 +498,8 @@ def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         options["entrypoint_num_cpus"] = args.entrypoint_num_cpus
     if args.entrypoint_num_gpus:
         options["entrypoint_num_gpus"] = args.entrypoint_num_gpus
+    if args.entrypoint_resources:
+        options["entrypoint_resources"] = entrypoint_resources(args.entrypoint_resources)
     metadata = {"comet_ray_command": command[0]}
     out_dir = option_value(command, "--out")
     if out_dir:
@@ -631,6 +650,9 @@ def register(subparsers) -> None:
                              "it starts Ray Train / Tune workers that reserve their own; default 0)")
     submit.add_argument("--entrypoint-num-cpus", type=float, default=0.0,
                         help="CPUs reserved for the command's process (default 0)")
+    submit.add_argument("--entrypoint-resources", default=None, metavar="JSON",
+                        help="custom resources the command's process needs, e.g. '{\"job-driver\": 1}' to run "
+                             "it on the node types that offer them rather than on the head (clusters/aws-gpu.yaml)")
     submit.add_argument("--results-uri", default=None, metavar="S3_URI",
                         help="after success, copy the --out folder to S3_URI/<name of --out> (from the cluster, "
                              "with the nodes' IAM role)")

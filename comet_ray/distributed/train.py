@@ -10,7 +10,14 @@ trainable that order shows up as ~1e-3 differences in SCL weights; see tests/tes
 
 Layout of a run (``storage_path/run_name``) is Ray's; the results (metrics.json, weights.json, ...)
 are written by rank 0 with ``pipeline.write_run`` into ``out``, plus ``attempts.jsonl``: one line per
-worker start (rank, epoch it resumed at), which shows what a restart redid.
+worker start (rank, epoch it resumed at), which shows what a restart redid. On a cluster the nodes
+share no disk, so everything several nodes use lives where all of them reach it: checkpoints under
+``storage_path``, the feature cache (default ``storage_path/feature_cache``), each worker start's
+record (``storage_path/run_name/attempts/``, gathered into ``attempts.jsonl`` by rank 0) and ``out``,
+which may be ``s3://``: rank 0 then puts the results together in a local folder and uploads them
+once they are complete. The driver takes the final metrics from Ray's ``Result`` (rank 0's return
+value), not from a file on its own disk. Local folders on a cluster of several nodes are refused
+before any worker starts (:func:`comet_ray.storage.require_shared`).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from comet_ray import jsonfile
+from comet_ray import jsonfile, storage
 from comet_ray.comet.collective import Collective, TorchDistributedCollective
 from comet_ray.config import TrainConfig
 from comet_ray.distributed.staging import checkpoint_staging, remove_orphaned_staging
@@ -41,6 +48,7 @@ from comet_ray.errors import CometError
 STATE_FILE = "trainer_state.pt"
 HISTORY_FILE = "history.json"
 ATTEMPTS_FILE = "attempts.jsonl"
+ATTEMPTS_DIR = "attempts"
 
 
 # --------------------------------------------------------------------------- cross-worker BatchNorm
@@ -180,19 +188,30 @@ class DataParallelCollective(TorchDistributedCollective):
 
 
 # --------------------------------------------------------------------------- the per-worker loop
-def _record_attempt(out: str, record: dict) -> None:
-    Path(out).mkdir(parents=True, exist_ok=True)
-    with open(Path(out) / ATTEMPTS_FILE, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+def _record_attempt(attempts: str, record: dict) -> None:
+    """One file per worker start under ``attempts`` (shared storage: every node's starts end up together)."""
+    name = f"{time.time_ns():020d}-rank{record['rank']}-{os.getpid()}.json"
+    storage.write_text(storage.join(attempts, name), json.dumps(record))
 
 
-def _complete_outputs(out: str, epochs: int) -> bool:
-    """Whether ``out`` holds the results of a run of ``epochs`` epochs (write_run writes them at once)."""
+def _gathered_attempts(attempts: str) -> str:
+    """Every recorded worker start, oldest first, as the lines of ``attempts.jsonl``."""
+    names = [n for n in storage.list_names(attempts) if n.endswith(".json")]
+    return "".join(storage.read_text(storage.join(attempts, n)).strip() + "\n" for n in names)
+
+
+def _complete_outputs(out: str, epochs: int) -> dict | None:
+    """The metrics in ``out`` when it holds the results of a run of ``epochs`` epochs (else None).
+
+    ``metrics.json`` is written (and uploaded) last, so with it present the rest is there too.
+    """
     try:
-        history = json.loads((Path(out) / "history.json").read_text())
-        return (Path(out) / "metrics.json").exists() and len(history) == epochs
-    except (OSError, ValueError):
-        return False
+        metrics, history = (storage.read_text(storage.join(out, name)) for name in ("metrics.json", "history.json"))
+        if metrics is not None and history is not None and len(json.loads(history)) == epochs:
+            return json.loads(metrics)
+    except (OSError, ValueError, CometError):
+        pass
+    return None
 
 
 def _plain(metrics: dict) -> dict:
@@ -228,13 +247,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if history_path.exists():
                 history = json.loads(history_path.read_text())
     start_epoch = int(trainer_state["epoch"]) if trainer_state is not None else 0
-    _record_attempt(out, {"rank": rank, "world_size": world, "start_epoch": start_epoch, "pid": os.getpid()})
+    attempts = loop_config["attempts"]
+    _record_attempt(attempts, {"rank": rank, "world_size": world, "start_epoch": start_epoch,
+                               "pid": os.getpid()})
 
-    if start_epoch >= config.epochs and _complete_outputs(out, config.epochs):
-        # A finished run whose results are already in ``out``: neither retrain nor rewrite them.
-        metrics = json.loads((Path(out) / "metrics.json").read_text())
-        ray.train.report({"done": True, "already_complete": True, **_plain(metrics)})
-        return
+    finished = _complete_outputs(out, config.epochs) if start_epoch >= config.epochs else None
+    if finished is not None:
+        # A finished run whose results are already in ``out``: neither retrain nor rewrite them
+        # (only attempts.jsonl gains this start's lines, once every rank has recorded its own).
+        collective.barrier()
+        if rank == 0:
+            storage.write_text(storage.join(out, ATTEMPTS_FILE), _gathered_attempts(attempts))
+        ray.train.report({"done": True, "already_complete": True, **_plain(finished)})
+        return _plain(finished) if rank == 0 else None
 
     # Rank 0 runs the backbone (and fills the feature cache); the others then read the cache, so the
     # workers never extract features concurrently. Every worker holds the category's features.
@@ -245,6 +270,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     collective.barrier()
     if rank != 0:
         data = prepare_data(config, device, cache_dir=cache)
+    say_feature_origin(data, f"rank {rank}")
 
     kill_at = loop_config.get("kill_at_epoch")
     kill_rank = int(loop_config.get("kill_rank", 0))
@@ -284,8 +310,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         result = dataclasses.replace(result, epochs=[_EpochRecord(e) for e in history])
         result.metrics["resumed_from_epoch"] = start_epoch
-        write_run(out, config, data, result)
+        with storage.staged(out) as local:  # out itself, or a local folder uploaded to s3:// at the end
+            write_run(str(local), config, data, result)
+            (local / ATTEMPTS_FILE).write_text(_gathered_attempts(attempts))
     ray.train.report({"done": True, **_plain(result.metrics)})
+    return _plain(result.metrics) if rank == 0 else None  # the driver's Result.return_value
+
+
+def say_feature_origin(data, who: str) -> None:
+    """One line in the worker's output (and its node's logs): did this process extract or read the features?"""
+    if data.feature_origin:
+        print(f"[{who}] features: {data.feature_origin}", flush=True)
 
 
 class _EpochRecord:
@@ -299,10 +334,6 @@ class _EpochRecord:
 
 
 # --------------------------------------------------------------------------- driver side
-def _local_path(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
-
-
 def fit_distributed(
     config: TrainConfig,
     workers: int = 2,
@@ -325,8 +356,8 @@ def fit_distributed(
     failures are recovered from the newest one. Calling again with the same ``storage_path`` and
     ``run_name`` resumes that run from its newest checkpoint (a finished run is not retrained; its
     results are re-evaluated only when ``out`` lacks them).
-    ``feature_cache`` defaults to ``storage_path/feature_cache`` (none for a URI storage_path); ``out``
-    (a local folder) to ``config.out`` or ``storage_path/run_name/output``. ``extra_loop_config`` goes
+    ``feature_cache`` defaults to ``storage_path/feature_cache``; ``out`` (a local folder or ``s3://``)
+    to ``config.out`` or ``storage_path/run_name/output``. ``extra_loop_config`` goes
     to the train function unchanged (e.g. the test hooks ``kill_at_epoch``, ``kill_rank``,
     ``kill_marker``). ``callbacks`` go to ``RunConfig`` (e.g. Tune's ``TuneReportCallback``, which
     forwards the per-epoch reports to the Tune trial that runs this).
@@ -337,23 +368,23 @@ def fit_distributed(
     from comet_ray.pipeline import check_trainable
 
     check_trainable(config)  # a layout error is one line here, not a retried worker crash
-    storage_path = _local_path(storage_path)
+    storage_path = storage.check_location(storage_path, "--storage-path")
     split = "" if config.data_seed == config.seed else f"-split{config.data_seed}"  # another split: another run
     run_name = run_name or f"{config.category}-{config.comet.strategy}-seed{config.seed}{split}"
-    remote = "://" in storage_path
-    out = out or config.out or ("" if remote else os.path.join(storage_path, run_name, "output"))
-    if not out or "://" in out:
-        raise ValueError("out must be a local folder (pass out= when storage_path is a URI)")
-    out = _local_path(out)
-    if feature_cache is None and not remote:
-        feature_cache = os.path.join(storage_path, "feature_cache")
+    out = storage.check_location(out or config.out or storage.join(storage_path, run_name, "output"), "--out")
+    feature_cache = storage.check_location(feature_cache or storage.join(storage_path, "feature_cache"),
+                                           "--cache-dir")
+    nodes = _cluster_nodes()
+    storage.require_shared(storage_path, "--storage-path", nodes)  # before any worker starts
+    storage.require_shared(out, "--out", nodes)
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker > 0:
         resources["GPU"] = gpus_per_worker
     loop_config = {
         "train_config": config.to_dict(),
         "out": out,
-        "feature_cache": _local_path(feature_cache) if feature_cache else None,
+        "attempts": storage.join(storage_path, run_name, ATTEMPTS_DIR),
+        "feature_cache": feature_cache,
         "torch_threads": torch_threads,
         **extra_loop_config,
     }
@@ -378,14 +409,22 @@ def fit_distributed(
     main_thread = threading.current_thread() is threading.main_thread()
     previous_sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
-        trainer.fit()
+        result = trainer.fit()
     finally:
         if previous_sigint is not None:
             signal.signal(signal.SIGINT, previous_sigint)
-    metrics = json.loads((Path(out) / "metrics.json").read_text())
+    metrics = dict(result.return_value or {})  # rank 0's metrics, wherever it ran
     metrics["out"] = out
     metrics["run_name"] = run_name
     return metrics
+
+
+def _cluster_nodes() -> int:
+    import ray
+
+    from comet_ray.distributed.resources import cluster_nodes
+
+    return cluster_nodes() if ray.is_initialized() else 1
 
 
 def format_table(rows: list[dict]) -> str:
@@ -448,7 +487,12 @@ def fit_categories(
     """
     import ray
 
-    storage_path = _local_path(storage_path)
+    storage_path = storage.check_location(storage_path, "--storage-path")
+    nodes = _cluster_nodes()
+    storage.require_shared(storage_path, "--storage-path", nodes)  # before any category starts
+    for config in configs:
+        if config.out:
+            storage.require_shared(storage.check_location(config.out, "--out"), "--out", nodes)
 
     @ray.remote(num_cpus=0, max_retries=0)
     def _fit_one(config_dict: dict) -> dict:
@@ -461,7 +505,5 @@ def fit_categories(
             return {"category": config.category, "strategy": config.comet.strategy, "error": error_line(exc)}
 
     results = ray.get([_fit_one.remote(c.to_dict()) for c in configs])
-    summary = Path(summary_path or os.path.join(storage_path, "summary.json"))
-    summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(jsonfile.dumps(results, indent=2))
+    storage.write_text(summary_path or storage.join(storage_path, "summary.json"), jsonfile.dumps(results, indent=2))
     return results, format_table(results)

@@ -16,6 +16,14 @@ seed, so no image that selection saw is ever reported on.
 A trial runs the plain core in-process (``workers=0``) or builds and fits a ``TorchTrainer`` over
 ``workers`` Ray Train workers (the Ray 2.60 pattern: Train V2 forbids ``Tuner(trainer)``), with the
 workers' per-epoch reports forwarded to Tune by ``TuneReportCallback``.
+
+On a cluster the driver runs on the head, which trains nothing: the trials, the one task that fills
+the feature cache before them and the seed repeats after them are Ray work with the trials'
+resources (GPUs when the cluster has or can autoscale GPU nodes), placed wherever those are.
+Concurrency is ``--max-concurrent-trials`` or what the cluster can hold at its largest. Tune's
+storage (default ``OUT/.ray``) and the feature cache under it must be shared by the nodes
+(``s3://`` on a cluster of several nodes); an ``s3://`` ``--out`` receives the results once the
+sweep is complete.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ import yaml
 from comet_ray import jsonfile
 from comet_ray.config import ModelConfig, TrainConfig, apply_overrides
 from comet_ray.errors import CometError
+from comet_ray.storage import check_location, is_remote, require_shared, staged
+from comet_ray.storage import join as join_location
 
 log = logging.getLogger(__name__)
 DEFAULT_SPACE = Path(__file__).with_name("search_space.yaml")
@@ -156,11 +166,13 @@ def run_trial(params: dict[str, Any]) -> None:
         _run_distributed_trial(config, context, start)
         return
 
+    from comet_ray.distributed.train import say_feature_origin
     from comet_ray.evaluate import validation_auroc
     from comet_ray.pipeline import prepare_data, resolve_device, train_category
 
     device = resolve_device(config.device)
     data = prepare_data(config, device, cache_dir=context.get("feature_cache"))
+    say_feature_origin(data, "trial")
     state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -217,7 +229,7 @@ def _run_distributed_trial(config: TrainConfig, context: dict, start: float) -> 
         storage_path=context["storage_path"],
         run_name=f"{trial.get_experiment_name()}-{trial.get_trial_id()}-train",
         feature_cache=context.get("feature_cache"),
-        out=os.path.join(context["storage_path"], trial.get_experiment_name(), trial.get_trial_id(), "output"),
+        out=join_location(context["storage_path"], trial.get_experiment_name(), trial.get_trial_id(), "output"),
         callbacks=[ObjectiveReportCallback()],
     )
     tune.report({"objective": metrics.get("validation_image_auroc"), "epoch": config.epochs, "final": True,
@@ -299,11 +311,11 @@ class SweepSettings:
 
 
 def _max_concurrent(settings: SweepSettings) -> int:
-    import ray
+    from comet_ray.distributed.resources import cluster_capacity
 
     if settings.max_concurrent_trials:
         return settings.max_concurrent_trials
-    resources = ray.cluster_resources()
+    resources = cluster_capacity()  # autoscaling node types not started yet included
     cpus = resources.get("CPU", 1.0)
     per_trial = settings.cpus_per_trial + settings.workers * settings.cpus_per_worker
     limit = max(1, int(cpus // max(per_trial, 1e-3)))
@@ -411,7 +423,7 @@ def tune_level(base: TrainConfig, level: float, settings: SweepSettings, strateg
     if spec is None:
         spec = load_search_space(settings.space_file, settings.objective)
     metric, mode = ("objective", "max") if settings.objective == "validation" else ("objective", "min")
-    storage = os.path.abspath(settings.storage_path) if "://" not in settings.storage_path else settings.storage_path
+    storage = check_location(settings.storage_path, "--storage-path")
     context = {
         "base": config.to_dict(),
         "objective": settings.objective,
@@ -495,29 +507,79 @@ def check_reported_split(selection: dict, manifest: dict) -> None:
                          f"({len(seen & used)} validation image(s) reused): split seeds must match")
 
 
+def _training_resources(settings: SweepSettings) -> dict[str, float]:
+    """What one training process of the sweep reserves: a trial's, or (``workers`` > 0) a Train worker's."""
+    if settings.workers > 0:
+        return {"num_cpus": settings.cpus_per_worker, "num_gpus": settings.gpus_per_worker}
+    return {"num_cpus": settings.cpus_per_trial, "num_gpus": settings.gpus_per_trial}
+
+
+def _train_once(config_dict: dict, feature_cache: str | None, threads: int) -> tuple[dict, dict]:
+    """One training run as Ray work (a repeat, on whichever node has a trial's resources): its metrics
+    and its manifest (which images it trained and reported on)."""
+    import torch
+
+    from comet_ray.distributed.train import say_feature_origin
+    from comet_ray.pipeline import prepare_data, resolve_device, train_category
+
+    torch.set_num_threads(threads)
+    config = TrainConfig.from_dict(config_dict)
+    device = resolve_device(config.device)
+    data = prepare_data(config, device, cache_dir=feature_cache)
+    say_feature_origin(data, "repeat")
+    return train_category(config, data, device).metrics, data.manifest
+
+
+def _extract(config_dict: dict, feature_cache: str) -> None:
+    from comet_ray.distributed.train import say_feature_origin
+    from comet_ray.pipeline import prepare_data, resolve_device
+
+    config = TrainConfig.from_dict(config_dict)
+    say_feature_origin(prepare_data(config, resolve_device(config.device), cache_dir=feature_cache), "cache fill")
+
+
+def _extract_once(base: TrainConfig, settings: SweepSettings) -> None:
+    """Fill the shared feature cache with one Ray task before any trial starts: the trials and repeats
+    (every contamination level and seed embeds the same images) then all read it, on any node."""
+    import ray
+
+    task = ray.remote(_extract).options(**_training_resources(settings))
+    ray.get(task.remote(base.to_dict(), settings.feature_cache))
+
+
 def repeat_over_seeds(base: TrainConfig, best: dict[str, dict[float, dict]], settings: SweepSettings,
                       out: Path | None = None) -> list[dict]:
     """Baseline and the best CoMet configuration of every level, trained on ``settings.seeds`` training
-    seeds; each repeat's manifest goes to ``out/rho_<level>/repeats/`` when ``out`` is given."""
-    from comet_ray.pipeline import prepare_data, resolve_device, train_category
+    seeds; each repeat's manifest goes to ``out/rho_<level>/repeats/`` when ``out`` is given.
 
-    device = resolve_device(base.device)
-    rows = []
+    Each run is a Ray task with a trial's resources, so the repeats run side by side on the cluster's
+    workers (never in the driver, which on a cluster sits on the head). The driver checks every
+    repeat's manifest against the split its configuration was selected on.
+    """
+    import ray
+
+    resources = _training_resources(settings)
+    run = ray.remote(_train_once).options(**resources)
+    threads = max(1, int(resources["num_cpus"]))
+    configs, selections, pending = [], [], []
     for level in sorted(best["comet"]):
         knobs = {strategy: chosen_knobs(best[strategy].get(level)) for strategy in STRATEGIES}
-        selection = None
-        for config in repeat_configs(base, level, knobs, settings.seeds):
-            data = prepare_data(config, device, cache_dir=settings.feature_cache)
-            selection = selection or selection_split(config)
-            check_reported_split(selection, data.manifest)
-            if out is not None:
-                folder = out / f"rho_{level:g}" / "repeats"
-                folder.mkdir(parents=True, exist_ok=True)
-                name = f"{config.comet.strategy}-seed{config.seed}.manifest.json"
-                (folder / name).write_text(jsonfile.dumps(data.manifest, indent=2))
-            metrics = train_category(config, data, device).metrics
-            rows.append({"level": level, "seed": config.seed, "split_seed": config.data_seed,
-                         "strategy": config.comet.strategy, **_test_metrics(metrics)})
+        level_configs = repeat_configs(base, level, knobs, settings.seeds)
+        selection = selection_split(level_configs[0])
+        for config in level_configs:
+            configs.append(config)
+            selections.append(selection)
+            pending.append(run.remote(config.to_dict(), settings.feature_cache, threads))
+    rows = []
+    for config, selection, (metrics, manifest) in zip(configs, selections, ray.get(pending)):
+        check_reported_split(selection, manifest)
+        if out is not None:
+            folder = out / f"rho_{config.contamination:g}" / "repeats"
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"{config.comet.strategy}-seed{config.seed}.manifest.json"
+            (folder / name).write_text(jsonfile.dumps(manifest, indent=2))
+        rows.append({"level": config.contamination, "seed": config.seed, "split_seed": config.data_seed,
+                     "strategy": config.comet.strategy, **_test_metrics(metrics)})
     return rows
 
 
@@ -575,10 +637,18 @@ def tune_strategies(base: TrainConfig, level: float, settings: SweepSettings) ->
 
 def sweep(base: TrainConfig, settings: SweepSettings) -> dict:
     """Tune every level (baseline, then CoMet), pick the best of each per level on validation, repeat, plot."""
+    if is_remote(settings.out):  # put together locally, uploaded once the sweep is complete
+        with staged(check_location(settings.out, "--out"), last=("summary.json",)) as local:
+            return sweep(base, dataclasses.replace(settings, out=str(local)))
+    from comet_ray.distributed.resources import cluster_nodes
+
+    storage_path = check_location(settings.storage_path, "--storage-path")
+    require_shared(storage_path, "--storage-path", cluster_nodes())  # before any trial starts
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     if settings.feature_cache is None:
-        settings.feature_cache = os.path.join(os.path.abspath(settings.storage_path), "feature_cache")
+        settings.feature_cache = join_location(storage_path, "feature_cache")
+    _extract_once(base, settings)
     rows: list[dict] = []
     for level in settings.levels:
         rows.extend(tune_strategies(base, level, settings))
@@ -623,36 +693,46 @@ def register(subparsers) -> None:
                         help="repeat baseline and the best configuration per level over this many training seeds, "
                              "on the split they were selected on (0: skip)")
     parser.add_argument("--search-seed", type=int, default=0, help="seed of the Optuna sampler")
-    parser.add_argument("--storage-path", default="tune-runs", help="Tune storage (local folder or s3://); same path = resume")
+    parser.add_argument("--storage-path", default=None,
+                        help="Tune storage and feature cache (local folder or s3://; s3:// on a cluster of several "
+                             "nodes); default OUT/.ray; same path = resume")
     parser.add_argument("--workers", type=int, default=0, help="Ray Train workers per trial (0: train in the trial process)")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved for each trial process")
-    parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs for each in-process trial")
+    parser.add_argument("--gpus-per-trial", type=float, default=None,
+                        help="GPUs for each in-process trial (and repeat); default: 1 when the cluster has, or can "
+                             "autoscale, GPU nodes, else 0")
     parser.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs per Ray Train worker")
-    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker")
+    parser.add_argument("--gpus-per-worker", type=float, default=None,
+                        help="GPUs per Ray Train worker; default: 1 when the cluster has, or can autoscale, a GPU "
+                             "for every worker of a trial, else 0")
     parser.add_argument("--max-concurrent-trials", type=int, default=None, help="default: derived from the cluster's resources")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    parser.add_argument("--out", required=True, help="results.csv, rho_*/best.json, seeds.csv, contamination.png")
+    parser.add_argument("--out", required=True,
+                        help="folder or s3://bucket/prefix: results.csv, rho_*/best.json, seeds.csv, contamination.png")
     parser.set_defaults(func=_cmd_tune)
 
 
 def _cmd_tune(args) -> int:
-    import ray
+    from comet_ray.distributed.connect import init_ray
+    from comet_ray.distributed.resources import auto_gpus
+    from comet_ray.pipeline import check_trainable
 
     levels = [float(x) for x in str(args.contamination).split(",") if x.strip()]
     args.contamination = 0.0
     base = _base_config(args)
+    check_trainable(base, s3_endpoint=args.s3_endpoint)  # one line now, not an error in every trial
+    out = check_location(args.out, "--out")
+    init_ray(args.address, log_to_driver=False)
+    workers = args.workers
     settings = SweepSettings(
         levels=levels, trials=args.trials, objective=args.objective, space_file=args.space,
-        storage_path=args.storage_path, out=args.out, search_seed=args.search_seed, seeds=args.seeds,
-        workers=args.workers, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-        cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+        storage_path=args.storage_path or join_location(out, ".ray"), out=out, search_seed=args.search_seed,
+        seeds=args.seeds, workers=workers, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=auto_gpus(args.gpus_per_trial) if workers == 0 else (args.gpus_per_trial or 0.0),
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=auto_gpus(args.gpus_per_worker, workers) if workers > 0 else 0.0,
         max_concurrent_trials=args.max_concurrent_trials, feature_cache=args.cache_dir,
     )
-    from comet_ray.pipeline import check_trainable
-
-    check_trainable(base, s3_endpoint=args.s3_endpoint)  # one line now, not an error in every trial
-    if not ray.is_initialized():
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     summary = sweep(base, settings)
     for key, label in (("best_baseline", "baseline"), ("best", "CoMet")):
         for level, row in sorted(summary[key].items(), key=lambda kv: float(kv[0])):

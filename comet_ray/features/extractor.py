@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from comet_ray import storage
 from comet_ray.config import FeatureConfig
 from comet_ray.data.images import load_samples
 from comet_ray.data.layout import Sample
+from comet_ray.data.s3 import public_s3_uri
 from comet_ray.features.aggregation import aggregate_patches
 from comet_ray.features.backbone import BACKBONES, build_backbone
 from comet_ray.features.store import FeatureStore, storage_dtype
@@ -78,6 +83,7 @@ class ExtractedSplit:
     mask_available: torch.Tensor | None = None  # [N] bool
     skipped: list[dict] = field(default_factory=list)
     mask_issues: list[dict] = field(default_factory=list)
+    origin: str = ""  # with a cache: "extracted N images into the cache LOCATION" or "read N images from ..."
 
 
 def extract_features(
@@ -139,6 +145,10 @@ def extract_features(
     return result
 
 
+CACHE_MARKER = "extras.json"  # written (uploaded) last: an entry without it is incomplete
+LOCAL_MIRROR = "comet-ray-features"
+
+
 def cache_key(samples: list[Sample], extractor: PatchFeatureExtractor, with_masks: bool) -> str:
     payload = json.dumps(
         {
@@ -151,6 +161,71 @@ def cache_key(samples: list[Sample], extractor: PatchFeatureExtractor, with_mask
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+def cache_location(cache_dir: str, samples: list[Sample], extractor: PatchFeatureExtractor,
+                   with_masks: bool) -> str:
+    """Where the features of ``samples`` under ``extractor`` live in ``cache_dir`` (a folder or ``s3://``).
+
+    One entry per feature fingerprint and sample list, ``<cache_dir>/<cache_key>``: every process, on
+    any node, that embeds the same images with the same backbone settings finds the same entry. On a
+    cluster the cache lives in shared storage (default: under the run's ``--storage-path``), so what
+    one node extracted no other node extracts again.
+    """
+    return storage.join(cache_dir, cache_key(samples, extractor, with_masks))
+
+
+def _local_entry(location: str, s3_endpoint: str | None = None) -> Path | None:
+    """A complete cache entry as a local folder: ``location`` itself, or this node's copy of an S3 entry
+    (downloaded once per node, then reused); None when the entry does not exist (yet)."""
+    if not storage.is_remote(location):
+        return Path(location) if (Path(location) / CACHE_MARKER).exists() else None
+    mirror = Path(tempfile.gettempdir()) / LOCAL_MIRROR / hashlib.sha256(location.encode()).hexdigest()[:24]
+    if (mirror / CACHE_MARKER).exists():
+        return mirror
+    if not storage.exists(storage.join(location, CACHE_MARKER), s3_endpoint):
+        return None
+    partial = mirror.with_name(f"{mirror.name}.tmp-{os.getpid()}")
+    storage.download(location, partial, s3_endpoint)
+    try:
+        os.replace(partial, mirror)
+    except OSError:  # another process on this node finished the same download first
+        shutil.rmtree(partial, ignore_errors=True)
+    return mirror
+
+
+def load_cached(location: str, with_masks: bool, mmap: bool = False,
+                s3_endpoint: str | None = None) -> ExtractedSplit | None:
+    """The :class:`ExtractedSplit` stored at ``location`` (local or ``s3://``), or None if there is none."""
+    directory = _local_entry(location, s3_endpoint)
+    if directory is None or not FeatureStore.exists(directory):
+        return None
+    store = FeatureStore.load(directory, mmap=mmap)
+    extras = json.loads((directory / CACHE_MARKER).read_text())
+    result = ExtractedSplit(store, skipped=extras["skipped"], mask_issues=extras["mask_issues"])
+    if with_masks:
+        result.masks = torch.from_numpy(np.load(directory / "masks.npy"))
+        result.mask_available = torch.from_numpy(np.load(directory / "mask_available.npy"))
+    return result
+
+
+def save_cached(location: str, result: ExtractedSplit, with_masks: bool, s3_endpoint: str | None = None) -> None:
+    """Store ``result`` at ``location`` (local or ``s3://``); the marker file last, so readers see it whole."""
+    remote = storage.is_remote(location)
+    directory = Path(tempfile.mkdtemp(prefix="comet-features-")) if remote else Path(location)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if with_masks:
+            np.save(directory / "masks.npy", result.masks.numpy())
+            np.save(directory / "mask_available.npy", result.mask_available.numpy())
+        result.store.save(directory)
+        extras = {"skipped": result.skipped, "mask_issues": result.mask_issues}
+        (directory / CACHE_MARKER).write_text(json.dumps(extras))
+        if remote:
+            storage.upload(directory, location, last=[CACHE_MARKER], s3_endpoint=s3_endpoint)
+    finally:
+        if remote:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 def extract_features_cached(
     samples: list[Sample],
     extractor: PatchFeatureExtractor,
@@ -159,29 +234,23 @@ def extract_features_cached(
     cache_dir: str | None,
     progress: bool = False,
     mmap: bool = False,
+    s3_endpoint: str | None = None,
 ) -> ExtractedSplit:
-    """``extract_features`` with an on-disk cache keyed by the samples and the extractor's fingerprint.
+    """``extract_features`` with a cache (a local folder or ``s3://``) keyed by the samples and the
+    extractor's fingerprint (:func:`cache_location`).
 
-    Reruns (another strategy, seed or Tune trial on the same images) then skip the backbone entirely.
+    Reruns (another strategy, seed or Tune trial on the same images, another worker on another node)
+    then skip the backbone entirely.
     """
     if not cache_dir:
         return extract_features(samples, extractor, filesystem, with_masks, progress=progress)
-    directory = Path(cache_dir) / cache_key(samples, extractor, with_masks)
-    if FeatureStore.exists(directory) and (directory / "extras.json").exists():
-        store = FeatureStore.load(directory, mmap=mmap)
-        extras = json.loads((directory / "extras.json").read_text())
-        result = ExtractedSplit(store, skipped=extras["skipped"], mask_issues=extras["mask_issues"])
-        if with_masks:
-            result.masks = torch.from_numpy(np.load(directory / "masks.npy"))
-            result.mask_available = torch.from_numpy(np.load(directory / "mask_available.npy"))
-        log.info("feature cache hit: %s", directory)
-        return result
+    location = cache_location(cache_dir, samples, extractor, with_masks)
+    cached = load_cached(location, with_masks, mmap=mmap, s3_endpoint=s3_endpoint)
+    if cached is not None:
+        log.info("feature cache hit: %s", public_s3_uri(location))
+        cached.origin = f"read {len(cached.store)} images from the cache {public_s3_uri(location)}"
+        return cached
     result = extract_features(samples, extractor, filesystem, with_masks, progress=progress)
-    if with_masks:
-        directory.mkdir(parents=True, exist_ok=True)
-        np.save(directory / "masks.npy", result.masks.numpy())
-        np.save(directory / "mask_available.npy", result.mask_available.numpy())
-    result.store.save(directory)
-    extras = {"skipped": result.skipped, "mask_issues": result.mask_issues}
-    (directory / "extras.json").write_text(json.dumps(extras))
+    save_cached(location, result, with_masks, s3_endpoint)
+    result.origin = f"extracted {len(result.store)} images into the cache {public_s3_uri(location)}"
     return result
