@@ -100,7 +100,9 @@ def map_panel(
     # The image decision uses ``threshold``; regions use the pixel threshold chosen on the validation
     # masks when the checkpoint has one (the blur lowers map peaks below the image-score scale).
     decision_threshold, threshold = threshold, threshold if region_threshold is None else region_threshold
-    vmin, vmax = heat_range(threshold, nominal, amap)
+    # ``nominal`` is an image-score level: it anchors the colour scale only for the image threshold. Against
+    # a pixel threshold it squeezed the scale into a sliver (every defect saturated): scale by the map.
+    vmin, vmax = heat_range(threshold, nominal if region_threshold is None else None, amap)
     figure = _figure(10.5, 3.6, dpi)
     # A fixed layout (no tight bounding box: that draws the figure twice, and panels are the slow part).
     axes = figure.subplots(1, 3, gridspec_kw={"wspace": 0.04, "left": 0.005, "right": 0.88, "bottom": 0.01,
