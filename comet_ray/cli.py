@@ -168,6 +168,9 @@ def _train_in_process(args: argparse.Namespace) -> int:
     config = _train_config(args)
     device = resolve_device(config.device)
     print(f"comet-ray train: {config.category} | strategy {config.comet.strategy} | device {device}", flush=True)
+    if config.model.model == "knn":
+        print("note: --model knn is training-free (a memory bank of training patches): --epochs, --passes and "
+              "--strategy do not apply", flush=True)
     data = prepare_data(config, device, cache_dir=args.cache_dir, progress=True, s3_endpoint=args.s3_endpoint,
                         engine=args.engine)
     _report_left_out(data.skipped, "image(s) skipped", "manifest.json")

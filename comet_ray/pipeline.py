@@ -244,15 +244,20 @@ def train_category(
     than 0 hold the same model and their results are never written, so scoring there is wasted.
     """
     torch.manual_seed(config.seed)
-    model = build_detector(config.model.model, data.feature_dim, config.model, data.grid)
-    store = place_store(data.train.store, device)
-    trainer = CometTrainer(model, store, config, device, collective, data.injected_ids)
-    if trainer_state is not None:
-        trainer.load_state_dict(trainer_state)
     start = time.perf_counter()
-    epochs = trainer.fit(config.epochs, on_epoch_end)
+    model = build_detector(config.model.model, data.feature_dim, config.model, data.grid, data.train.store)
+    if getattr(model, "trainable", True):
+        store = place_store(data.train.store, device)
+        trainer = CometTrainer(model, store, config, device, collective, data.injected_ids)
+        if trainer_state is not None:
+            trainer.load_state_dict(trainer_state)
+        epochs = trainer.fit(config.epochs, on_epoch_end)
+        final_weights = dict(zip(data.train.store.ids, trainer.sample_weights.tolist()))
+    else:  # a training-free reference (knn): built from the training features, no epochs, no strategy
+        model = model.to(device)
+        epochs = []
+        final_weights = dict.fromkeys(data.train.store.ids, 1.0)
     train_seconds = time.perf_counter() - start
-    final_weights = dict(zip(data.train.store.ids, trainer.sample_weights.tolist()))
     if not evaluate:
         return RunResult({}, {}, epochs, model, float("nan"), float("nan"), final_weights)
     size = config.features.image_size
