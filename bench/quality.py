@@ -185,6 +185,21 @@ def one_run(args, data_set: DataSet, data, method: str, rho: float, seed: int) -
     }
 
 
+def run_group(args, methods: list[str], data_set: DataSet, rho: float, seed: int) -> list[dict]:
+    """Every method on one (set, contamination, seed): the same data and splits for all of them."""
+    data = prepare_data(base_config(args, data_set, rho, seed), torch.device("cpu"), cache_dir=args.cache)
+    runs = []
+    for method in methods:
+        run = one_run(args, data_set, data, method, rho, seed)
+        runs.append(run)
+        print(f"  {data_set.name} rho={rho:g} seed={seed} {method}: image AUROC {run['image_auroc']:.4f}"
+              + ("" if run["pixel_auroc"] is None else f", pixel AUROC {run['pixel_auroc']:.4f}")
+              + ("" if not _uses_scl(method) or run["mean_weight_injected"] is None else
+                 f", w injected {run['mean_weight_injected']:.3f} vs {run['mean_weight_nominal']:.3f}")
+              + f" [{run['train_seconds']:.0f} s]", flush=True)
+    return runs
+
+
 def mean_sd(values: list[float]) -> tuple[float, float] | None:
     values = [v for v in values if v is not None and v == v]
     if not values:
@@ -259,11 +274,14 @@ def main() -> int:
     parser.add_argument("--passes", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
                         help="override a knob for every method (like comet-ray train --set)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="processes training at once (each gets cores / jobs threads); 2 on two cores")
     args = parser.parse_args()
     args.set = dict(parse_method("baseline@" + ",".join(args.set))[3]) if args.set else {}
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    args.cache = str(out / "feature-cache")
     methods = [m for m in args.methods.split(",") if m]
     for method in methods:
         parse_method(method)
@@ -275,20 +293,26 @@ def main() -> int:
     print(f"schedule: {schedule}", flush=True)
     runs: list[dict] = []
     start = time.perf_counter()
-    for data_set in sets:
-        for rho in rhos:
-            for seed in seeds:
-                config = base_config(args, data_set, rho, seed)
-                data = prepare_data(config, torch.device("cpu"), cache_dir=str(out / "feature-cache"))
-                for method in methods:
-                    run = one_run(args, data_set, data, method, rho, seed)
-                    runs.append(run)
-                    print(f"  {data_set.name} rho={rho:g} seed={seed} {method}: image AUROC {run['image_auroc']:.4f}"
-                          + ("" if run["pixel_auroc"] is None else f", pixel AUROC {run['pixel_auroc']:.4f}")
-                          + ("" if run["mean_weight_injected"] is None else
-                             f", w injected {run['mean_weight_injected']:.3f} vs {run['mean_weight_nominal']:.3f}")
-                          + f" [{run['train_seconds']:.0f} s]", flush=True)
+    for data_set in sets:  # every set's features once, here, before any head trains
+        scale = prepare_data(base_config(args, data_set, 0.0, 0), torch.device("cpu"), cache_dir=args.cache).train
+        print(f"{data_set.name}: features cached ({len(scale.store)} training images, "
+              f"feature scale {scale.store.scale():.3f})", flush=True)
+    groups = [(data_set, rho, seed) for data_set in sets for rho in rhos for seed in seeds]
+    if args.jobs > 1:  # one process per group of runs; the cores are split between them
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        spawn = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads are running
+        with ProcessPoolExecutor(args.jobs, mp_context=spawn, initializer=torch.set_num_threads,
+                                 initargs=(max(1, torch.get_num_threads() // args.jobs),)) as pool:
+            futures = [pool.submit(run_group, args, methods, *group) for group in groups]
+            for future in futures:
+                runs.extend(future.result())
                 (out / "quality.json").write_text(jsonfile.dumps({"schedule": schedule, "runs": runs}))
+    else:
+        for group in groups:
+            runs.extend(run_group(args, methods, *group))
+            (out / "quality.json").write_text(jsonfile.dumps({"schedule": schedule, "runs": runs}))
     elapsed = time.perf_counter() - start
     table = summarise(runs, [s.name for s in sets], methods, rhos)
     print(f"total time: {elapsed / 60:.1f} min ({schedule})", flush=True)

@@ -43,7 +43,8 @@ def _add_training_options(parser: argparse.ArgumentParser, contamination_list: b
     parser.add_argument("--strategy", choices=STRATEGIES, default="comet",
                         help="baseline: plain detector; scl: confidence weights only; meta: meta-learning + lambda(Sigma) only; comet: both (default)")
     parser.add_argument("--model", choices=MODELS, default="simplenet",
-                        help="detector trained on the cached features: SimpleNet or a normalizing flow")
+                        help="detector on the cached features: SimpleNet, a normalizing flow, or knn (the "
+                             "training-free PatchCore-style reference: no epochs, no strategy)")
     if contamination_list:
         parser.add_argument("--contamination", default="0,0.05,0.1,0.2",
                             help="comma-separated contamination levels (experimental conditions, never searched)")

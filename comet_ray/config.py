@@ -35,7 +35,9 @@ class ModelConfig:
     """The detector head trained on cached features."""
 
     model: str = "simplenet"
-    # SimpleNet
+    # SimpleNet. noise_std is relative to the training features' measured spread s (FeatureStore.scale, kept in
+    # the model): eps ~ N(0, (noise_std * s)^2). Not the paper's absolute 0.015 (set for WideResNet-50's
+    # features, about 0.03 in these units): see the README, "Base models and a reference".
     noise_std: float = 0.4
     margin: float = 0.5
     adaptor_lr: float = 1e-4

@@ -275,7 +275,7 @@ def train_category(
         "aupro": report.metrics.get("aupro", float("nan")),
         "f1_max": report.metrics.get("f1_max"),
         "validation_image_auroc": validation.metrics.get("image_auroc"),
-        "strategy": config.comet.strategy,
+        "strategy": config.comet.strategy if getattr(model, "trainable", True) else "none",
         "model": config.model.model,
         "category": config.category,
         "contamination": config.contamination,

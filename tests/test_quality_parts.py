@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comet_ray.checkpoint import load_detector, save_detector
-from comet_ray.comet.trainer import CometTrainer
+from comet_ray.comet.trainer import NOT_LEARNING_AFTER, CometTrainer
 from comet_ray.config import ModelConfig, TrainConfig
 from comet_ray.errors import CometError
 from comet_ray.features.store import FeatureStore
@@ -84,9 +84,10 @@ def test_learning_check_rises_when_the_discriminator_learns_and_warns_when_it_do
     invisible = config()
     invisible.model.noise_std = 1e-4  # noise far below the features' spread: nothing to tell apart
     stuck = CometTrainer(build_detector("simplenet", D, invisible.model, train_store=store), store, invisible)
-    logs = stuck.fit(3)
+    logs = stuck.fit(NOT_LEARNING_AFTER)
+    assert all("warning" not in log.extra for log in logs[:-1])  # early epochs may still be finding their feet
     assert logs[-1].extra["separation"] < 0.6
-    assert "not learning" in logs[-1].extra["warning"] and "not learning" in logs[-1].line(3)
+    assert "not learning" in logs[-1].extra["warning"] and "not learning" in logs[-1].line(NOT_LEARNING_AFTER)
 
 
 def test_nearest_distances_match_brute_force_with_and_without_exclusion() -> None:
@@ -155,3 +156,35 @@ def test_knn_confidence_signal_downweights_the_outlier_images() -> None:
     outliers[OUTLIER_ROWS] = True
     assert bool((weights[outliers] < 1).all()) and bool((weights[~outliers] == 1).all())
     assert log.mean_weight_injected < log.mean_weight_nominal
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_knn_from_the_cli_trains_nothing_and_exports(tmp_path, capsys) -> None:
+    """``--model knn``: a note that epochs and strategy do not apply, a run folder like any other, and an
+    exported graph (free batch size) that scores like the unfused path."""
+    import json
+
+    import numpy as np
+
+    from comet_ray.cli import main
+    from comet_ray.data.synthetic import make_texture_category
+    from comet_ray.export import ExportedDetector, export_detector
+    from comet_ray.inference import extractor_for
+    from comet_ray.models.anomaly_map import image_scores
+    from comet_ray.testing import TINY_TRAIN_ARGS
+
+    make_texture_category(tmp_path / "data", "weave", n_train=8, n_test_good=4, defects={"spot": 4}, size=64, seed=2)
+    out = tmp_path / "run"
+    assert main(["train", str(tmp_path / "data"), "--category", "weave", "--model", "knn", "--out", str(out),
+                 *TINY_TRAIN_ARGS]) == 0
+    assert "training-free" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["strategy"] == "none"
+    assert json.loads((out / "history.json").read_text()) == []
+    assert set(json.loads((out / "weights.json").read_text())["weights"].values()) == {1.0}
+    model, meta = load_detector(out)
+    images = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = image_scores(model.patch_scores(extractor_for(meta, torch.device("cpu"))(images))).numpy()
+        np.testing.assert_allclose(ExportedDetector.from_checkpoint(out)(images)[0].numpy(), expected, atol=1e-4)
+        loaded = torch.jit.load(str(export_detector(out, tmp_path / "model.ts", "torchscript")))
+        np.testing.assert_allclose(loaded(images)[0].numpy(), expected, atol=1e-4)

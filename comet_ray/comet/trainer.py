@@ -39,7 +39,7 @@ _MASK = (1 << 62) - 1
 logger = logging.getLogger(__name__)
 # The learning check: from this epoch on, a detector whose separation of true from synthetic-anomaly
 # patches stays below this (0.5 = chance) is reported as not learning.
-NOT_LEARNING_AFTER = 3
+NOT_LEARNING_AFTER = 5
 NOT_LEARNING_BELOW = 0.6
 
 
