@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -66,7 +67,7 @@ METHODS = {  # name -> (model, strategy)
 DEFAULT_METHODS = "baseline,comet,flow,flow+comet,knn"
 ALL_SETS = ("bottle", "elpv_mono", "elpv_poly", "weave")
 # ELPV cells per category: train/good, test/good, test/defect (seeded draw from each pool).
-ELPV_SIZES = (120, 50, 75)
+ELPV_SIZES = (100, 40, 60)
 
 
 @dataclass
@@ -201,7 +202,7 @@ def run_group(args, methods: list[str], data_set: DataSet, rho: float, seed: int
 
 
 def mean_sd(values: list[float]) -> tuple[float, float] | None:
-    values = [v for v in values if v is not None and v == v]
+    values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return None
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -270,7 +271,7 @@ def main() -> int:
                         help="backbone weights file (default: ../shared's MobileNetV2 when present)")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--feature-dim", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--passes", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
                         help="override a knob for every method (like comet-ray train --set)")
