@@ -267,18 +267,23 @@ def main() -> int:
     parser.add_argument("--contamination", default="0,0.1,0.2")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--backbone", default="mobilenet_v2")
-    parser.add_argument("--weights", default=str(MOBILENET_WEIGHTS) if MOBILENET_WEIGHTS.is_file() else None,
-                        help="backbone weights file (default: ../shared's MobileNetV2 when present)")
+    parser.add_argument("--weights", default=None,
+                        help="backbone weights file (default for mobilenet_v2: ../shared's ImageNet file when "
+                             "present; otherwise torchvision's hub cache, else a loudly random backbone)")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--feature-dim", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--passes", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
                         help="override a knob for every method (like comet-ray train --set)")
+    parser.add_argument("--merge", action="append", default=[], metavar="QUALITY_JSON",
+                        help="also show the runs of an earlier invocation's quality.json in the table")
     parser.add_argument("--jobs", type=int, default=1,
                         help="processes training at once (each gets cores / jobs threads); 2 on two cores")
     args = parser.parse_args()
     args.set = dict(parse_method("baseline@" + ",".join(args.set))[3]) if args.set else {}
+    if args.weights is None and args.backbone == "mobilenet_v2" and MOBILENET_WEIGHTS.is_file():
+        args.weights = str(MOBILENET_WEIGHTS)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,7 +320,12 @@ def main() -> int:
             runs.extend(run_group(args, methods, *group))
             (out / "quality.json").write_text(jsonfile.dumps({"schedule": schedule, "runs": runs}))
     elapsed = time.perf_counter() - start
-    table = summarise(runs, [s.name for s in sets], methods, rhos)
+    table_runs, table_methods = list(runs), list(methods)
+    for path in args.merge:  # runs of an earlier invocation (other methods), shown in the same table
+        earlier = json.loads(Path(path).read_text())["runs"]
+        table_runs.extend(earlier)
+        table_methods = list(dict.fromkeys([r["method"] for r in earlier] + table_methods))
+    table = summarise(table_runs, [s.name for s in sets], table_methods, rhos)
     print(f"total time: {elapsed / 60:.1f} min ({schedule})", flush=True)
     print()
     print(table)
