@@ -97,15 +97,17 @@ class SimpleNet(nn.Module):
 
     @torch.no_grad()
     def separation(self, features: torch.Tensor, sample_seeds: torch.Tensor) -> float:
-        """How well the discriminator tells true from fake patches (eval mode): the mean of the fraction of
-        true patches with ``D(u) > 0`` and of fake patches with ``D(u + eps) < 0``. 0.5 = not learning."""
+        """How well the discriminator tells true from fake patches, as scoring sees it (eval mode): the
+        fraction of patches it scores as more nominal than their own noisy copy, ``D(u) > D(u + eps)``.
+        0.5 = chance: not learning. Paired rather than against the margin, because in eval mode BatchNorm
+        uses running statistics that lag a fast-moving discriminator and shift both sides alike."""
         was_training = self.training
         self.eval()
         adapted = self.adaptor(features)
         true_scores = self._discriminate(adapted).float()
         fake_scores = self._discriminate(adapted + self._noise(adapted, sample_seeds)).float()
         self.train(was_training)
-        return 0.5 * float((true_scores > 0).float().mean() + (fake_scores < 0).float().mean())
+        return float((true_scores > fake_scores).float().mean())
 
     def regularised_parameters(self, include_norm_and_bias: bool = False) -> list[nn.Parameter]:
         return weight_matrices(self, include_norm_and_bias)
