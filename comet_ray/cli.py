@@ -45,7 +45,8 @@ def _add_training_options(parser: argparse.ArgumentParser, contamination_list: b
     parser.add_argument("--strategy", choices=STRATEGIES, default="comet",
                         help="baseline: plain detector; scl: confidence weights only; meta: meta-learning + lambda(Sigma) only; comet: both (default)")
     parser.add_argument("--model", choices=MODELS, default="simplenet",
-                        help="detector trained on the cached features: SimpleNet or a normalizing flow")
+                        help="detector on the cached features: SimpleNet, a normalizing flow, or knn (the "
+                             "training-free PatchCore-style reference: no epochs, no strategy)")
     if contamination_list:
         parser.add_argument("--contamination", default="0,0.05,0.1,0.2",
                             help="comma-separated contamination levels (experimental conditions, never searched)")
@@ -187,6 +188,9 @@ def _train_into(args: argparse.Namespace, out: str) -> None:
     config = _train_config(args)
     device = resolve_device(config.device)
     print(f"comet-ray train: {config.category} | strategy {config.comet.strategy} | device {device}", flush=True)
+    if config.model.model == "knn":
+        print("note: --model knn is training-free (a memory bank of training patches): --epochs, --passes and "
+              "--strategy do not apply", flush=True)
     data = prepare_data(config, device, cache_dir=args.cache_dir, progress=True, s3_endpoint=args.s3_endpoint,
                         engine=args.engine)
     if data.feature_origin:

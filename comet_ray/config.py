@@ -35,8 +35,10 @@ class ModelConfig:
     """The detector head trained on cached features."""
 
     model: str = "simplenet"
-    # SimpleNet
-    noise_std: float = 0.015
+    # SimpleNet. noise_std is relative to the training features' measured spread s (FeatureStore.scale, kept in
+    # the model): eps ~ N(0, (noise_std * s)^2). Not the paper's absolute 0.015 (set for WideResNet-50's
+    # features, about 0.03 in these units): see the README, "Base models and a reference".
+    noise_std: float = 0.4
     margin: float = 0.5
     adaptor_lr: float = 1e-4
     discriminator_lr: float = 2e-4
@@ -48,6 +50,9 @@ class ModelConfig:
     flow_lr: float = 2e-4
     flow_clamp: float = 2.0
     flow_pos_dim: int = 32
+    # kNN reference (model == "knn"): memory bank = this fraction of the training patches
+    knn_bank_fraction: float = 0.1
+    knn_coreset: str = "greedy"  # greedy (PatchCore's k-center) | random
 
 
 @dataclass
@@ -63,6 +68,9 @@ class CometConfig:
     weight_floor: float = 0.0
     warmup_epochs: int = 1
     patch_weighting: bool = False
+    # What SCL scores the training images with: "model" (the current detector, the paper's definition) or
+    # "knn" (each image's leave-one-out nearest-neighbour patch distance to the other training images).
+    confidence_signal: str = "model"
     # Meta phase
     meta_tasks: int = 4
     task_size: int = 8

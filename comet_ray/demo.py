@@ -17,12 +17,12 @@ from comet_ray.pipeline import prepare_data, resolve_device, train_category, wri
 
 
 def demo_config(data_root: str, epochs: int, seed: int) -> TrainConfig:
-    """Small, fast settings: MobileNetV2 at 128 px; noise scaled to this backbone's feature spread."""
+    """Small, fast settings: MobileNetV2 at 128 px, a narrower head; every other knob is the default."""
     config = TrainConfig(
         data_root=data_root, category="weave", contamination=0.2, seed=seed, epochs=epochs, passes=1, batch_size=8
     )
     config.features = FeatureConfig(backbone="mobilenet_v2", image_size=128, feature_dim=128, batch_size=32)
-    config.model = ModelConfig(noise_std=0.1, discriminator_hidden=256)
+    config.model = ModelConfig(discriminator_hidden=256)
     config.comet.inner_steps = 2
     config.comet.meta_tasks = 2
     return config

@@ -253,19 +253,25 @@ def train_category(
     than 0 hold the same model and their results are never written, so scoring there is wasted.
     """
     torch.manual_seed(config.seed)
-    model = build_detector(config.model.model, data.feature_dim, config.model, data.grid)
-    store = place_store(data.train.store, device)
-    trainer = CometTrainer(model, store, config, device, collective, data.injected_ids)
-    if trainer_state is not None:
-        trainer.load_state_dict(trainer_state)
     start = time.perf_counter()
-    epochs = trainer.fit(config.epochs, on_epoch_end)
+    model = build_detector(config.model.model, data.feature_dim, config.model, data.grid, data.train.store)
+    if getattr(model, "trainable", True):
+        store = place_store(data.train.store, device)
+        trainer = CometTrainer(model, store, config, device, collective, data.injected_ids)
+        if trainer_state is not None:
+            trainer.load_state_dict(trainer_state)
+        epochs = trainer.fit(config.epochs, on_epoch_end)
+        final_weights = dict(zip(data.train.store.ids, trainer.sample_weights.tolist()))
+        # The audit ranks the training images by the final model's score: one more pass of the scoring SCL
+        # uses every epoch (every rank joins it when distributed: it gathers across workers).
+        train_scores = trainer.score_training_set()[0].tolist()
+        audit_record = {"weight_history": trainer.weight_history_tensor(), "train_scores": train_scores}
+    else:  # a training-free reference (knn): built from the training features, no epochs, no strategy
+        model = model.to(device)
+        epochs = []
+        final_weights = dict.fromkeys(data.train.store.ids, 1.0)
+        audit_record = {}
     train_seconds = time.perf_counter() - start
-    final_weights = dict(zip(data.train.store.ids, trainer.sample_weights.tolist()))
-    # The audit ranks the training images by the final model's score: one more pass of the scoring SCL
-    # uses every epoch (every rank joins it when distributed: it gathers across workers).
-    train_scores = trainer.score_training_set()[0].tolist()
-    audit_record = {"weight_history": trainer.weight_history_tensor(), "train_scores": train_scores}
     if not evaluate:
         return RunResult({}, {}, epochs, model, float("nan"), float("nan"), final_weights, **audit_record)
     size = config.features.image_size
@@ -283,7 +289,7 @@ def train_category(
         "validation_image_auroc": validation.metrics.get("image_auroc"),
         "validation_aupro": validation.metrics.get("aupro", float("nan")),
         "final_loss": epochs[-1].loss if epochs else float("nan"),
-        "strategy": config.comet.strategy,
+        "strategy": config.comet.strategy if getattr(model, "trainable", True) else "none",
         "model": config.model.model,
         "category": config.category,
         "contamination": config.contamination,

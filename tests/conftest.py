@@ -15,7 +15,9 @@ from comet_ray.testing import use_local_env
 
 use_local_env()  # every service on 127.0.0.1 and quiet, explicit Ray auth, no model-hub download
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# ../shared (real data, offline ImageNet weights) beside the checkout; COMET_RAY_TEST_SHARED points elsewhere,
+# e.g. at a missing folder to check that the suite passes on a fresh clone that has none.
+SHARED = Path(os.environ.get("COMET_RAY_TEST_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 BOTTLE = SHARED / "data" / "mvtec_bottle"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
 
@@ -52,10 +54,15 @@ def bottle_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def imagenet_torch_home(tmp_path_factory) -> Path | None:
-    """A TORCH_HOME with torchvision's MobileNetV2 ImageNet file when ../shared has it, else None."""
+def imagenet_torch_home(tmp_path_factory) -> Path:
+    """A TORCH_HOME with torchvision's MobileNetV2 ImageNet file; skips when ../shared does not have it.
+
+    For tests whose assertions are about detection quality: on a random backbone the scores are too weak
+    for them to mean anything (a fresh clone has no ../shared and CI no model hub).
+    """
     if not MOBILENET_WEIGHTS.is_file():
-        return None
+        pytest.skip(f"ImageNet MobileNetV2 weights not present at {MOBILENET_WEIGHTS} (a fresh clone has no "
+                    "../shared): quality assertions need pretrained features")
     home = tmp_path_factory.mktemp("torch_home")
     checkpoints = home / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)

@@ -12,6 +12,7 @@ state and makes N workers compute exactly what one process computes.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,11 @@ from comet_ray.features.store import FeatureStore
 from comet_ray.models.anomaly_map import topk_mean
 
 _MASK = (1 << 62) - 1
+logger = logging.getLogger(__name__)
+# The learning check: from this epoch on, a detector whose separation of true from synthetic-anomaly
+# patches stays below this (0.5 = chance) is reported as not learning.
+NOT_LEARNING_AFTER = 5
+NOT_LEARNING_BELOW = 0.6
 
 
 def mix_seed(*parts: int) -> int:
@@ -76,6 +82,7 @@ class EpochLog:
         if self.mean_weight_injected is not None:
             parts.append(f"w injected {self.mean_weight_injected:.3f} vs rest {self.mean_weight_nominal:.3f}")
         parts.extend(f"{k} {v:.4f}" for k, v in self.extra.items() if isinstance(v, float))
+        parts.extend(v for v in self.extra.values() if isinstance(v, str))
         parts.append(f"{self.seconds:.1f}s")
         return " | ".join(parts)
 
@@ -118,6 +125,7 @@ class CometTrainer:
         self.det_sigma = 0.0
         self.epoch = 0
         self.last_scores = torch.zeros(n)
+        self._knn_scores: torch.Tensor | None = None
         injected_ids = injected_ids or set()
         self.injected = torch.tensor([i in injected_ids for i in train_store.ids], dtype=torch.bool)
         self.autocast = use_bf16(config.precision, self.device.type)
@@ -169,6 +177,24 @@ class CometTrainer:
         patch_scores = self.collective.all_gather_cat(local).cpu()
         self.model.train()
         return topk_mean(patch_scores, self.comet.top_k), patch_scores
+
+    def confidence_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image scores, patch scores) that SCL weighs by: the current model's (the paper's definition) or,
+        with ``confidence_signal="knn"``, each image's leave-one-out knn score (computed once: it does not
+        change), which never trusts a model on the images it was trained on."""
+        signal = self.comet.confidence_signal
+        if signal == "model":
+            return self.score_training_set()
+        if signal != "knn":
+            raise ValueError(f"unknown confidence signal {signal!r}; choose model or knn")
+        if self._knn_scores is None:
+            from comet_ray.models.knn import PatchKNN, leave_one_out_scores
+
+            knn = PatchKNN(self.store.dim, bank_fraction=self.config.model.knn_bank_fraction,
+                           coreset=self.config.model.knn_coreset)
+            generator = torch.Generator().manual_seed(mix_seed(self.config.seed, 13))
+            self._knn_scores = leave_one_out_scores(knn, self.store.features.cpu(), generator)
+        return topk_mean(self._knn_scores, self.comet.top_k), self._knn_scores
 
     def update_weights(self, image_scores: torch.Tensor, patch_scores: torch.Tensor) -> float:
         """Refresh SCL weights from this epoch's scores; returns the fence (nan while unweighted)."""
@@ -259,10 +285,21 @@ class CometTrainer:
                 count += 1
         return float(total) / max(count, 1)
 
+    @torch.no_grad()
+    def learning_check(self, n_images: int = 32) -> float | None:
+        """The detector's own sign of learning on a fixed handful of training images (SimpleNet: how well
+        it separates true from fake patches), or None when the detector has no such check."""
+        check = getattr(self.model, "separation", None)
+        if check is None:
+            return None
+        rows = torch.arange(min(n_images, len(self.store)))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return check(self.store.batch(rows, self.device), self._sample_seeds(rows, 11))
+
     # ------------------------------------------------------------------ epochs
     def train_epoch(self) -> EpochLog:
         start = time.perf_counter()
-        image_scores, patch_scores = self.score_training_set()
+        image_scores, patch_scores = self.confidence_scores()
         self.last_scores = image_scores
         fence = self.update_weights(image_scores, patch_scores)
         self.weight_history.append(self.sample_weights.detach().float().cpu().clone())
@@ -270,6 +307,14 @@ class CometTrainer:
         if self.comet.uses_meta:
             l_tr, l_val = self.meta_phase()
         loss = self.main_phase()
+        extra: dict = {}
+        separation = self.learning_check()
+        if separation is not None:
+            extra["separation"] = separation
+            if self.epoch + 1 >= NOT_LEARNING_AFTER and separation < NOT_LEARNING_BELOW:
+                extra["warning"] = (f"WARNING: the discriminator is not learning (separation {separation:.2f} < "
+                                    f"{NOT_LEARNING_BELOW}): raise noise_std or train longer")
+                logger.warning(extra["warning"])
         weights = self.sample_weights
         injected = self.injected
         log = EpochLog(
@@ -286,6 +331,7 @@ class CometTrainer:
             meta_l_tr=l_tr,
             meta_l_val=l_val,
             seconds=time.perf_counter() - start,
+            extra=extra,
         )
         self.epoch += 1
         return log

@@ -74,6 +74,25 @@ class FeatureStore:
     def to(self, device: torch.device | str) -> FeatureStore:
         return FeatureStore(self.ids, self.features.to(device), self.grid)
 
+    def scale(self, chunk: int = 64) -> float:
+        """The features' spread: sqrt of the mean over dimensions of each dimension's variance over all
+        patches (the RMS of the per-dimension standard deviations); 1.0 when there is no spread. A random
+        projection with Xavier init (SimpleNet's adaptor) keeps it, so it is also the adapted features'
+        spread at the start."""
+        total = torch.zeros(self.dim, dtype=torch.float64)
+        squares = torch.zeros(self.dim, dtype=torch.float64)
+        count = 0
+        for start in range(0, len(self), chunk):
+            block = self.features[start : start + chunk].reshape(-1, self.dim).to(torch.float64)
+            total += block.sum(dim=0)
+            squares += block.pow(2).sum(dim=0)
+            count += block.shape[0]
+        if count < 2:
+            return 1.0
+        variance = (squares - total.pow(2) / count) / (count - 1)
+        spread = float(variance.clamp_min(0).mean().sqrt())
+        return spread if spread > 0 else 1.0  # constant features: keep the noise a finite size
+
     @property
     def nbytes(self) -> int:
         return self.features.numel() * self.features.element_size()

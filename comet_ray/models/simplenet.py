@@ -3,6 +3,13 @@
 An adaptor (one Linear layer) maps frozen backbone features to a target space; a discriminator learns
 to tell adapted features ``u`` (nominal) from ``u + eps`` (synthetic anomalies, Gaussian noise in
 feature space). Patch loss: ``max(0, th - D(u)) + max(0, th + D(u + eps))``; anomaly score ``-D(u)``.
+
+The noise is scale-free: ``eps ~ N(0, (noise_std * s)^2)`` where ``s`` is the training features'
+measured spread (``FeatureStore.scale``: the RMS of the per-dimension standard deviations), stored in
+the model as the ``feature_scale`` buffer. The paper's absolute sigma = 0.015 was set for
+WideResNet-50's features; other backbones (and image sizes) put features on other scales, where a
+fixed sigma is either invisible to the discriminator (it never learns) or trivially separable. The
+margin is in discriminator-output units, which the BatchNorm in front keeps at O(1): it needs no scale.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ class SimpleNet(nn.Module):
         adaptor_lr: float = 1e-4,
         discriminator_lr: float = 2e-4,
         discriminator_weight_decay: float = 1e-5,
+        feature_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self._hparams = dict(
@@ -38,6 +46,8 @@ class SimpleNet(nn.Module):
         )
         self.noise_std = noise_std
         self.margin = margin
+        # Measured once on the training features (build_detector); a buffer, so checkpoints carry it.
+        self.register_buffer("feature_scale", torch.tensor(float(feature_scale)))
         # No bias before the discriminator's BatchNorm: BatchNorm removes any constant shift, so those
         # biases would get only rounding noise as gradient, which Adam turns into +-lr steps, making
         # data-parallel runs drift from single-process ones for nothing. The model class is unchanged.
@@ -56,15 +66,23 @@ class SimpleNet(nn.Module):
     def hparams(self) -> dict:
         return dict(self._hparams)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints from before the scale-free noise have no feature_scale: their noise was absolute.
+        state_dict.setdefault(prefix + "feature_scale", torch.tensor(1.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _noise(self, adapted: torch.Tensor, sample_seeds: torch.Tensor) -> torch.Tensor:
+        noise = seeded_normal(tuple(adapted.shape[1:]), sample_seeds, adapted.device)
+        return (noise * (self.noise_std * self.feature_scale)).to(adapted.dtype)
+
     def _discriminate(self, patches: torch.Tensor) -> torch.Tensor:
         flat = patches.reshape(-1, patches.shape[-1])
         return self.discriminator(flat).reshape(patches.shape[:-1])
 
     def patch_losses(self, features: torch.Tensor, sample_seeds: torch.Tensor) -> torch.Tensor:
         adapted = self.adaptor(features)  # [B, P, D]
-        noise = seeded_normal(tuple(adapted.shape[1:]), sample_seeds, adapted.device) * self.noise_std
         # True and fake patches go through the discriminator together, as in SimpleNet: one BatchNorm batch.
-        scores = self._discriminate(torch.cat([adapted, adapted + noise.to(adapted.dtype)]))
+        scores = self._discriminate(torch.cat([adapted, adapted + self._noise(adapted, sample_seeds)]))
         true_scores, fake_scores = scores.chunk(2)
         true_loss = torch.clamp(self.margin - true_scores, min=0)
         fake_loss = torch.clamp(self.margin + fake_scores, min=0)
@@ -76,6 +94,20 @@ class SimpleNet(nn.Module):
 
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         return -self._discriminate(self.adaptor(features)).float()
+
+    @torch.no_grad()
+    def separation(self, features: torch.Tensor, sample_seeds: torch.Tensor) -> float:
+        """How well the discriminator tells true from fake patches, as scoring sees it (eval mode): the
+        fraction of patches it scores as more nominal than their own noisy copy, ``D(u) > D(u + eps)``.
+        0.5 = chance: not learning. Paired rather than against the margin, because in eval mode BatchNorm
+        uses running statistics that lag a fast-moving discriminator and shift both sides alike."""
+        was_training = self.training
+        self.eval()
+        adapted = self.adaptor(features)
+        true_scores = self._discriminate(adapted).float()
+        fake_scores = self._discriminate(adapted + self._noise(adapted, sample_seeds)).float()
+        self.train(was_training)
+        return float((true_scores > fake_scores).float().mean())
 
     def regularised_parameters(self, include_norm_and_bias: bool = False) -> list[nn.Parameter]:
         return weight_matrices(self, include_norm_and_bias)
