@@ -43,10 +43,11 @@ import torch
 from PIL import Image
 
 from comet_ray import jsonfile
+from comet_ray.audit import audit_metrics
 from comet_ray.config import FeatureConfig, TrainConfig, apply_overrides
 from comet_ray.data.synthetic import make_texture_category
-from comet_ray.evaluate import score_patches
-from comet_ray.models.anomaly_map import image_scores
+from comet_ray.models.anomaly_map import topk_mean
+from comet_ray.models.knn import PatchKNN, leave_one_out_scores
 from comet_ray.pipeline import prepare_data, train_category
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -157,7 +158,6 @@ def one_run(args, data_set: DataSet, data, method: str, rho: float, seed: int) -
     result = train_category(config, data, torch.device("cpu"))
     metrics = result.metrics
     train_ids = list(data.train.store.ids)
-    train_scores = image_scores(score_patches(result.model, data.train.store, "cpu")).tolist()
     last = result.epochs[-1] if result.epochs else None
     return {
         "set": data_set.name,
@@ -182,14 +182,30 @@ def one_run(args, data_set: DataSet, data, method: str, rho: float, seed: int) -
         "train_ids": train_ids,
         "injected": sorted(data.injected_ids),
         "final_weights": [result.final_weights[i] for i in train_ids],
-        "train_scores": train_scores,
+        "train_scores": result.train_scores,
+        "audit": audit_metrics(train_ids, [result.final_weights[i] for i in train_ids], result.train_scores or None,
+                               data.injected_ids) if data.injected_ids else None,
     }
+
+
+def knn_loo_run(data_set: DataSet, data, config: TrainConfig, rho: float, seed: int) -> dict:
+    """The audit's reference: training images ranked by their kNN leave-one-out score (no model, no fence)."""
+    knn = PatchKNN(data.train.store.dim, bank_fraction=config.model.knn_bank_fraction,
+                   coreset=config.model.knn_coreset)
+    generator = torch.Generator().manual_seed(seed)
+    scores = topk_mean(leave_one_out_scores(knn, data.train.store.features, generator), config.comet.top_k)
+    train_ids = list(data.train.store.ids)
+    metrics = audit_metrics(train_ids, np.ones(len(train_ids)), scores.tolist(), data.injected_ids)
+    return {"set": data_set.name, "method": "knn-loo ranking", "contamination": rho, "seed": seed,
+            "achieved_contamination": None, "audit": metrics}
 
 
 def run_group(args, methods: list[str], data_set: DataSet, rho: float, seed: int) -> list[dict]:
     """Every method on one (set, contamination, seed): the same data and splits for all of them."""
     data = prepare_data(base_config(args, data_set, rho, seed), torch.device("cpu"), cache_dir=args.cache)
     runs = []
+    if rho > 0 and data.injected_ids:
+        runs.append(knn_loo_run(data_set, data, base_config(args, data_set, rho, seed), rho, seed))
     for method in methods:
         run = one_run(args, data_set, data, method, rho, seed)
         runs.append(run)
@@ -251,7 +267,40 @@ def summarise(runs: list[dict], sets: list[str], methods: list[str], rhos: list[
     table = "\n".join(lines)
     if len(weight_lines) > 2:
         table += "\n\nMean final SCL weight, injected vs nominal training images:\n\n" + "\n".join(weight_lines)
+    audit_table = audit_summary(runs, sets, methods, rhos)
+    if audit_table:
+        table += ("\n\nTraining-set audit (`comet-ray audit`): precision@k of the ranking (k = images injected) "
+                  "and precision / recall of the flagged set (weight < 1), against the kNN leave-one-out "
+                  "score ranking:\n\n" + audit_table)
     return table
+
+
+def audit_summary(runs: list[dict], sets: list[str], methods: list[str], rhos: list[float]) -> str:
+    """precision@k (and flagged precision / recall) per SCL method and the kNN leave-one-out reference."""
+    audited = ["knn-loo ranking"] + [m for m in methods if _uses_scl(m)]
+    lines = ["| set | ρ | " + " | ".join(audited) + " |", "|" + "---|" * (len(audited) + 2)]
+    for name in sets:
+        for rho in [r for r in rhos if r > 0]:
+            cells = []
+            for method in audited:
+                chosen = [r["audit"] for r in runs if r["set"] == name and r["method"] == method
+                          and r["contamination"] == rho and r.get("audit")]
+                if not chosen:
+                    cells.append("-")
+                    continue
+                at_k = mean_sd([a["precision_at_k"] for a in chosen])
+                tag = f"{name} rho={rho:g} {method} ({len(chosen)} seeds)"
+                print(f"{tag}: audit precision@k {fmt(at_k)}", flush=True)
+                cell = f"p@k {fmt(at_k, 2)}"
+                if method != "knn-loo ranking":
+                    precision = mean_sd([a["precision"] for a in chosen])
+                    recall = mean_sd([a["recall"] for a in chosen])
+                    print(f"{tag}: audit flagged precision {fmt(precision)} recall {fmt(recall)}", flush=True)
+                    cell += f"; flagged P {fmt(precision, 2)}, R {fmt(recall, 2)}"
+                cells.append(cell)
+            if any(c != "-" for c in cells):
+                lines.append(f"| {name} | {rho:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def _uses_scl(method: str) -> bool:
