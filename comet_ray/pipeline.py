@@ -100,6 +100,11 @@ class PreparedData:
     mask_issues: list[dict] = field(default_factory=list)
     feature_origin: str = ""  # where the features came from, when a cache was used (ExtractedSplit.origin)
 
+    @property
+    def feature_bytes(self) -> int:
+        """Bytes of the features this process holds (its shards, when data-parallel)."""
+        return sum(split.store.nbytes for split in (self.train, self.validation, self.report))
+
 
 def select_samples(samples: list[Sample], config: TrainConfig) -> tuple[list[Sample], list[Sample], list[Sample], dict]:
     """Contamination injection and the validation split: (train, validation, report, manifest)."""
@@ -171,6 +176,15 @@ def feature_entry(config: TrainConfig, cache_dir: str, device: torch.device | st
         return extract_to_entry_streaming(samples, extractor, s3_endpoint, True, cache_dir, progress=progress,
                                           data_root=config.data_root)
     return cached_entry(samples, extractor, filesystem, True, cache_dir, progress, s3_endpoint)
+
+
+def worker_feature_bytes(config: TrainConfig, scan: CategoryScan, entry: FeatureEntry, workers: int) -> int:
+    """The most feature bytes one of ``workers`` data-parallel workers holds: the largest shard of each split."""
+    held = 0
+    for split in select_samples(scan.samples, config)[:3]:
+        present = sum(entry.contains(s.sample_id) for s in split)
+        held += -(-present // workers)
+    return held * entry.row_bytes
 
 
 @contextmanager
