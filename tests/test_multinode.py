@@ -271,17 +271,19 @@ def test_submit_tune_runs_trials_and_repeats_on_worker_nodes(cluster: LocalClust
     names = set(keys(s3, "sweeps/bottle/"))
     assert {"results.csv", "rho_0.1/best.json", "seeds.csv", "contamination.png", "summary.json"} <= names
     trials = list(csv.DictReader(io.StringIO(read(s3, "sweeps/bottle/results.csv"))))
-    assert len(trials) == 2 and all(t["objective"] or t["stopped_early_objective"] for t in trials)  # ASHA may stop one
+    # --trials 2 for the baseline's base knobs, then 2 for CoMet's own (ASHA may stop one)
+    assert sorted(t["strategy"] for t in trials) == ["baseline", "baseline", "comet", "comet"]
+    assert all(t["objective"] or t["stopped_early_objective"] for t in trials)
     repeats = list(csv.DictReader(io.StringIO(read(s3, "sweeps/bottle/seeds.csv"))))
     assert sorted((r["seed"], r["strategy"]) for r in repeats) == [("0", "baseline"), ("0", "comet"),
                                                                    ("1", "baseline"), ("1", "comet")]
     assert json.loads(read(s3, "sweeps/bottle/rho_0.1/best.json"))["trial_id"] in {t["trial_id"] for t in trials}
 
-    # One task filled the shared cache before the trials; 2 trials + 4 repeats read it, on the worker
+    # One task filled the shared cache before the trials; 4 trials + 4 repeats read it, on the worker
     # nodes only: nothing trained or extracted on the head, where the driver runs.
     cache = f"s3://{BUCKET}/sweeps/bottle/.ray/feature_cache/"
     extracted, hits = log_lines(cluster, EXTRACTED, cache), log_lines(cluster, CACHE_HIT, cache)
-    assert sum(extracted.values()) == 1 and sum(hits.values()) == 6, (extracted, hits)
+    assert sum(extracted.values()) == 1 and sum(hits.values()) == len(trials) + 4, (extracted, hits)
     assert extracted["head"] == hits["head"] == 0
     assert all(hits[node.disk.name] or extracted[node.disk.name] for node in cluster.nodes.values())
 
