@@ -28,7 +28,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+# Idle OpenMP threads sleep instead of spinning, here and in the Ray workers (they inherit it): on a
+# machine that other processes load, a spinning team whose sibling lost its core made 2-thread torch
+# 4-10x slower than 1 thread (and bimodal from run to run), which would swamp every figure here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout without installing
 
