@@ -11,8 +11,8 @@ worker's mean over the timed epochs after the first), images per second per core
 and then the ratios of N = 2 (every N on GPUs) to N = 1. ``--repeats R`` alternates the N's R times
 (1 2 1 2 ...) so machine load drifts into both alike; the medians are printed.
 
-    python bench/scale.py                          # K = 768, N = 1, 2 on the CPUs (about 15 minutes on 2 cores)
-    python bench/scale.py --images 64 --epochs 2   # a quick look
+    python bench/scale.py                          # K = 768, N = 1, 2 on the CPUs (about 10 minutes on 2 cores)
+    python bench/scale.py --images 64              # a quick look
 
 On a GPU machine N runs from 1 to the number of GPUs; peak GPU memory per worker is printed too.
 """
@@ -93,6 +93,7 @@ def worker_loop(config: dict) -> dict | None:
     entry = FeatureEntry.open(pafs.LocalFileSystem(), config["entry"])
     store = entry.store(entry.ids, collective.shard_rows(len(entry)) if collective.world_size > 1 else None)
     store = place_store(store, device)
+    loaded = memory_mib()
     train_config = TrainConfig.from_dict(config["train_config"])
     torch.manual_seed(train_config.seed)
     model = build_detector("simplenet", DIM, train_config.model, GRID)
@@ -106,8 +107,8 @@ def worker_loop(config: dict) -> dict | None:
         seconds.append(time.perf_counter() - begin)
     timed = seconds[1:] or seconds
     gpu_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-    mine = torch.tensor([[memory_mib()["peak"], start["rss"], store.nbytes / 2**20, float(np.mean(timed)), gpu_peak]],
-                        dtype=torch.float64)
+    mine = torch.tensor([[memory_mib()["peak"], start["rss"], store.nbytes / 2**20, float(np.mean(timed)), gpu_peak,
+                          loaded["peak"]]], dtype=torch.float64)
     every = collective.all_gather_cat(mine)
     ray.train.report({"done": True})
     return every.tolist() if collective.rank == 0 else None
@@ -131,12 +132,13 @@ def run(workers: int, entry: str, cores: int, gpus: int, args, storage: str) -> 
         run_config=RunConfig(name=f"scale-{workers}-{time.time_ns()}", storage_path=storage),
     )
     rows = trainer.fit().return_value
-    peaks, starts, held, epoch_s, gpu_peaks = (list(column) for column in zip(*rows))
+    peaks, starts, held, epoch_s, gpu_peaks, loaded = (list(column) for column in zip(*rows))
     images = args.images
     per_unit = gpus if gpus else cores
     return {
         "peak_rss_mib": max(peaks),
         "start_rss_mib": max(starts),
+        "loaded_peak_mib": max(loaded),
         "held_mib": max(held),
         "epoch_s": max(epoch_s),
         "images_per_s_per_core": images / max(epoch_s) / per_unit,
@@ -147,11 +149,11 @@ def run(workers: int, entry: str, cores: int, gpus: int, args, storage: str) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=768, help="training images K")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per run; the first is not timed")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per run; with more, the first is not timed")
     parser.add_argument("--batch-size", type=int, default=8, help="per worker")
     parser.add_argument("--hidden", type=int, default=256, help="SimpleNet discriminator width")
     parser.add_argument("--meta-tasks", type=int, default=2)
-    parser.add_argument("--precision", default="auto", help="auto (bf16 on GPUs), bf16 or fp32")
+    parser.add_argument("--precision", default="bf16", help="bf16 (autocast, CPUs too), fp32, or auto (bf16 on GPUs)")
     parser.add_argument("--workers", default=None, help="comma-separated N's (default: 1,2 on CPUs, 1..GPUs)")
     parser.add_argument("--repeats", type=int, default=1, help="alternate the N's this many times; medians")
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="total CPU cores the workers share")
@@ -167,7 +169,8 @@ def main() -> None:
         write_entry(entry, args.images)
         size = args.images * PATCHES * DIM * 2 / 2**30
         print(f"category: {args.images} images x {PATCHES} x {DIM} fp16 = {size:.2f} GiB "
-              f"(written in {time.perf_counter() - start:.0f} s); {args.cores} cores, {gpus} GPUs")
+              f"(written in {time.perf_counter() - start:.0f} s); {args.cores} cores, {gpus} GPUs; SimpleNet "
+              f"hidden {args.hidden}, batch {args.batch_size} per worker, {args.precision}, {args.epochs} epoch(s)")
         ray.init(num_cpus=args.cores, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
         try:
             results: dict[int, list[dict]] = {n: [] for n in counts}
@@ -183,6 +186,7 @@ def main() -> None:
         print(f"N={n} peak RSS per worker MiB: {m['peak_rss_mib']:.0f}")
         print(f"N={n} RSS per worker before loading MiB: {m['start_rss_mib']:.0f}")
         print(f"N={n} features held per worker MiB: {m['held_mib']:.0f}")
+        print(f"N={n} peak RSS per worker once loaded (before training) MiB: {m['loaded_peak_mib']:.0f}")
         if gpus:
             print(f"N={n} peak GPU memory per worker MiB: {m['gpu_peak_mib']:.0f}")
         print(f"N={n} epoch s: {m['epoch_s']:.1f}")
