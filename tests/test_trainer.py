@@ -124,3 +124,23 @@ def test_every_worker_takes_the_same_steps_over_its_own_shard(world: int) -> Non
         seen += trainer.rows.tolist()
     assert len(steps) == 1 and len(global_batches) == 1
     assert sorted(seen) == list(range(N)) and sum(next(iter(global_batches))) == N
+
+
+def test_shards_cover_every_row_once_and_gather_back_in_order() -> None:
+    class Gathered(Collective):
+        """Rank 0 of 3 whose all-gather returns given parts (as torch.distributed would, in rank order)."""
+
+        world_size = 3
+
+        def __init__(self, parts: list[torch.Tensor] | None = None) -> None:
+            self.parts = parts or []
+
+        def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
+            return torch.cat(self.parts)
+
+    n = 10
+    shards = [Gathered().shard_rows(n, rank) for rank in range(3)]
+    assert Gathered().shard_sizes(n) == [4, 3, 3] == [s.numel() for s in shards]
+    assert sorted(torch.cat(shards).tolist()) == list(range(n))
+    scores = [rows.float() * 10 for rows in shards]  # what each worker computed for its rows
+    assert torch.equal(Gathered(scores).gather_rows(scores[0], n), torch.arange(n).float() * 10)
