@@ -34,9 +34,10 @@ def test_folders_of_exited_processes_are_removed_and_live_or_foreign_ones_kept(t
 
 
 def test_a_staging_folder_carries_this_process_id_and_is_not_an_orphan(tmp_path: Path) -> None:
-    folder = checkpoint_staging(tmp_path)
-    assert folder.is_dir() and folder.name.startswith(f"comet-ckpt-{os.getpid()}-")
-    assert orphaned_staging(tmp_path) == []
+    with checkpoint_staging(tmp_path) as folder:
+        assert Path(folder).name.startswith(f"comet-ckpt-{os.getpid()}-")
+        assert orphaned_staging(tmp_path) == []
+    assert not Path(folder).exists()
 
 
 def test_a_missing_temp_dir_is_nothing_to_sweep(tmp_path: Path) -> None:

@@ -1,10 +1,9 @@
 """Local staging folders for Ray Train checkpoints, and the sweep that removes orphaned ones.
 
-Rank 0 writes each epoch's checkpoint into a temporary folder that ``ray.train.report`` uploads to
-storage in the background (training goes on meanwhile) and removes once uploaded. A worker killed
-before that (the OOM killer, a preempted node, ``kill -9`` of the driver's process group) never
-reaches the cleanup, and each such kill left a ``comet-ckpt-*`` folder of weights in the node's temp
-directory. The
+Rank 0 writes each epoch's checkpoint into a temporary folder that ``ray.train.report`` copies to
+storage; the folder is removed when the ``with`` block ends. A worker killed inside that block (the
+OOM killer, a preempted node, ``kill -9`` of the driver's process group) never reaches the cleanup,
+and each such kill left a ``comet-ckpt-*`` folder of weights in the node's temp directory. The
 folder name carries the owner's PID, so the next worker on the node removes every folder whose
 owner is gone. A folder of a live process is never touched; a reused PID only delays the cleanup.
 """
@@ -21,10 +20,9 @@ PREFIX = "comet-ckpt-"
 _OWNED = re.compile(rf"^{re.escape(PREFIX)}(\d+)-")
 
 
-def checkpoint_staging(root: str | os.PathLike | None = None) -> Path:
-    """A new temporary folder named after this process (``comet-ckpt-<pid>-<random>``), for its owner to
-    remove (Ray Train does, after uploading the checkpoint in it)."""
-    return Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
+def checkpoint_staging(root: str | os.PathLike | None = None) -> tempfile.TemporaryDirectory:
+    """A temporary folder named after this process (``comet-ckpt-<pid>-<random>``)."""
+    return tempfile.TemporaryDirectory(prefix=f"{PREFIX}{os.getpid()}-", dir=root)
 
 
 def _alive(pid: int) -> bool:

@@ -284,11 +284,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     kill_at = loop_config.get("kill_at_epoch")
     kill_rank = int(loop_config.get("kill_rank", 0))
     kill_marker = loop_config.get("kill_marker")
-    # Reports leave in a background thread: neither the checkpoint upload nor the wait for the controller
-    # to take the previous report (it polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s) holds up
-    # training (on bottle's 1.1 s epochs synchronous reports made one worker 1.6x the plain process).
-    in_background = {"checkpoint_upload_mode": ray.train.CheckpointUploadMode.ASYNC,
-                     "delete_local_checkpoint_after_upload": True}
 
     def on_epoch_end(trainer, log: EpochLog) -> None:
         # Each rank's loss is its shard's share times world; their mean is the global batch loss.
@@ -301,14 +296,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             metrics["validation_image_auroc"] = log.extra["validation_image_auroc"] = auroc
             history.append({**log.to_dict(), "finished_at": time.time(), "process_cpu_s": time.process_time()})
-            tmp = checkpoint_staging()
-            torch.save(trainer.state_dict(), tmp / STATE_FILE)
-            (tmp / HISTORY_FILE).write_text(json.dumps(history))
-            checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{log.epoch:04d}",
-                             **in_background)
+            with checkpoint_staging() as tmp:
+                torch.save(trainer.state_dict(), Path(tmp) / STATE_FILE)
+                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=f"epoch_{log.epoch:04d}",
+                )
         else:
-            ray.train.report(metrics, **in_background)
+            ray.train.report(metrics)
         if kill_at is not None and log.epoch == int(kill_at) and rank == kill_rank:
             if kill_marker and not os.path.exists(kill_marker):
                 # Wait until the controller has registered this epoch's checkpoint, so the restart
