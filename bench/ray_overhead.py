@@ -24,6 +24,7 @@ back, so comet-ray reports synchronously.)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -37,7 +38,7 @@ from pathlib import Path
 # 4-10x slower than 1 thread (and bimodal from run to run), which would swamp every figure here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout without installing
 
@@ -67,7 +68,7 @@ def category(args, work: Path):
 
 
 def _steps(values: list[float]) -> list[float]:
-    return [b - a for a, b in zip(values, values[1:])]
+    return [b - a for a, b in itertools.pairwise(values)]
 
 
 def plain_epochs(config, cache: str, work: Path) -> tuple[list[float], list[float]]:

@@ -28,12 +28,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 # Idle OpenMP threads sleep instead of spinning, here and in the Ray workers (they inherit it): on a
 # machine that other processes load, a spinning team whose sibling lost its core made 2-thread torch
 # 4-10x slower than 1 thread (and bimodal from run to run), which would swamp every figure here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout without installing
 
@@ -72,6 +73,7 @@ def memory_mib() -> dict[str, float]:
 
 def worker_loop(config: dict) -> dict | None:
     """One Ray Train worker: read this worker's shard of the entry, train ``epochs`` CoMet epochs."""
+    import pyarrow.fs as pafs
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -83,8 +85,6 @@ def worker_loop(config: dict) -> dict | None:
     from comet_ray.features.entry import FeatureEntry
     from comet_ray.features.store import place_store
     from comet_ray.models import build_detector
-
-    import pyarrow.fs as pafs
 
     start = memory_mib()
     torch.set_num_threads(config["threads"])

@@ -202,7 +202,7 @@ def test_one_worker_equals_single_process(ray_local, workdir: Path, plain_run: P
 
 def test_two_workers_each_hold_and_train_on_half(ray_local, workdir: Path, plain_run: Path,
                                                  two_worker_run: dict) -> None:
-    plain_metrics, plain_weights, plain_history = _outputs(plain_run)
+    plain_metrics, plain_weights, _ = _outputs(plain_run)
     two = two_worker_run
     _, two_weights, two_history = _outputs(two["out"])
     assert len(two_history) == EPOCHS and two_weights.keys() == plain_weights.keys()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+
 def storage_dtype(name: str) -> torch.dtype:
     dtypes = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
     if name not in dtypes:
