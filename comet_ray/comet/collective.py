@@ -2,6 +2,8 @@
 
 The epoch loop is the same code single-process and data-parallel; only the collective differs. The
 single-process one is the identity, so "distributed equals single-process" is a testable statement.
+It also says which rows of a set each worker holds (:meth:`Collective.shard_rows`), so a worker's
+feature store holds 1/N of the features and what it computes per row is put back together in order.
 """
 
 from __future__ import annotations
@@ -15,11 +17,24 @@ class Collective:
     rank: int = 0
     world_size: int = 1
 
-    def shard(self, n: int) -> slice:
-        """The contiguous part of ``n`` items this rank handles."""
-        per_rank = -(-n // self.world_size)
-        start = min(n, self.rank * per_rank)
-        return slice(start, min(n, start + per_rank))
+    def shard_rows(self, n: int, rank: int | None = None) -> torch.Tensor:
+        """The rows of a set of ``n`` that ``rank`` (default: this one) holds: every ``world_size``-th row
+        from its rank on, so shards differ in size by one row at most and each is a spread of the set."""
+        return torch.arange(self.rank if rank is None else rank, n, self.world_size)
+
+    def shard_sizes(self, n: int) -> list[int]:
+        """How many of ``n`` rows every rank holds, in rank order."""
+        return [len(range(rank, n, self.world_size)) for rank in range(self.world_size)]
+
+    def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """Every rank's ``local`` (one entry per row of its :meth:`shard_rows`), as one tensor in row order."""
+        gathered = self.all_gather_cat(local)
+        if self.world_size == 1:
+            return gathered
+        order = torch.cat([self.shard_rows(n, rank) for rank in range(self.world_size)]).to(gathered.device)
+        rows = torch.empty_like(gathered)
+        rows[order] = gathered
+        return rows
 
     def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's tensor along dim 0, in rank order (sizes may differ)."""

@@ -2,17 +2,25 @@
 
 Model-agnostic: it only talks to the detector protocol (``forward`` = per-patch losses, ``patch_scores``,
 ``regularised_parameters``, ``make_optimizers``). Data-parallel training runs this same loop with a
-``torch.distributed`` collective (see ``comet_ray.distributed.train``).
+``torch.distributed`` collective (see ``comet_ray.distributed.train``): each of N workers holds a shard
+of the training images (``Collective.shard_rows``), scores it, and takes its main-phase batches and its
+share of the meta tasks from it; the image scores are gathered so the fence is global, the weights,
+the meta directions and the (L_tr, L_val) pair are the same on every worker, and DDP averages the
+gradients. Scaling rule: the per-worker batch stays ``batch_size``, so the global batch is N times it
+and an epoch takes 1/N of the steps; the learning rates follow ``lr_scaling`` (:func:`lr_scale`).
 
-Every random draw is a pure function of (seed, epoch, phase, step, sample row): batch order, task
-sampling and each sample's synthetic noise. That makes a run resumable from any epoch without RNG
-state and makes N workers compute exactly what one process computes.
+Every random draw is a pure function of (seed, epoch, phase, step, worker, sample row): batch order,
+task sampling and each sample's synthetic noise (keyed by the sample alone, so it is the same on any
+worker). That makes a run resumable from any epoch without RNG state, and one worker compute exactly
+what one process computes; N > 1 workers compose different batches (each from its shard), so they
+follow the same method on a different sample path, not the same numbers.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,6 +40,7 @@ from comet_ray.comet.meta import (
     split_task,
 )
 from comet_ray.config import TrainConfig, use_bf16
+from comet_ray.evaluate import score_rows
 from comet_ray.features.store import FeatureStore
 from comet_ray.models.anomaly_map import topk_mean
 
@@ -50,6 +59,21 @@ def mix_seed(*parts: int) -> int:
         value = (value ^ (int(part) & _MASK)) * 0xBF58476D1CE4E5B9 & ((1 << 64) - 1)
         value ^= value >> 31
     return value & _MASK
+
+
+LR_SCALING = ("none", "sqrt", "linear")
+
+
+def lr_scale(rule: str, workers: int) -> float:
+    """The factor on every learning rate when the global batch is ``workers`` per-worker batches.
+
+    "sqrt" (the default): Adam's update size barely depends on the batch, while the gradient noise falls
+    as 1/sqrt(batch), so the square root keeps the noise per unit of progress; "linear" is the SGD
+    rule; "none" keeps the single-process rates (and so takes N times fewer, steadier steps per epoch).
+    """
+    if rule not in LR_SCALING:
+        raise ValueError(f"unknown lr_scaling {rule!r}; choose one of {', '.join(LR_SCALING)}")
+    return {"none": 1.0, "sqrt": math.sqrt(workers), "linear": float(workers)}[rule]
 
 
 @dataclass
@@ -88,7 +112,11 @@ class EpochLog:
 
 
 class CometTrainer:
-    """Trains one detector on one category's cached training features with a CoMet strategy."""
+    """Trains one detector on one category's cached training features with a CoMet strategy.
+
+    ``train_store`` lists every training image; it holds the features of this worker's shard at least
+    (all of them in one process). Weights, scores and the audit record cover every image on every worker.
+    """
 
     def __init__(
         self,
@@ -106,15 +134,19 @@ class CometTrainer:
         self.store = train_store
         self.model = model.to(self.device)
         self.train_module = self.collective.wrap_model(self.model)
-        self.optimizers = self.model.make_optimizers()
+        world = self.collective.world_size
+        self.optimizers = self.model.make_optimizers(lr_scale(config.lr_scaling, world))
         n = len(train_store)
         if n == 0:
             raise ValueError("no training images")
-        if self.collective.world_size > max(1, config.batch_size // 2):
-            raise ValueError(
-                f"batch size {config.batch_size} is too small for {self.collective.world_size} workers "
-                "(each worker needs at least one image of every batch)"
-            )
+        self.rows = self.collective.shard_rows(n)  # the training rows this worker holds and trains on
+        self.shard_sizes = self.collective.shard_sizes(n)
+        if min(self.shard_sizes) == 0:
+            raise ValueError(f"{n} training images cannot be shared by {world} workers")
+        if train_store.held is not None and not torch.equal(train_store.held, self.rows):
+            raise ValueError("the training store holds another shard than this worker's")
+        # Every worker takes the same number of steps per pass; the global batch of each is the sum of theirs.
+        self.global_batch = [sum(sizes) for sizes in zip(*(self._batch_sizes(r) for r in range(world)))]
         self.sample_weights = torch.ones(n)
         self.patch_weights: torch.Tensor | None = None
         # Every epoch's weights, one [N] row per epoch in store order: what ``comet-ray audit`` reads
@@ -131,6 +163,12 @@ class CometTrainer:
         self.autocast = use_bf16(config.precision, self.device.type)
 
     # ------------------------------------------------------------------ helpers
+    def _generator(self, *phase: int) -> torch.Generator:
+        """The generator of one draw of this epoch; each of several workers has its own (one process
+        draws as it always has, so single-process runs are reproducible across versions)."""
+        worker = (self.collective.rank,) if self.collective.world_size > 1 else ()
+        return torch.Generator().manual_seed(mix_seed(self.config.seed, self.epoch, *phase, *worker))
+
     def _sample_seeds(self, rows: torch.Tensor, *phase: int) -> torch.Tensor:
         return torch.tensor([mix_seed(self.config.seed, self.epoch, *phase, int(r)) for r in rows])
 
@@ -152,31 +190,35 @@ class CometTrainer:
         parameters = module.regularised_parameters(self.comet.l2_include_norm_and_bias)
         return self.lam * l2_penalty(parameters, self.comet.l2_normalisation)
 
-    def _batches(self, n: int, generator: torch.Generator) -> list[torch.Tensor]:
-        """Shuffled global batches; a short tail merges into the previous batch (never a near-empty batch)."""
-        order = torch.randperm(n, generator=generator)
-        size = self.config.batch_size
-        batches = [order[i : i + size] for i in range(0, n, size)]
-        if len(batches) > 1 and batches[-1].numel() < max(1, size // 2):
-            tail = batches.pop()
-            batches[-1] = torch.cat([batches[-1], tail])
-        return batches
+    def _batch_sizes(self, rank: int) -> list[int]:
+        """Batch sizes of one pass of worker ``rank``: ``batch_size`` each, as many steps on every worker
+        (those of the smallest shard; a larger shard's extra row joins its last batch), and a short tail
+        merged into the previous batch (never a near-empty batch)."""
+        smallest, size = min(self.shard_sizes), self.config.batch_size
+        sizes = [size] * (smallest // size) + ([smallest % size] if smallest % size else [])
+        if len(sizes) > 1 and sizes[-1] < max(1, size // 2):
+            sizes[-2] += sizes.pop()
+        sizes[-1] += self.shard_sizes[rank] - smallest
+        return sizes
+
+    def _batches(self, generator: torch.Generator) -> list[torch.Tensor]:
+        """This worker's batches of one pass: its rows, shuffled."""
+        order = self.rows[torch.randperm(self.rows.numel(), generator=generator)]
+        return list(order.split(self._batch_sizes(self.collective.rank)))
 
     # ------------------------------------------------------------------ phases
-    @torch.no_grad()
-    def score_training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image scores [N], patch scores [N, P]) of every training image under the current model."""
-        self.model.eval()
-        rows = torch.arange(len(self.store))[self.collective.shard(len(self.store))]
-        parts = []
-        for start in range(0, rows.numel(), 64):
-            chunk = rows[start : start + 64]
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                parts.append(self.model.patch_scores(self.store.batch(chunk, self.device)).float())
-        local = torch.cat(parts) if parts else torch.zeros(0, self.store.num_patches, device=self.device)
-        patch_scores = self.collective.all_gather_cat(local).cpu()
-        self.model.train()
-        return topk_mean(patch_scores, self.comet.top_k), patch_scores
+    def score_training_set(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(image scores [N], patch scores [N, P] or None) of every training image under the current model.
+
+        Each worker scores its shard; the image scores are gathered from every worker (the patch scores
+        too, only when SCL weights patches: then the fence is over every patch).
+        """
+        n = len(self.store)
+        patch = score_rows(self.model, self.store, self.rows, self.device, self.config.precision)
+        if self.comet.patch_weighting:
+            patch = self.collective.gather_rows(patch, n).cpu()
+            return topk_mean(patch, self.comet.top_k), patch
+        return self.collective.gather_rows(topk_mean(patch, self.comet.top_k), n).cpu(), None
 
     def confidence_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(image scores, patch scores) that SCL weighs by: the current model's (the paper's definition) or,
@@ -188,6 +230,9 @@ class CometTrainer:
         if signal != "knn":
             raise ValueError(f"unknown confidence signal {signal!r}; choose model or knn")
         if self._knn_scores is None:
+            if self.store.held is not None:
+                raise ValueError("confidence_signal=knn compares every training image with every other one: "
+                                 "it needs the whole training set in one worker (use one worker)")
             from comet_ray.models.knn import PatchKNN, leave_one_out_scores
 
             knn = PatchKNN(self.store.dim, bank_fraction=self.config.model.knn_bank_fraction,
@@ -216,17 +261,20 @@ class CometTrainer:
         return fence.tau
 
     def meta_phase(self) -> tuple[float, float]:
-        """Tasks ∝ weights, inner steps on copies, Reptile step, and lambda(Sigma) with this epoch's pair."""
+        """Tasks ∝ weights, inner steps on copies, Reptile step, and lambda(Sigma) with this epoch's pair.
+
+        Worker r runs tasks r, r + N, ... of the M, each drawn from its own shard ∝ the weights there.
+        """
         c = self.comet
-        generator = torch.Generator().manual_seed(mix_seed(self.config.seed, self.epoch, 7))
-        tasks = sample_tasks(self.sample_weights, c.meta_tasks, c.task_size, generator)
+        rank, world = self.collective.rank, self.collective.world_size
+        generator = self._generator(7)
+        mine = range(rank, c.meta_tasks, world)
+        local = sample_tasks(self.sample_weights[self.rows], len(mine), c.task_size, generator)
         theta = parameter_vector(self.model)
         direction_sum = torch.zeros_like(theta)
-        pairs = torch.zeros(len(tasks), 2, dtype=torch.float64)
-        for m, task in enumerate(tasks):
-            if m % self.collective.world_size != self.collective.rank:
-                continue
-            support, query = split_task(task, c.query_fraction)
+        pairs = torch.zeros(c.meta_tasks, 2, dtype=torch.float64)
+        for m, task in zip(mine, local):
+            support, query = split_task(self.rows[task], c.query_fraction)
             learner = self._local_copy()
             optimiser = torch.optim.Adam(learner.parameters(), lr=c.inner_lr)
             with torch.no_grad():
@@ -243,7 +291,7 @@ class CometTrainer:
         direction_sum = self.collective.all_reduce_sum(direction_sum)
         pairs = self.collective.all_reduce_sum(pairs)
         if c.reptile_step > 0:
-            reptile_step(self.model, direction_sum / len(tasks), c.reptile_step)
+            reptile_step(self.model, direction_sum / c.meta_tasks, c.reptile_step)
         # One pair per epoch: the mean over every task of every worker, so all ranks hold the same window.
         l_tr, l_val = pairs.mean(dim=0).tolist()
         self.history.append(l_tr, l_val)
@@ -264,19 +312,18 @@ class CometTrainer:
 
     def main_phase(self) -> float:
         """``passes`` passes over the training set minimising the weighted loss + lambda * ||W||^2."""
-        n = len(self.store)
         world = self.collective.world_size
         total = torch.zeros((), device=self.device)
         count = 0
         self.model.train()
         for pass_index in range(self.config.passes):
-            generator = torch.Generator().manual_seed(mix_seed(self.config.seed, self.epoch, 3, pass_index))
-            for step, batch in enumerate(self._batches(n, generator)):
-                local = batch[self.collective.shard(batch.numel())]
+            generator = self._generator(3, pass_index)
+            for step, batch in enumerate(self._batches(generator)):
                 for optimiser in self.optimizers:
                     optimiser.zero_grad(set_to_none=True)
-                # DDP averages gradients over ranks; scaling by world makes that the global batch mean.
-                loss = self._weighted_loss(self.train_module, local, batch.numel(), 5, pass_index, step) * world
+                # DDP averages gradients over workers; scaling by world makes that the global batch mean.
+                loss = self._weighted_loss(self.train_module, batch, self.global_batch[step], 5, pass_index, step)
+                loss = loss * world
                 loss = loss + self._regularisation(self.model)
                 loss.backward()
                 for optimiser in self.optimizers:
@@ -292,7 +339,7 @@ class CometTrainer:
         check = getattr(self.model, "separation", None)
         if check is None:
             return None
-        rows = torch.arange(min(n_images, len(self.store)))
+        rows = self.rows[:n_images]  # rows this worker holds (each worker checks its own handful)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return check(self.store.batch(rows, self.device), self._sample_seeds(rows, 11))
 

@@ -8,9 +8,12 @@ driver. This one spreads the same work over a Ray cluster and never needs the da
                                                   decode + resize + crop to uint8, masks; corrupt
                                                   objects become rows with an error, not failures
       -> map_batches(FeatureActor, ActorPool)     one PatchFeatureExtractor per actor (a GPU each
-                                                  when the cluster has them): normalise + backbone
-      -> iter_batches -> FeatureStore             collected on the driver, or
-      -> write_parquet(output) -> FeatureStore    kept in the run's storage, reused by later runs
+                                                  when the cluster has them, else at least one per
+                                                  node): normalise + backbone, then either
+      -> iter_batches -> FeatureStore             features collected on the driver, or
+         each actor writes its parts straight     a cache entry (features/entry.py) in shared storage:
+         into the output; only a row's metadata   the driver writes its index.json last; reused by
+         comes back                               later runs, read by each worker for its shard only
 
 Why ``from_items`` and not ``read_binary_files``: the sample table already has every object's URI,
 so the rows carry ``sample_id``/labels/mask URIs without a path->id join; ``read_binary_files``
@@ -24,20 +27,20 @@ streaming executor bounds what is in flight, so datasets far larger than the obj
 (see ``bench/stream.py --stress``). Features equal the in-process extractor's (same decode, same
 resize/crop, same normalisation; only the backbone's batch composition differs).
 
-Parquet layout under ``output`` (a local folder or ``s3://bucket/prefix``): Ray's ``*.parquet``
-files with columns ``row`` (int64, input order), ``sample_id``, ``uri``, ``features``
-(fixed-size binary: the [P, D] array in the cache dtype, null for skipped images), ``error``,
-``mask`` (fixed-size binary: packed bits of the [S, S] mask), ``mask_available``, ``mask_issue``;
-then ``skipped.json`` (the skipped images) and ``_comet_features.json`` (key, grid, dtype, ids),
-written last: an output without it is incomplete and is rebuilt.
+With an ``output`` (a local folder or ``s3://bucket/prefix``: on a cluster, storage every node
+reaches) the features never pass through the driver: each actor writes the part it embedded (one per
+batch) to the output itself, on whatever node it runs, and returns the rows' metadata (sample id, part
+and position, mask availability, errors, node, process and time), from which the driver writes the
+entry's ``index.json`` last (:mod:`comet_ray.features.entry`: what the in-process extractor writes
+too). Each part also says which node embedded it and when, and each actor prints a line per part to
+its node's log: the record that extraction ran on every node at once.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import posixpath
+import os
 import re
 import threading
 import time
@@ -57,14 +60,12 @@ from comet_ray.data.images import IMAGENET_MEAN, IMAGENET_STD, _load_mask, decod
 from comet_ray.data.layout import Sample, open_dataset_filesystem, read_bytes
 from comet_ray.data.s3 import is_s3_uri, parse_s3_uri, public_s3_uri, s3_filesystem, storage_error
 from comet_ray.errors import CometError, ImageDecodeError, StorageError
-from comet_ray.features.extractor import ExtractedSplit, PatchFeatureExtractor, cache_key, cache_location
+from comet_ray.features.entry import PARTS_DIR, EntryIndex, FeatureEntry, as_numpy, part_name, write_part
+from comet_ray.features.extractor import ExtractedSplit, PatchFeatureExtractor, cache_location, read_split
 from comet_ray.features.store import FeatureStore, storage_dtype
 
 log = logging.getLogger(__name__)
 
-SKIPPED_FILE = "skipped.json"
-META_FILE = "_comet_features.json"
-FORMAT_VERSION = 1
 
 
 # --- options and storage -------------------------------------------------------------------------
@@ -78,9 +79,12 @@ class StreamOptions:
     decode_batch_size: int = 16  # images per decode task (and per input block)
     decode_cpus: float = 0.5  # fractional: decoding is I/O plus PIL, which release the GIL
     read_threads: int = 8  # concurrent GETs inside one decode task
-    actor_cpus: float = 1.0  # per feature actor; also its torch thread count (at least 1)
+    # per feature actor; also its torch thread count (at least 1). Half a CPU leaves room on a 1-CPU node
+    # for the decode tasks that feed the actor there.
+    actor_cpus: float = 0.5
     num_gpus: float | None = None  # per actor; None = 1 when the cluster has GPUs, else 0
-    actors: int | None = None  # pool size; None = one per GPU, else autoscale 1..max(1, CPUs // 2)
+    # pool size; None = one per GPU, else autoscale from one per node with CPUs to max(that, CPUs // 2)
+    actors: int | None = None
     max_tasks_in_flight_per_actor: int = 2
 
 
@@ -216,9 +220,16 @@ def _decode_batch(batch: dict[str, np.ndarray], image_size: int, with_masks: boo
 
 
 class FeatureActor:
-    """Ray Data callable class: uint8 crops -> patch features, one frozen backbone per actor."""
+    """Ray Data callable class: uint8 crops -> patch features, one frozen backbone per actor.
 
-    def __init__(self, feature_config: FeatureConfig, use_gpu: bool, threads: int) -> None:
+    With ``output`` (an entry's location and how to open its storage) it writes each batch as a part
+    there and returns the rows' metadata; without, it returns the features themselves.
+    """
+
+    def __init__(self, feature_config: FeatureConfig, use_gpu: bool, threads: int,
+                 output: tuple[str, StorageSpec] | None = None) -> None:
+        import ray
+
         torch.set_num_threads(max(1, threads))
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.extractor = PatchFeatureExtractor(feature_config, device)
@@ -227,8 +238,14 @@ class FeatureActor:
         grid = self.extractor.grid(feature_config.image_size)
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         self.width = grid[0] * grid[1] * self.extractor.feature_dim * itemsize  # same type in every block
+        self.output = None
+        if output is not None:
+            self.output = (*_output_filesystem(output[0], output[1]), public_s3_uri(output[0]))
+        self.node = ray.get_runtime_context().get_node_id()
+        self.weights = self.extractor.weights_source
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        started = time.time()
         ok = np.asarray(batch["ok"], dtype=bool)
         n = len(ok)
         features = None
@@ -240,10 +257,9 @@ class FeatureActor:
                 chunk = images[start : start + self.batch_size].to(self.extractor.device, non_blocking=True)
                 chunk = normalise_uint8(chunk)
                 parts.append(self.extractor(chunk).to("cpu", self.dtype))
-            features = torch.cat(parts)
-            if self.dtype == torch.bfloat16:
-                features = features.view(torch.int16)
-            features = features.numpy()
+            features = as_numpy(torch.cat(parts))
+        if self.output is not None:
+            return self._write_part(batch, ok, features, started)
         columns = {
             "row": pa.array(batch["row"], pa.int64()),
             "sample_id": pa.array(list(batch["sample_id"]), pa.string()),
@@ -259,6 +275,39 @@ class FeatureActor:
                 pa.binary(mask.shape[1]), n, [None, pa.py_buffer(mask.tobytes())]
             )
         return pa.table(columns)
+
+    def _write_part(self, batch: dict[str, np.ndarray], ok: np.ndarray, features: np.ndarray | None,
+                    started: float) -> pa.Table:
+        """Write this batch's part into the entry; the rows' metadata (no features) for the index."""
+        fs, path, shown = self.output
+        rows = np.asarray(batch["row"], dtype=np.int64)
+        name = part_name(int(rows.min()), int(rows.max())) if len(rows) else ""
+        kept = int(ok.sum())
+        if kept:
+            masks = np.ascontiguousarray(batch["mask"][ok], dtype=np.uint8) if "mask" in batch else None
+            try:
+                write_part(fs, path, name, features, masks)
+            except OSError as exc:
+                raise storage_error(exc, shown, fs) from exc
+            print(f"[node {self.node[:12]}] features: embedded {kept} images into {shown}/{PARTS_DIR}/{name}",
+                  flush=True)
+        offsets = np.cumsum(ok) - 1
+        n = len(rows)
+        return pa.table({
+            "row": pa.array(rows, pa.int64()),
+            "sample_id": pa.array(list(batch["sample_id"]), pa.string()),
+            "uri": pa.array(list(batch["uri"]), pa.string()),
+            "error": pa.array(list(batch["error"]), pa.string()),
+            "mask_available": pa.array(batch["mask_available"], pa.bool_()),
+            "mask_issue": pa.array(list(batch["mask_issue"]), pa.string()),
+            "part": pa.array([name if good else "" for good in ok], pa.string()),
+            "offset": pa.array(np.where(ok, offsets, -1), pa.int64()),
+            "node": pa.array([self.node] * n, pa.string()),
+            "pid": pa.array([os.getpid()] * n, pa.int64()),
+            "started": pa.array([started] * n, pa.float64()),
+            "finished": pa.array([time.time()] * n, pa.float64()),
+            "weights": pa.array([self.weights] * n, pa.string()),
+        })
 
 
 def _fixed_binary(values: np.ndarray | None, ok: np.ndarray, n: int, width: int) -> pa.Array:
@@ -276,8 +325,9 @@ def _fixed_binary(values: np.ndarray | None, ok: np.ndarray, n: int, width: int)
 
 
 def build_dataset(samples: list[Sample], feature_config: FeatureConfig, storage: StorageSpec,
-                  with_masks: bool, options: StreamOptions):
-    """The lazy Ray Dataset of feature rows (see the module docstring); needs ``ray.init`` done."""
+                  with_masks: bool, options: StreamOptions, output: str | None = None):
+    """The lazy Ray Dataset of feature rows, or with ``output`` of the rows' metadata once their parts
+    are written there (see the module docstring); needs ``ray.init`` done."""
     import ray
 
     opts = options
@@ -285,14 +335,17 @@ def build_dataset(samples: list[Sample], feature_config: FeatureConfig, storage:
     gpus = float(resources.get("GPU", 0))
     cpus = float(resources.get("CPU", 1))
     num_gpus = opts.num_gpus if opts.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
+    in_flight = opts.max_tasks_in_flight_per_actor
     if opts.actors:
-        pool = ray.data.ActorPoolStrategy(size=opts.actors, max_tasks_in_flight_per_actor=opts.max_tasks_in_flight_per_actor)
+        pool = ray.data.ActorPoolStrategy(size=opts.actors, max_tasks_in_flight_per_actor=in_flight)
     elif num_gpus > 0:
-        pool = ray.data.ActorPoolStrategy(size=max(1, int(gpus / num_gpus)),
-                                          max_tasks_in_flight_per_actor=opts.max_tasks_in_flight_per_actor)
+        pool = ray.data.ActorPoolStrategy(size=max(1, int(gpus / num_gpus)), max_tasks_in_flight_per_actor=in_flight)
     else:
-        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cpus // 2)),
-                                          max_tasks_in_flight_per_actor=opts.max_tasks_in_flight_per_actor)
+        # At least one actor per node with CPUs (Ray Data spreads actors over nodes): every node embeds.
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0)
+        largest = max(1, nodes, int(cpus // 2))
+        pool = ray.data.ActorPoolStrategy(min_size=max(1, min(nodes, largest)), max_size=largest,
+                                          max_tasks_in_flight_per_actor=in_flight)
     blocks = max(1, math.ceil(len(samples) / max(1, opts.decode_batch_size)))
     ds = ray.data.from_items(_sample_rows(samples), override_num_blocks=blocks)
     ds = ds.map_batches(
@@ -311,8 +364,102 @@ def build_dataset(samples: list[Sample], feature_config: FeatureConfig, storage:
         num_cpus=opts.actor_cpus,
         num_gpus=num_gpus or None,
         fn_constructor_kwargs={"feature_config": feature_config, "use_gpu": num_gpus > 0,
-                               "threads": max(1, int(opts.actor_cpus))},
+                               "threads": max(1, int(opts.actor_cpus)),
+                               "output": (output, storage) if output else None},
     )
+
+
+def _ray_data_run(progress: bool):
+    """A context for one pipeline run: the running Ray (started here, and shut down after, when none
+    is running), progress bars as asked, a CometError raised in a worker as that one line."""
+    import contextlib
+
+    import ray
+
+    @contextlib.contextmanager
+    def run():
+        started = not ray.is_initialized()
+        if started:
+            ray.init(include_dashboard=False, log_to_driver=True)
+        context = ray.data.DataContext.get_current()
+        saved = context.enable_progress_bars, context.wait_for_min_actors_s
+        context.enable_progress_bars = progress
+        # Work starts once the pool's first actors (one per node at least) are up, so every node embeds.
+        context.wait_for_min_actors_s = 600
+        try:
+            yield
+        finally:
+            context.enable_progress_bars, context.wait_for_min_actors_s = saved
+            if started:
+                ray.shutdown()
+
+    return run()
+
+
+def stream_to_entry(
+    samples: list[Sample],
+    extractor: PatchFeatureExtractor,
+    output: str,
+    *,
+    with_masks: bool = True,
+    options: StreamOptions | None = None,
+    storage: StorageSpec | None = None,
+    progress: bool = False,
+) -> FeatureEntry:
+    """Embed ``samples`` with the Ray Data pipeline into a cache entry at ``output`` (local or ``s3://``;
+    on a cluster, storage every node reaches): the actors write the parts, this process the index.
+
+    ``extractor`` (this process's) gives the entry's fingerprint, patch grid and width; the actors' own
+    backbones must have the same weights, or the entry would be mislabelled (one line says so).
+    """
+    storage = storage or StorageSpec()
+    config = extractor.config
+    if not samples:
+        raise CometError("no images to extract features from")
+    out_fs, out_path = _output_filesystem(output, storage)
+    grid = extractor.grid(config.image_size)
+    index = EntryIndex(grid, extractor.feature_dim, config.cache_dtype, config.image_size, with_masks,
+                       extractor.fingerprint())
+    t0 = time.perf_counter()
+    with _ray_data_run(progress):
+        ds = build_dataset(samples, config, storage, with_masks, options or _spread_options(len(samples)), output)
+        tables = _run(lambda: list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
+    rows = [row for table in tables for row in table.to_pylist()]
+    if len(rows) != len(samples) or {r["row"] for r in rows} != set(range(len(samples))):
+        raise CometError(f"the feature pipeline lost {len(samples) - len({r['row'] for r in rows})} image(s); rerun")
+    other = {r["weights"] for r in rows} - {extractor.weights_source}
+    if other:
+        raise CometError(f"the cluster's nodes embedded with backbone weights {min(other)!r}, this process "
+                         f"has {extractor.weights_source!r}: give every node the same weights (--weights FILE)")
+    by_part: dict[str, list[dict]] = {}
+    for row in sorted(rows, key=lambda r: r["row"]):
+        if row["error"]:
+            index.skipped.append({"sample_id": row["sample_id"], "uri": row["uri"], "reason": row["error"]})
+            continue
+        if row["mask_issue"]:
+            index.mask_issues.append({"sample_id": row["sample_id"], "uri": row["uri"], "reason": row["mask_issue"]})
+        by_part.setdefault(row["part"], []).append(row)
+    for name, part in sorted(by_part.items()):
+        part.sort(key=lambda r: r["offset"])
+        index.add_part(name, [r["row"] for r in part], [r["sample_id"] for r in part],
+                       [r["mask_available"] for r in part] if with_masks else None, node=part[0]["node"],
+                       pid=part[0]["pid"], started=part[0]["started"], finished=part[0]["finished"])
+    try:
+        index.write(out_fs, out_path)
+    except OSError as exc:
+        raise storage_error(exc, public_s3_uri(output), out_fs) from exc
+    log.info("streamed %d images in %.1fs -> %s", len(samples), time.perf_counter() - t0, public_s3_uri(output))
+    return FeatureEntry.open(out_fs, out_path, public_s3_uri(output))
+
+
+def _spread_options(images: int) -> StreamOptions:
+    """Batches (one part each) small enough that every node's actors get several: at least 4 per node with
+    CPUs, at most 16 images (64 MiB of WideResNet-50 features at 288 px)."""
+    import ray
+
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0)
+    size = max(1, min(16, math.ceil(images / (4 * max(1, nodes)))))
+    return StreamOptions(decode_batch_size=size, feature_batch_size=size)
 
 
 def stream_features(
@@ -330,74 +477,51 @@ def stream_features(
 ) -> ExtractedSplit:
     """Features of ``samples`` through Ray Data, as an :class:`ExtractedSplit` (ids in input order).
 
-    With ``output`` (local folder or ``s3://``), the rows are written there as Parquet and read back;
-    a later call with the same samples and feature settings reads that output without running the
-    pipeline (``reuse``). ``extractor`` (a driver-side one, e.g. the pipeline's) provides the cache
-    key and patch grid; without it a CPU one is built here. Uses the running Ray (``ray.init`` is
-    called with defaults, and shut down again, when none is running).
+    With ``output`` (local folder or ``s3://``), they go to a cache entry there (:func:`stream_to_entry`)
+    and are read back; a complete entry already there is read without running the pipeline (``reuse``).
+    Without, they are collected here. ``extractor`` (a driver-side one, e.g. the pipeline's) provides
+    the fingerprint and patch grid; without it a CPU one is built here. Uses the running Ray
+    (``ray.init`` is called with defaults, and shut down again, when none is running).
     """
-    import ray
-
-    options = options or StreamOptions()
     storage = storage or StorageSpec(s3_endpoint)
     extractor = extractor or PatchFeatureExtractor(feature_config, "cpu")
-    key = cache_key(samples, extractor, with_masks)
-    grid = extractor.grid(feature_config.image_size)
-    out_fs = out_path = None
+    ids = [s.sample_id for s in samples]
     if output:
-        out_fs, out_path = _output_filesystem(output, storage)
-        if reuse:
-            existing = _read_meta(out_fs, out_path)
-            if existing is not None and existing.get("key") == key:
-                log.info("feature output reused: %s", public_s3_uri(output))
-                return load_features(output, storage=storage)
-        _clear_output(out_fs, out_path)
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False, log_to_driver=True)
-    context = ray.data.DataContext.get_current()
-    saved_bars = context.enable_progress_bars
-    context.enable_progress_bars = progress
-    t0 = time.perf_counter()
-    try:
-        if not samples:
-            raise CometError("no images to extract features from")
-        ds = build_dataset(samples, feature_config, storage, with_masks, options)
-        if output:
-            _run(lambda: ds.write_parquet(out_path, filesystem=out_fs))
-            _finish_output(out_fs, out_path, key, grid, feature_config, with_masks, len(samples))
-            log.info("streamed %d images in %.1fs -> %s", len(samples), time.perf_counter() - t0, public_s3_uri(output))
-            return load_features(output, storage=storage)
+        entry = FeatureEntry.open(*_output_filesystem(output, storage), public_s3_uri(output)) if reuse else None
+        if entry is None:
+            entry = stream_to_entry(samples, extractor, output, with_masks=with_masks, options=options,
+                                    storage=storage, progress=progress)
+        return read_split(entry, ids, with_masks)
+    if not samples:
+        raise CometError("no images to extract features from")
+    grid = extractor.grid(feature_config.image_size)
+    with _ray_data_run(progress):
+        ds = build_dataset(samples, feature_config, storage, with_masks, options or StreamOptions())
         return _run(lambda: _collect(ds, len(samples), grid, feature_config, with_masks))
-    finally:
-        context.enable_progress_bars = saved_bars
-        if started:
-            ray.shutdown()
 
 
-def extract_features_streaming(
+def extract_to_entry_streaming(
     samples: list[Sample],
     extractor: PatchFeatureExtractor,
     s3_endpoint: str | None,
     with_masks: bool,
-    cache_dir: str | None,
+    cache_dir: str,
     progress: bool = False,
     options: StreamOptions | None = None,
     data_root: str | None = None,
-) -> ExtractedSplit:
-    """Drop-in for ``extract_features_cached`` (same key, same result) that runs on Ray Data.
-
-    With ``cache_dir`` (local or ``s3://``) the Parquet output lives in ``<cache_dir>/<key>-ray`` and
-    is reused by later runs, epochs and trials.
-    """
-    output = None
-    if cache_dir:
-        output = cache_location(cache_dir, samples, extractor, with_masks) + "-ray"
-    return stream_features(
-        samples, extractor.config, s3_endpoint, with_masks=with_masks, output=output, options=options,
-        extractor=extractor, storage=StorageSpec.for_root(data_root, s3_endpoint), progress=progress,
-    )
+) -> tuple[FeatureEntry, str]:
+    """``cached_entry`` (same location, same entry) on Ray Data: the cache entry of ``samples`` in
+    ``cache_dir``, embedded over every node of the cluster when there is none; and where the features
+    came from."""
+    location = cache_location(cache_dir, samples, extractor, with_masks)
+    storage = StorageSpec.for_root(data_root, s3_endpoint)
+    entry = FeatureEntry.open(*_output_filesystem(location, storage), public_s3_uri(location))
+    if entry is not None:
+        return entry, f"read {len(entry)} images from the cache {entry.shown}"
+    entry = stream_to_entry(samples, extractor, location, with_masks=with_masks, options=options,
+                            storage=storage, progress=progress)
+    nodes = len({part["node"] for part in entry.parts})
+    return entry, f"extracted {len(entry)} images into the cache {entry.shown} on {nodes} node(s)"
 
 
 def _run(action):
@@ -546,102 +670,6 @@ def _output_filesystem(output: str, storage: StorageSpec) -> tuple[pafs.FileSyst
     fs, path = open_dataset_filesystem(output)
     fs.create_dir(path, recursive=True)
     return fs, path
-
-
-def _parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
-
-
-def _read_meta(fs: pafs.FileSystem, path: str) -> dict | None:
-    try:
-        with fs.open_input_stream(posixpath.join(path, META_FILE)) as stream:
-            meta = json.loads(stream.read())
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise storage_error(exc, _shown(fs, path), fs) from exc
-    except ValueError:
-        return None
-    return meta if meta.get("version") == FORMAT_VERSION else None
-
-
-def _write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
-    with fs.open_output_stream(path) as stream:
-        stream.write(text.encode())
-
-
-def _clear_output(fs: pafs.FileSystem, path: str) -> None:
-    """Remove what an earlier (possibly failed) run left: our Parquet files and JSON only."""
-    try:
-        for name in [META_FILE, SKIPPED_FILE]:
-            if fs.get_file_info(posixpath.join(path, name)).type == pafs.FileType.File:
-                fs.delete_file(posixpath.join(path, name))
-        for file in _parquet_files(fs, path):
-            fs.delete_file(file)
-    except OSError as exc:
-        raise storage_error(exc, _shown(fs, path), fs) from exc
-
-
-def _finish_output(fs, path, key, grid, config: FeatureConfig, with_masks: bool, n_rows: int) -> dict:
-    """One light pass over the written rows: ids, skipped and mask issues; then the marker files."""
-    import pyarrow.parquet as pq
-
-    ids: list[str | None] = [None] * n_rows
-    skipped: dict[int, dict] = {}
-    issues: dict[int, dict] = {}
-    for file in _parquet_files(fs, path):
-        table = pq.read_table(file, filesystem=fs, columns=["row", "sample_id", "uri", "error", "mask_issue"])
-        for row, sample_id, uri, error, issue in zip(*(table.column(c).to_pylist() for c in table.column_names)):
-            ids[row] = sample_id
-            if error:
-                skipped[row] = {"sample_id": sample_id, "uri": uri, "reason": error}
-            elif issue:
-                issues[row] = {"sample_id": sample_id, "uri": uri, "reason": issue}
-    if any(i is None for i in ids):
-        raise CometError(f"the feature output {_shown(fs, path)} is incomplete; rerun")
-    skipped_list = [skipped[r] for r in sorted(skipped)]
-    meta = {
-        "version": FORMAT_VERSION,
-        "key": key,
-        "grid": list(grid),
-        "cache_dtype": config.cache_dtype,
-        "image_size": config.image_size,
-        "with_masks": with_masks,
-        "n_rows": n_rows,
-        "ids": [ids[r] for r in range(n_rows) if r not in skipped],
-        "kept_rows": [r for r in range(n_rows) if r not in skipped],
-        "skipped": skipped_list,
-        "mask_issues": [issues[r] for r in sorted(issues)],
-    }
-    _write_text(fs, posixpath.join(path, SKIPPED_FILE), json.dumps(skipped_list, indent=2))
-    _write_text(fs, posixpath.join(path, META_FILE), json.dumps(meta))
-    return meta
-
-
-def load_features(output: str, s3_endpoint: str | None = None, storage: StorageSpec | None = None) -> ExtractedSplit:
-    """Read a complete Parquet feature output back as an :class:`ExtractedSplit` (streamed per file)."""
-    import pyarrow.parquet as pq
-
-    storage = storage or StorageSpec(s3_endpoint)
-    fs, path = _output_filesystem(output, storage) if is_s3_uri(output) else open_dataset_filesystem(output)
-    meta = _read_meta(fs, path)
-    if meta is None:
-        raise CometError(f"{public_s3_uri(output)} holds no complete feature output ({META_FILE} missing)")
-    config = FeatureConfig(image_size=int(meta["image_size"]), cache_dtype=meta["cache_dtype"])
-    assembler = _Assembler(int(meta["n_rows"]), tuple(meta["grid"]), config, bool(meta["with_masks"]),
-                           kept_rows=list(meta["kept_rows"]))
-    try:
-        for file in _parquet_files(fs, path):
-            for batch in pq.ParquetFile(file, filesystem=fs).iter_batches(batch_size=256):
-                assembler.add(pa.Table.from_batches([batch]))
-    except OSError as exc:
-        raise storage_error(exc, public_s3_uri(output), fs) from exc
-    return assembler.result()
-
-
-def _shown(fs: pafs.FileSystem, path: str) -> str:
-    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
 
 
 def object_store_bytes() -> dict[str, Any]:

@@ -1,12 +1,27 @@
 """Data-parallel CoMet training on Ray Train (V2): one category over N workers, many categories at once.
 
+Before any worker starts, the driver makes sure the category's features are in the shared feature
+cache: the frozen backbone runs as a Ray Data job over every node (``data/streaming.py``: GPU actors
+where there are GPUs), whose actors write the entry's parts into the cache themselves; a later run
+finds the entry and extracts nothing. Each worker then reads only its shard of every split from there
+(``Collective.shard_rows``: every N-th image), so it holds 1/N of the features.
+
+Why shards read from the cache and not Ray Train's ``datasets=`` / ``get_dataset_shard``: CoMet visits
+a worker's images many times per epoch (the SCL scoring pass, meta tasks drawn by weight, ``passes``
+shuffled main passes), so a worker must hold its shard, not stream it once; and Ray Data's streaming
+split hands blocks to whichever worker asks first, so which images a worker gets would change from run
+to run and restart to restart, while here it is a function of (rank, N) alone: draws stay keyed by
+sample and a restarted group resumes on the same shards. Reading the rows straight from the entry
+costs each worker 1/N of the bytes, in S3 as on disk.
+
 The epoch loop is the core's ``CometTrainer`` (through ``pipeline.train_category``) with a
 ``torch.distributed`` collective; Ray only starts the workers, sets up the process group, keeps
-checkpoints and restarts a failed worker group from the newest one. Because every random draw in the
-core is a pure function of (seed, epoch, phase, sample row) and BatchNorm statistics are synchronised
-across workers, N workers compute what one process computes up to float reduction order. (SimpleNet's
-pre-BatchNorm biases get pure rounding-noise gradients that Adam turns into +-lr steps, so with them
-trainable that order shows up as ~1e-3 differences in SCL weights; see tests/test_distributed_train.py.)
+checkpoints and restarts a failed worker group from the newest one. One worker computes what one
+process computes (the test compares them); N > 1 workers each take ``batch_size`` images per step from
+their own shard, so the global batch is N times larger and the sample path differs (their quality is
+compared instead; the learning rates follow ``lr_scaling``). BatchNorm statistics are synchronised over
+the global batch. (SimpleNet has no pre-BatchNorm biases: they would get pure rounding-noise gradients
+that Adam turns into +-lr steps.)
 
 Layout of a run (``storage_path/run_name``) is Ray's; the results (metrics.json, weights.json, ...)
 are written by rank 0 with ``pipeline.write_run`` into ``out``, plus ``attempts.jsonl``: one line per
@@ -176,7 +191,7 @@ class DataParallelCollective(TorchDistributedCollective):
     def wrap_model(self, module: nn.Module) -> nn.Module:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         if self.world_size <= 1:
-            return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)
+            return module  # nothing to average: DDP's per-step bucket copies would be pure cost
         if self.device.type == "cuda":
             converted = nn.SyncBatchNorm.convert_sync_batchnorm(module)
             if converted is not module:  # only when the root itself is a BatchNorm
@@ -227,7 +242,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from comet_ray.evaluate import validation_auroc
     from comet_ray.pipeline import prepare_data, train_category, write_run
 
-    torch.set_num_threads(int(loop_config.get("torch_threads", 1)))
+    torch.set_num_threads(int(loop_config["torch_threads"]))
     remove_orphaned_staging()  # left on this node by a worker killed mid-checkpoint
     config = TrainConfig.from_dict(loop_config["train_config"])
     out = loop_config["out"]
@@ -248,11 +263,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 history = json.loads(history_path.read_text())
     start_epoch = int(trainer_state["epoch"]) if trainer_state is not None else 0
     attempts = loop_config["attempts"]
-    _record_attempt(attempts, {"rank": rank, "world_size": world, "start_epoch": start_epoch,
-                               "pid": os.getpid()})
+    start = {"rank": rank, "world_size": world, "start_epoch": start_epoch, "pid": os.getpid()}
 
     finished = _complete_outputs(out, config.epochs) if start_epoch >= config.epochs else None
     if finished is not None:
+        _record_attempt(attempts, start)
         # A finished run whose results are already in ``out``: neither retrain nor rewrite them
         # (only attempts.jsonl gains this start's lines, once every rank has recorded its own).
         collective.barrier()
@@ -261,16 +276,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ray.train.report({"done": True, "already_complete": True, **_plain(finished)})
         return _plain(finished) if rank == 0 else None
 
-    # Rank 0 runs the backbone (and fills the feature cache); the others then read the cache, so the
-    # workers never extract features concurrently. Every worker holds the category's features.
-    cache = loop_config.get("feature_cache")
-    data = None
-    if rank == 0:
-        data = prepare_data(config, device, cache_dir=cache)
-    collective.barrier()
-    if rank != 0:
-        data = prepare_data(config, device, cache_dir=cache)
+    # The driver extracted the features into the cache; this worker reads its shard of every split.
+    data = prepare_data(config, device, features=loop_config["features"], collective=collective)
     say_feature_origin(data, f"rank {rank}")
+    _record_attempt(attempts, {**start, "feature_bytes": data.feature_bytes})
 
     kill_at = loop_config.get("kill_at_epoch")
     kill_rank = int(loop_config.get("kill_rank", 0))
@@ -281,12 +290,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loss = collective.all_reduce_sum(torch.tensor([log.loss], dtype=torch.float64))
         log.loss = float(loss[0]) / collective.world_size
         metrics = {"epoch": log.epoch, "loss": log.loss, "lambda": log.lam, "mean_weight": log.mean_weight}
+        # Every worker scores its shard of the validation split; rank 0 reports.
+        auroc = validation_auroc(trainer.model, data.validation, data.validation_labels, device, config.precision,
+                                 collective)
         if rank == 0:
-            metrics["validation_image_auroc"] = validation_auroc(
-                trainer.model, data.validation, data.validation_labels, device
-            )
-            log.extra["validation_image_auroc"] = metrics["validation_image_auroc"]
-            history.append({**log.to_dict(), "finished_at": time.time()})
+            metrics["validation_image_auroc"] = log.extra["validation_image_auroc"] = auroc
+            history.append({**log.to_dict(), "finished_at": time.time(), "process_cpu_s": time.process_time()})
             with checkpoint_staging() as tmp:
                 torch.save(trainer.state_dict(), Path(tmp) / STATE_FILE)
                 (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
@@ -346,8 +355,9 @@ def fit_distributed(
     max_failures: int = 2,
     feature_cache: str | None = None,
     out: str | None = None,
-    torch_threads: int = 1,
+    torch_threads: int | None = None,
     callbacks: list | None = None,
+    worker_feature_memory: int | None = None,
     **extra_loop_config: Any,
 ) -> dict:
     """Train ``config`` data-parallel over ``workers`` Ray Train workers; returns the final metrics.
@@ -357,7 +367,10 @@ def fit_distributed(
     ``run_name`` resumes that run from its newest checkpoint (a finished run is not retrained; its
     results are re-evaluated only when ``out`` lacks them).
     ``feature_cache`` defaults to ``storage_path/feature_cache``; ``out`` (a local folder or ``s3://``)
-    to ``config.out`` or ``storage_path/run_name/output``. ``extra_loop_config`` goes
+    to ``config.out`` or ``storage_path/run_name/output``. The features are extracted into the cache
+    (a Ray Data job over the cluster) unless they are there already. ``torch_threads`` (per worker)
+    defaults to the worker's whole CPUs. ``worker_feature_memory`` (bytes): refuse, before any worker
+    starts, a run in which a worker would hold more features than that. ``extra_loop_config`` goes
     to the train function unchanged (e.g. the test hooks ``kill_at_epoch``, ``kill_rank``,
     ``kill_marker``). ``callbacks`` go to ``RunConfig`` (e.g. Tune's ``TuneReportCallback``, which
     forwards the per-epoch reports to the Tune trial that runs this).
@@ -365,9 +378,9 @@ def fit_distributed(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from comet_ray.pipeline import check_trainable
+    from comet_ray.pipeline import category_samples, feature_entry, worker_feature_bytes
 
-    check_trainable(config)  # a layout error is one line here, not a retried worker crash
+    scan, samples = category_samples(config)  # a layout error is one line here, not a retried worker crash
     storage_path = storage.check_location(storage_path, "--storage-path")
     split = "" if config.data_seed == config.seed else f"-split{config.data_seed}"  # another split: another run
     run_name = run_name or f"{config.category}-{config.comet.strategy}-seed{config.seed}{split}"
@@ -377,6 +390,14 @@ def fit_distributed(
     nodes = _cluster_nodes()
     storage.require_shared(storage_path, "--storage-path", nodes)  # before any worker starts
     storage.require_shared(out, "--out", nodes)
+    storage.require_shared(feature_cache, "--cache-dir", nodes)
+    entry, origin = feature_entry(config, feature_cache, engine="ray", samples=samples)
+    print(f"features: {origin}", flush=True)
+    held = worker_feature_bytes(config, scan, entry, workers)
+    if worker_feature_memory is not None and held > worker_feature_memory:
+        raise CometError(f"a worker would hold {held / 2**20:.1f} MiB of features with {workers} worker(s), over "
+                         f"the {worker_feature_memory / 2**20:.1f} MiB allowed per worker: use more workers "
+                         "(each holds 1/N of them)")
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker > 0:
         resources["GPU"] = gpus_per_worker
@@ -384,8 +405,8 @@ def fit_distributed(
         "train_config": config.to_dict(),
         "out": out,
         "attempts": storage.join(storage_path, run_name, ATTEMPTS_DIR),
-        "feature_cache": feature_cache,
-        "torch_threads": torch_threads,
+        "features": storage.join(feature_cache, entry.path.rsplit("/", 1)[-1]),
+        "torch_threads": torch_threads or max(1, int(cpus_per_worker)),
         **extra_loop_config,
     }
     trainer = TorchTrainer(

@@ -531,11 +531,11 @@ def _train_once(config_dict: dict, feature_cache: str | None, threads: int) -> t
 
 
 def _extract(config_dict: dict, feature_cache: str) -> None:
-    from comet_ray.distributed.train import say_feature_origin
-    from comet_ray.pipeline import prepare_data, resolve_device
+    from comet_ray.pipeline import feature_entry, resolve_device
 
     config = TrainConfig.from_dict(config_dict)
-    say_feature_origin(prepare_data(config, resolve_device(config.device), cache_dir=feature_cache), "cache fill")
+    _, origin = feature_entry(config, feature_cache, resolve_device(config.device))
+    print(f"[cache fill] features: {origin}", flush=True)
 
 
 def _extract_once(base: TrainConfig, settings: SweepSettings) -> None:

@@ -11,14 +11,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
+import platform
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from comet_ray import storage
@@ -28,6 +26,7 @@ from comet_ray.data.layout import Sample
 from comet_ray.data.s3 import public_s3_uri
 from comet_ray.features.aggregation import aggregate_patches
 from comet_ray.features.backbone import BACKBONES, build_backbone
+from comet_ray.features.entry import EntryIndex, FeatureEntry, as_numpy, pack_masks, part_name, write_part
 from comet_ray.features.store import FeatureStore, storage_dtype
 
 log = logging.getLogger(__name__)
@@ -86,25 +85,13 @@ class ExtractedSplit:
     origin: str = ""  # with a cache: "extracted N images into the cache LOCATION" or "read N images from ..."
 
 
-def extract_features(
-    samples: list[Sample],
-    extractor: PatchFeatureExtractor,
-    filesystem: Any,
-    with_masks: bool = False,
-    chunk_size: int = 64,
-    progress: bool = False,
-) -> ExtractedSplit:
-    """Decode, preprocess and embed every sample once; unreadable images are skipped and reported."""
+def _embedded_chunks(samples: list[Sample], extractor: PatchFeatureExtractor, filesystem: Any, with_masks: bool,
+                     chunk_size: int, progress: bool):
+    """(first input row, loaded images, their features in the cache dtype) per chunk of ``samples``;
+    decoding the next chunk overlaps the backbone pass on this one."""
     config = extractor.config
     dtype = storage_dtype(config.cache_dtype)
-    grid = extractor.grid(config.image_size)
     chunks = [samples[i : i + chunk_size] for i in range(0, len(samples), chunk_size)]
-    feature_parts: list[torch.Tensor] = []
-    ids: list[str] = []
-    masks: list[torch.Tensor] = []
-    available: list[torch.Tensor] = []
-    skipped: list[dict] = []
-    mask_issues: list[dict] = []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -114,39 +101,59 @@ def extract_features(
     def load(chunk: list[Sample]):
         return load_samples(chunk, config.image_size, filesystem, with_masks=with_masks)
 
-    with ThreadPoolExecutor(max_workers=1) as prefetch:
-        pending = prefetch.submit(load, chunks[0]) if chunks else None
-        for index in range(len(chunks)):
-            loaded = pending.result()
-            pending = prefetch.submit(load, chunks[index + 1]) if index + 1 < len(chunks) else None
-            skipped.extend(loaded.skipped)
-            mask_issues.extend(getattr(loaded, "mask_issues", []))
-            for start in range(0, len(loaded.sample_ids), config.batch_size):
-                batch = loaded.images[start : start + config.batch_size]
-                feature_parts.append(extractor(batch).to("cpu", dtype))
-            ids.extend(loaded.sample_ids)
-            if with_masks and loaded.masks is not None:
-                masks.append(loaded.masks)
-                available.append(loaded.mask_available)
-            if bar is not None:
-                bar.update(len(chunks[index]))
-    if bar is not None:
-        bar.close()
-    if feature_parts:
-        features = torch.cat(feature_parts)
-    else:
-        features = torch.zeros(0, grid[0] * grid[1], extractor.feature_dim, dtype=dtype)
-    store = FeatureStore(ids, features, grid)
-    result = ExtractedSplit(store, skipped=skipped, mask_issues=mask_issues)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as prefetch:
+            pending = prefetch.submit(load, chunks[0]) if chunks else None
+            for index in range(len(chunks)):
+                loaded = pending.result()
+                pending = prefetch.submit(load, chunks[index + 1]) if index + 1 < len(chunks) else None
+                parts = [extractor(loaded.images[start : start + config.batch_size]).to("cpu", dtype)
+                         for start in range(0, len(loaded.sample_ids), config.batch_size)]
+                features = torch.cat(parts) if parts else None
+                yield index * chunk_size, loaded, features
+                if bar is not None:
+                    bar.update(len(chunks[index]))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def extract_features(
+    samples: list[Sample],
+    extractor: PatchFeatureExtractor,
+    filesystem: Any,
+    with_masks: bool = False,
+    chunk_size: int = 64,
+    progress: bool = False,
+) -> ExtractedSplit:
+    """Decode, preprocess and embed every sample once, in memory; unreadable images are skipped and reported.
+
+    The features go straight into one tensor sized for every sample (the rows of skipped images are
+    never touched, so never resident): no second copy of the set is ever made.
+    """
+    config = extractor.config
+    grid = extractor.grid(config.image_size)
+    features = torch.empty((len(samples), grid[0] * grid[1], extractor.feature_dim),
+                           dtype=storage_dtype(config.cache_dtype))
+    ids: list[str] = []
+    masks: list[torch.Tensor] = []
+    available: list[torch.Tensor] = []
+    result = ExtractedSplit(FeatureStore([], features[:0], grid))
+    for _, loaded, chunk in _embedded_chunks(samples, extractor, filesystem, with_masks, chunk_size, progress):
+        result.skipped.extend(loaded.skipped)
+        result.mask_issues.extend(loaded.mask_issues)
+        if chunk is not None:
+            features[len(ids) : len(ids) + len(chunk)] = chunk
+        ids.extend(loaded.sample_ids)
+        if with_masks and loaded.masks is not None:
+            masks.append(loaded.masks)
+            available.append(loaded.mask_available)
+    result.store = FeatureStore(ids, features[: len(ids)], grid)
     if with_masks:
         size = config.image_size
         result.masks = torch.cat(masks) if masks else torch.zeros(0, size, size, dtype=torch.bool)
         result.mask_available = torch.cat(available) if available else torch.zeros(0, dtype=torch.bool)
     return result
-
-
-CACHE_MARKER = "extras.json"  # written (uploaded) last: an entry without it is incomplete
-LOCAL_MIRROR = "comet-ray-features"
 
 
 def cache_key(samples: list[Sample], extractor: PatchFeatureExtractor, with_masks: bool) -> str:
@@ -168,62 +175,79 @@ def cache_location(cache_dir: str, samples: list[Sample], extractor: PatchFeatur
     One entry per feature fingerprint and sample list, ``<cache_dir>/<cache_key>``: every process, on
     any node, that embeds the same images with the same backbone settings finds the same entry. On a
     cluster the cache lives in shared storage (default: under the run's ``--storage-path``), so what
-    one node extracted no other node extracts again.
+    was extracted once no process extracts again; each reads only the rows it needs
+    (:mod:`comet_ray.features.entry`).
     """
     return storage.join(cache_dir, cache_key(samples, extractor, with_masks))
 
 
-def _local_entry(location: str, s3_endpoint: str | None = None) -> Path | None:
-    """A complete cache entry as a local folder: ``location`` itself, or this node's copy of an S3 entry
-    (downloaded once per node, then reused); None when the entry does not exist (yet)."""
-    if not storage.is_remote(location):
-        return Path(location) if (Path(location) / CACHE_MARKER).exists() else None
-    mirror = Path(tempfile.gettempdir()) / LOCAL_MIRROR / hashlib.sha256(location.encode()).hexdigest()[:24]
-    if (mirror / CACHE_MARKER).exists():
-        return mirror
-    if not storage.exists(storage.join(location, CACHE_MARKER), s3_endpoint):
-        return None
-    partial = mirror.with_name(f"{mirror.name}.tmp-{os.getpid()}")
-    storage.download(location, partial, s3_endpoint)
+def open_entry(location: str, s3_endpoint: str | None = None) -> FeatureEntry | None:
+    """The complete cache entry at ``location`` (local or ``s3://``), or None if there is none (yet)."""
+    fs, path = storage.filesystem(location, s3_endpoint)
     try:
-        os.replace(partial, mirror)
-    except OSError:  # another process on this node finished the same download first
-        shutil.rmtree(partial, ignore_errors=True)
-    return mirror
+        return FeatureEntry.open(fs, path, public_s3_uri(location))
+    except OSError as exc:
+        raise storage.failed(exc, location) from None
 
 
-def load_cached(location: str, with_masks: bool, mmap: bool = False,
-                s3_endpoint: str | None = None) -> ExtractedSplit | None:
-    """The :class:`ExtractedSplit` stored at ``location`` (local or ``s3://``), or None if there is none."""
-    directory = _local_entry(location, s3_endpoint)
-    if directory is None or not FeatureStore.exists(directory):
-        return None
-    store = FeatureStore.load(directory, mmap=mmap)
-    extras = json.loads((directory / CACHE_MARKER).read_text())
-    result = ExtractedSplit(store, skipped=extras["skipped"], mask_issues=extras["mask_issues"])
+def extract_to_entry(samples: list[Sample], extractor: PatchFeatureExtractor, filesystem: Any, with_masks: bool,
+                     location: str, progress: bool = False, s3_endpoint: str | None = None,
+                     chunk_size: int = 64) -> FeatureEntry:
+    """Embed ``samples`` in this process into a cache entry at ``location``, one part per chunk (nothing
+    accumulates in memory); ``index.json`` last."""
+    config = extractor.config
+    fs, path = storage.filesystem(location, s3_endpoint)
+    grid = extractor.grid(config.image_size)
+    index = EntryIndex(grid, extractor.feature_dim, config.cache_dtype, config.image_size, with_masks,
+                       extractor.fingerprint())
+    position = {s.sample_id: row for row, s in enumerate(samples)}
+    try:
+        for first, loaded, chunk in _embedded_chunks(samples, extractor, filesystem, with_masks, chunk_size, progress):
+            index.skipped.extend(loaded.skipped)
+            index.mask_issues.extend(loaded.mask_issues)
+            if chunk is None:
+                continue
+            name = part_name(first, min(first + chunk_size, len(samples)) - 1)
+            masks = pack_masks(loaded.masks) if with_masks else None
+            started = time.time()
+            write_part(fs, path, name, as_numpy(chunk), masks)
+            rows = [position[i] for i in loaded.sample_ids]
+            index.add_part(name, rows, loaded.sample_ids, loaded.mask_available.tolist() if with_masks else None,
+                           node=platform.node(), pid=os.getpid(), started=started, finished=time.time())
+        index.write(fs, path)
+    except OSError as exc:
+        raise storage.failed(exc, location) from None
+    return FeatureEntry.open(fs, path, public_s3_uri(location))
+
+
+def read_split(entry: FeatureEntry, ids: list[str], with_masks: bool = False,
+               held: torch.Tensor | None = None) -> ExtractedSplit:
+    """The images ``ids`` of ``entry`` (those skipped at decode time dropped) as an :class:`ExtractedSplit`.
+
+    ``held``: rows of the split this process holds (a data-parallel worker's shard); masks are read for
+    every image of the split (they are small, and the evaluating worker needs them all).
+    """
+    wanted = set(ids)
+    present = [i for i in ids if entry.contains(i)]
+    result = ExtractedSplit(entry.store(present, held))
     if with_masks:
-        result.masks = torch.from_numpy(np.load(directory / "masks.npy"))
-        result.mask_available = torch.from_numpy(np.load(directory / "mask_available.npy"))
+        result.masks, result.mask_available = entry.read_masks(entry.rows_of(present))
+    result.skipped = [s for s in entry.skipped if s["sample_id"] in wanted]
+    result.mask_issues = [s for s in entry.mask_issues if s["sample_id"] in wanted]
     return result
 
 
-def save_cached(location: str, result: ExtractedSplit, with_masks: bool, s3_endpoint: str | None = None) -> None:
-    """Store ``result`` at ``location`` (local or ``s3://``); the marker file last, so readers see it whole."""
-    remote = storage.is_remote(location)
-    directory = Path(tempfile.mkdtemp(prefix="comet-features-")) if remote else Path(location)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        if with_masks:
-            np.save(directory / "masks.npy", result.masks.numpy())
-            np.save(directory / "mask_available.npy", result.mask_available.numpy())
-        result.store.save(directory)
-        extras = {"skipped": result.skipped, "mask_issues": result.mask_issues}
-        (directory / CACHE_MARKER).write_text(json.dumps(extras))
-        if remote:
-            storage.upload(directory, location, last=[CACHE_MARKER], s3_endpoint=s3_endpoint)
-    finally:
-        if remote:
-            shutil.rmtree(directory, ignore_errors=True)
+def cached_entry(samples: list[Sample], extractor: PatchFeatureExtractor, filesystem: Any, with_masks: bool,
+                 cache_dir: str, progress: bool = False, s3_endpoint: str | None = None) -> tuple[FeatureEntry, str]:
+    """The cache entry of ``samples`` in ``cache_dir``, extracting it in this process when there is none;
+    and where the features came from ("extracted N images into ..." or "read N images from ...")."""
+    location = cache_location(cache_dir, samples, extractor, with_masks)
+    entry = open_entry(location, s3_endpoint)
+    if entry is not None:
+        log.info("feature cache hit: %s", entry.shown)
+        return entry, f"read {len(entry)} images from the cache {entry.shown}"
+    entry = extract_to_entry(samples, extractor, filesystem, with_masks, location, progress, s3_endpoint)
+    return entry, f"extracted {len(entry)} images into the cache {entry.shown}"
 
 
 def extract_features_cached(
@@ -233,7 +257,6 @@ def extract_features_cached(
     with_masks: bool,
     cache_dir: str | None,
     progress: bool = False,
-    mmap: bool = False,
     s3_endpoint: str | None = None,
 ) -> ExtractedSplit:
     """``extract_features`` with a cache (a local folder or ``s3://``) keyed by the samples and the
@@ -244,13 +267,7 @@ def extract_features_cached(
     """
     if not cache_dir:
         return extract_features(samples, extractor, filesystem, with_masks, progress=progress)
-    location = cache_location(cache_dir, samples, extractor, with_masks)
-    cached = load_cached(location, with_masks, mmap=mmap, s3_endpoint=s3_endpoint)
-    if cached is not None:
-        log.info("feature cache hit: %s", public_s3_uri(location))
-        cached.origin = f"read {len(cached.store)} images from the cache {public_s3_uri(location)}"
-        return cached
-    result = extract_features(samples, extractor, filesystem, with_masks, progress=progress)
-    save_cached(location, result, with_masks, s3_endpoint)
-    result.origin = f"extracted {len(result.store)} images into the cache {public_s3_uri(location)}"
+    entry, origin = cached_entry(samples, extractor, filesystem, with_masks, cache_dir, progress, s3_endpoint)
+    result = read_split(entry, [s.sample_id for s in samples], with_masks)
+    result.origin = origin
     return result

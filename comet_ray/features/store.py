@@ -2,21 +2,16 @@
 
 The backbone is frozen and SimpleNet uses no augmentation, so an image's patch features never change
 during training. Computing them once (instead of ~160 times per image, as the authors' code does) is
-the single largest speed-up in comet-ray. A store lives in memory (CPU or GPU) or, for sets larger
-than memory, in a memory-mapped file on disk.
+the single largest speed-up in comet-ray. A store lives in memory (CPU or GPU); on disk or in S3 the
+features live in a cache entry (:mod:`comet_ray.features.entry`), from which each process reads only
+the rows it holds.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
-
-_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.bfloat16: None}
 
 
 def storage_dtype(name: str) -> torch.dtype:
@@ -34,17 +29,30 @@ def as_stored(features: torch.Tensor, cache_dtype: str) -> torch.Tensor:
 
 @dataclass
 class FeatureStore:
-    """Patch features of a set of images, addressed by sample id."""
+    """Patch features of a set of images, addressed by sample id (or by row: the position in ``ids``).
+
+    ``ids`` lists every image of the set. A data-parallel worker holds only its shard: ``held`` then
+    names the rows whose features are in ``features`` (in that order) and :meth:`batch` serves those
+    rows only; ``held=None`` means every row, in order (one process).
+    """
 
     ids: list[str]
-    features: torch.Tensor  # [N, P, D]
+    features: torch.Tensor  # [len(held) or len(ids), P, D]
     grid: tuple[int, int]
+    held: torch.Tensor | None = None
     _index: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._index = {sample_id: row for row, sample_id in enumerate(self.ids)}
         if len(self._index) != len(self.ids):
             raise ValueError("duplicate sample ids in a feature store")
+        self._position = None
+        if self.held is not None:
+            self.held = torch.as_tensor(self.held, dtype=torch.long)
+            if self.held.numel() != self.features.shape[0]:
+                raise ValueError(f"{self.features.shape[0]} feature rows for {self.held.numel()} held rows")
+            self._position = torch.full((len(self.ids),), -1, dtype=torch.long)
+            self._position[self.held] = torch.arange(self.held.numel())
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -57,22 +65,34 @@ class FeatureStore:
     def dim(self) -> int:
         return int(self.features.shape[2])
 
+    def held_rows(self) -> torch.Tensor:
+        """The rows whose features this store holds."""
+        return torch.arange(len(self.ids)) if self.held is None else self.held
+
     def rows(self, ids: list[str]) -> torch.Tensor:
         return torch.tensor([self._index[i] for i in ids], dtype=torch.long)
 
     def batch(self, rows: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """Features of the given rows as float32 on ``device`` (async copy from pinned memory on CUDA)."""
-        rows = rows.to(self.features.device)
-        chunk = self.features.index_select(0, rows)
+        chunk = self.batch_raw(rows)
         if chunk.device.type == "cpu" and torch.device(device).type == "cuda":
             chunk = chunk.pin_memory().to(device, non_blocking=True)
         return chunk.to(device=device, dtype=torch.float32)
 
     def subset(self, ids: list[str]) -> FeatureStore:
-        return FeatureStore(list(ids), self.features.index_select(0, self.rows(list(ids))), self.grid)
+        rows = self.rows(list(ids))
+        return FeatureStore(list(ids), self.batch_raw(rows), self.grid)
+
+    def batch_raw(self, rows: torch.Tensor) -> torch.Tensor:
+        """Features of the given rows as stored (dtype and device unchanged)."""
+        if self._position is not None:
+            rows = self._position[rows]
+            if bool((rows < 0).any()):
+                raise IndexError("rows outside this worker's shard of the feature store")
+        return self.features.index_select(0, rows.to(self.features.device))
 
     def to(self, device: torch.device | str) -> FeatureStore:
-        return FeatureStore(self.ids, self.features.to(device), self.grid)
+        return FeatureStore(self.ids, self.features.to(device), self.grid, self.held)
 
     def scale(self, chunk: int = 64) -> float:
         """The features' spread: sqrt of the mean over dimensions of each dimension's variance over all
@@ -95,38 +115,8 @@ class FeatureStore:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the features held here."""
         return self.features.numel() * self.features.element_size()
-
-    # Persistence: a raw array plus a JSON index, so a large store can be memory-mapped.
-    def save(self, directory: str | os.PathLike) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        dtype = self.features.dtype
-        array = self.features.cpu()
-        if dtype == torch.bfloat16:  # numpy has no bfloat16: store the raw 16-bit pattern
-            array = array.view(torch.int16)
-        tmp = directory / "features.npy.tmp"
-        with open(tmp, "wb") as handle:
-            np.save(handle, array.numpy())
-        meta = {"ids": self.ids, "grid": list(self.grid), "dtype": str(dtype).removeprefix("torch.")}
-        (directory / "index.json.tmp").write_text(json.dumps(meta))
-        os.replace(tmp, directory / "features.npy")
-        os.replace(directory / "index.json.tmp", directory / "index.json")
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike, mmap: bool = False) -> FeatureStore:
-        directory = Path(directory)
-        meta = json.loads((directory / "index.json").read_text())
-        array = np.load(directory / "features.npy", mmap_mode="c" if mmap else None)
-        tensor = torch.from_numpy(array)
-        if meta["dtype"] == "bfloat16":
-            tensor = tensor.view(torch.bfloat16)
-        return cls(list(meta["ids"]), tensor, tuple(meta["grid"]))
-
-    @staticmethod
-    def exists(directory: str | os.PathLike) -> bool:
-        directory = Path(directory)
-        return (directory / "index.json").exists() and (directory / "features.npy").exists()
 
 
 def place_store(store: FeatureStore, device: torch.device, max_fraction: float = 0.5) -> FeatureStore:
@@ -139,10 +129,3 @@ def place_store(store: FeatureStore, device: torch.device, max_fraction: float =
         return store
     free, _ = torch.cuda.mem_get_info(device)
     return store.to(device) if store.nbytes <= max_fraction * free else store
-
-
-def concat_stores(stores: list[FeatureStore]) -> FeatureStore:
-    if not stores:
-        raise ValueError("no feature stores to concatenate")
-    ids = [i for store in stores for i in store.ids]
-    return FeatureStore(ids, torch.cat([s.features for s in stores]), stores[0].grid)
