@@ -19,7 +19,6 @@ The wrapper is checked against the unfused path (``PatchFeatureExtractor`` -> ``
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -220,19 +219,3 @@ def _export_onnx(exported: ExportedDetector, example: torch.Tensor, path: Path, 
     onnx.save(proto, str(path))
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    target = export_detector(args.checkpoint, args.out, args.format, args.opset)
-    print(f"exported {args.format}: images [B, 3, S, S] (normalised) -> scores [B], maps [B, S, S] -> {target}")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add ``comet-ray export`` to the CLI's subparsers."""
-    parser = subparsers.add_parser(
-        "export", help="write backbone + detector + anomaly maps as one ONNX or TorchScript graph",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("checkpoint", help="model.pt or a run folder")
-    parser.add_argument("--format", choices=FORMATS, default="onnx", help="graph format")
-    parser.add_argument("--out", required=True, help="output file, e.g. model.onnx or model.torchscript.pt")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
-    parser.set_defaults(func=cmd_export)

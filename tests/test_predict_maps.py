@@ -115,7 +115,7 @@ def test_map_file_names_are_unique_and_readable() -> None:
 
 
 def _cli_has_maps() -> bool:
-    parser = build_parser(["predict"])
+    parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return any("--maps" in a.option_strings for a in sub.choices["predict"]._actions)
 
