@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from comet_ray.checkpoint import load_detector
-from comet_ray.config import FeatureConfig
+from comet_ray.config import FeatureConfig, resolve_device
 from comet_ray.data.images import decode_image, preprocess_image
 from comet_ray.data.layout import (
     IMAGE_EXTENSIONS,
@@ -28,7 +28,7 @@ from comet_ray.errors import CometError, ImageDecodeError
 from comet_ray.evaluate import checkpoint_precision, detector_patch_scores, evaluate_split, split_labels
 from comet_ray.features.extractor import PatchFeatureExtractor, extract_features_cached
 from comet_ray.features.store import as_stored
-from comet_ray.pipeline import resolve_device, subset_split
+from comet_ray.pipeline import subset_split
 
 
 def extractor_for(meta: dict, device: torch.device) -> PatchFeatureExtractor:

@@ -24,7 +24,6 @@ model or format version is an error (:class:`~comet_ray.errors.CheckpointError`)
 from __future__ import annotations
 
 import base64
-import csv
 import datetime as _dt
 import html
 import json
@@ -39,10 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from comet_ray import atomic
 from comet_ray.errors import CheckpointError, CometError
 from comet_ray.jsonfile import read_run_file
+from comet_ray.runfolder import ScoreTable, finite_number, read_scores
 
-SCORES_FILE = "scores.csv"
 TABLE_METRICS = (
     ("image_auroc", "image AUROC"),
     ("pixel_auroc", "pixel AUROC"),
@@ -55,65 +55,6 @@ TABLE_METRICS = (
 
 
 # --- scores.csv ----------------------------------------------------------------------------------
-
-
-def _publish(tmp: str | os.PathLike, target: Path) -> None:
-    """Move a finished temp file into place with the permissions a plain ``open`` would give it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, target)
-
-
-def write_scores(out_dir: str | os.PathLike, ids: Sequence[str], scores: Iterable[float],
-                 labels: Iterable[bool | int]) -> Path:
-    """Write ``scores.csv`` (sample_id, score, label) of a run's report split, atomically.
-
-    ``label`` is 1 for an anomalous image and 0 for a nominal one; the rows keep the order given.
-    """
-    scores = [float(s) for s in (scores.tolist() if hasattr(scores, "tolist") else scores)]
-    labels = [int(bool(v)) for v in (labels.tolist() if hasattr(labels, "tolist") else labels)]
-    ids = list(ids)
-    if not len(ids) == len(scores) == len(labels):
-        raise ValueError(f"write_scores: {len(ids)} ids, {len(scores)} scores and {len(labels)} labels")
-    target = Path(out_dir) / SCORES_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{SCORES_FILE}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["sample_id", "score", "label"])
-            for sample_id, score, label in zip(ids, scores, labels):
-                writer.writerow([sample_id, repr(score), label])
-        _publish(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-@dataclass
-class ScoreTable:
-    ids: list[str]
-    scores: np.ndarray  # float64 [N]
-    labels: np.ndarray  # bool [N]
-    source: str  # "scores.csv" or "recomputed"
-
-
-def read_scores(run_dir: str | os.PathLike) -> ScoreTable | None:
-    """The run's ``scores.csv``, or None when it has none."""
-    path = Path(run_dir) / SCORES_FILE
-    if not path.exists():
-        return None
-    try:
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        ids = [r["sample_id"] for r in rows]
-        scores = np.array([float(r["score"]) for r in rows], dtype=np.float64)
-        labels = np.array([int(r["label"]) != 0 for r in rows], dtype=bool)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CometError(f"{path} is not a comet-ray scores file: {exc}") from None
-    return ScoreTable(ids, scores, labels, SCORES_FILE)
 
 
 def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -238,7 +179,7 @@ class _DataAccess:
     """Sample tables, feature extractors and a device, shared by every run of one report."""
 
     def __init__(self, device: str, s3_endpoint: str | None) -> None:
-        from comet_ray.pipeline import resolve_device
+        from comet_ray.config import resolve_device
 
         self.device = resolve_device(device)
         self.s3_endpoint = s3_endpoint
@@ -415,15 +356,9 @@ def _check_recomputed(record: RunRecord) -> None:
 # --- aggregation ---------------------------------------------------------------------------------
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(float(value)) else None
-
-
 def mean_std(values: Iterable[Any]) -> tuple[float | None, float | None, int]:
     """Mean and sample standard deviation (ddof 1; None for one value) of the finite numbers given."""
-    numbers = [v for v in (_number(x) for x in values) if v is not None]
+    numbers = [v for v in (finite_number(x) for x in values) if v is not None]
     if not numbers:
         return None, None, 0
     mean = sum(numbers) / len(numbers)
@@ -674,106 +609,8 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike =
     """Collect the runs and write the self-contained HTML report atomically; returns its path."""
     records = collect(run_dirs, device, s3_endpoint, recompute, examples, suspects)
     page = render_html(records)
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(page)
-        _publish(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic.write_text(out, page)
 
 
-# --- TensorBoard ---------------------------------------------------------------------------------
-
-
-def _summary_writer(log_dir: str | os.PathLike):
-    """tensorboardX's writer (installed with ray[tune]); torch's when the ``tensorboard`` package is there."""
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise CometError("TensorBoard logging needs the tensorboardX (or tensorboard) package") from None
-    return SummaryWriter(str(log_dir))
-
-
-_SCALARS = (
-    ("loss", "train/loss"),
-    ("lam", "comet/lambda"),
-    ("det_sigma", "comet/det_sigma"),
-    ("fence", "scl/fence"),
-    ("mean_weight", "scl/mean_weight"),
-    ("mean_weight_injected", "scl/mean_weight_injected"),
-    ("mean_weight_nominal", "scl/mean_weight_nominal"),
-    ("low_confidence", "scl/low_confidence"),
-    ("meta_l_tr", "meta/l_tr"),
-    ("meta_l_val", "meta/l_val"),
-    ("seconds", "time/epoch_seconds"),
-)
-
-
-def _as_dict(epoch_log: Any) -> dict:
-    return epoch_log.to_dict() if hasattr(epoch_log, "to_dict") else dict(epoch_log)
-
-
-def _log_epoch(writer, entry: dict) -> None:
-    step = int(entry.get("epoch", 0)) + 1
-    for key, tag in _SCALARS:
-        value = _number(entry.get(key))
-        if value is not None:
-            writer.add_scalar(tag, value, step)
-    for key, value in (entry.get("extra") or {}).items():
-        if _number(value) is not None:
-            writer.add_scalar(f"extra/{key}", float(value), step)
-    counts = entry.get("weight_histogram")
-    if counts and sum(counts) > 0:
-        # Counts over equal bins of [0, 1]; moments approximated at the bin centres.
-        edges = np.linspace(0.0, 1.0, len(counts) + 1)
-        centres = (edges[:-1] + edges[1:]) / 2
-        counts_np = np.asarray(counts, dtype=np.float64)
-        writer.add_histogram_raw("scl/weights", min=0.0, max=1.0, num=int(counts_np.sum()),
-                                 sum=float((counts_np * centres).sum()), sum_squares=float((counts_np * centres**2).sum()),
-                                 bucket_limits=edges[1:].tolist(), bucket_counts=counts_np.tolist(), global_step=step)
-
-
-def write_tensorboard(log_dir: str | os.PathLike, epoch_logs: Iterable[Any]) -> Path:
-    """Write per-epoch scalars (loss, λ, det Σ, SCL weights, ...) of ``EpochLog`` objects or their dicts.
-
-    ``epoch_logs`` may also be a single log. Step = epoch + 1. Safe to call once per epoch: each call adds
-    an event file to ``log_dir``, which TensorBoard merges; :class:`TensorBoardLogger` (an
-    ``on_epoch_end`` callback) keeps one file open instead.
-    """
-    if hasattr(epoch_logs, "to_dict") or isinstance(epoch_logs, dict):  # one epoch's log
-        epoch_logs = [epoch_logs]
-    writer = _summary_writer(log_dir)
-    try:
-        for epoch_log in epoch_logs:
-            _log_epoch(writer, _as_dict(epoch_log))
-    finally:
-        writer.close()
-    return Path(log_dir)
-
-
-class TensorBoardLogger:
-    """An ``on_epoch_end(trainer, epoch_log)`` callback writing to one TensorBoard event file."""
-
-    def __init__(self, log_dir: str | os.PathLike) -> None:
-        self.log_dir = Path(log_dir)
-        self.writer = _summary_writer(log_dir)
-
-    def __call__(self, _trainer: Any, epoch_log: Any) -> None:
-        _log_epoch(self.writer, _as_dict(epoch_log))
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-# --- CLI -----------------------------------------------------------------------------------------
 
 

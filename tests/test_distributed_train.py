@@ -32,7 +32,8 @@ from comet_ray.distributed.train import (
     fit_categories,
     fit_distributed,
 )
-from comet_ray.pipeline import prepare_data, train_category, write_run
+from comet_ray.pipeline import prepare_data, train_category
+from comet_ray.runfolder import write_run
 
 EPOCHS = 3
 ROW_BYTES = 8 * 8 * 64 * 2  # one image's features: an 8x8 patch grid (64 px, stride 8) of 64 fp16 values

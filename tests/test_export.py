@@ -18,9 +18,10 @@ import torch.nn.functional as F
 
 from comet_ray.checkpoint import load_detector
 from comet_ray.cli import main
+from comet_ray.cli.export import register
 from comet_ray.data.synthetic import make_texture_category
 from comet_ray.errors import CheckpointError, CometError
-from comet_ray.export import ExportedDetector, adaptive_pool_matrix, export_detector, register
+from comet_ray.export import ExportedDetector, adaptive_pool_matrix, export_detector
 from comet_ray.features.aggregation import aggregate_patches
 from comet_ray.inference import extractor_for
 from comet_ray.models.anomaly_map import anomaly_maps, image_scores

@@ -18,22 +18,13 @@ import torch
 from PIL import Image
 
 from comet_ray.cli import main
+from comet_ray.cli.report import register
 from comet_ray.comet.trainer import EpochLog
 from comet_ray.data.synthetic import make_texture_category
 from comet_ray.errors import CheckpointError, CometError
 from comet_ray.metrics import auroc
-from comet_ray.report import (
-    TensorBoardLogger,
-    build_report,
-    collect,
-    read_scores,
-    register,
-    roc_auc,
-    roc_curve,
-    summarise,
-    write_scores,
-    write_tensorboard,
-)
+from comet_ray.report import build_report, collect, roc_auc, roc_curve, summarise
+from comet_ray.runfolder import TensorBoardLogger, read_scores, write_scores, write_tensorboard
 from comet_ray.testing import TINY_TRAIN_ARGS
 
 TINY = TINY_TRAIN_ARGS

@@ -14,6 +14,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from comet_ray.cli import main
+from comet_ray.cli.upload import register
 from comet_ray.data.layout import (
     build_sample_table,
     list_categories,
@@ -26,7 +27,7 @@ from comet_ray.data.streaming import StorageSpec
 from comet_ray.errors import DatasetLayoutError, StorageError
 from comet_ray.testing import TINY_TRAIN_ARGS
 from comet_ray.testing.s3server import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, FlakyProxy, free_ports
-from comet_ray.upload import register, upload_tree
+from comet_ray.upload import upload_tree
 
 TINY = TINY_TRAIN_ARGS
 WRONG_SECRET = "wrongWrongWrongWrongWrongWrongWrong00001"  # 40 characters

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from comet_ray.data.synthetic import make_texture_category
 import comet_ray.cli
 from comet_ray.cli import jobs as cli_jobs
+from comet_ray.data.synthetic import make_texture_category
 from comet_ray.distributed import submit
 from comet_ray.errors import CometError
 from comet_ray.testing.cluster import free_port_range, stop_processes

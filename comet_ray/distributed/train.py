@@ -24,7 +24,7 @@ the global batch. (SimpleNet has no pre-BatchNorm biases: they would get pure ro
 that Adam turns into +-lr steps.)
 
 Layout of a run (``storage_path/run_name``) is Ray's; the results (metrics.json, weights.json, ...)
-are written by rank 0 with ``pipeline.write_run`` into ``out``, plus ``attempts.jsonl``: one line per
+are written by rank 0 with ``runfolder.write_run`` into ``out``, plus ``attempts.jsonl``: one line per
 worker start (rank, epoch it resumed at), which shows what a restart redid. On a cluster the nodes
 share no disk, so everything several nodes use lives where all of them reach it: checkpoints under
 ``storage_path``, the feature cache (default ``storage_path/feature_cache``), each worker start's
@@ -240,7 +240,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from comet_ray.comet.trainer import EpochLog
     from comet_ray.evaluate import validation_auroc
-    from comet_ray.pipeline import prepare_data, train_category, write_run
+    from comet_ray.pipeline import prepare_data, train_category
+    from comet_ray.runfolder import write_run
 
     torch.set_num_threads(int(loop_config["torch_threads"]))
     remove_orphaned_staging()  # left on this node by a worker killed mid-checkpoint

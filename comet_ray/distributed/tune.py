@@ -166,9 +166,10 @@ def run_trial(params: dict[str, Any]) -> None:
         _run_distributed_trial(config, context, start)
         return
 
+    from comet_ray.config import resolve_device
     from comet_ray.distributed.train import say_feature_origin
     from comet_ray.evaluate import validation_auroc
-    from comet_ray.pipeline import prepare_data, resolve_device, train_category
+    from comet_ray.pipeline import prepare_data, train_category
 
     device = resolve_device(config.device)
     data = prepare_data(config, device, cache_dir=context.get("feature_cache"))
@@ -519,8 +520,9 @@ def _train_once(config_dict: dict, feature_cache: str | None, threads: int) -> t
     and its manifest (which images it trained and reported on)."""
     import torch
 
+    from comet_ray.config import resolve_device
     from comet_ray.distributed.train import say_feature_origin
-    from comet_ray.pipeline import prepare_data, resolve_device, train_category
+    from comet_ray.pipeline import prepare_data, train_category
 
     torch.set_num_threads(threads)
     config = TrainConfig.from_dict(config_dict)
@@ -531,7 +533,8 @@ def _train_once(config_dict: dict, feature_cache: str | None, threads: int) -> t
 
 
 def _extract(config_dict: dict, feature_cache: str) -> None:
-    from comet_ray.pipeline import feature_entry, resolve_device
+    from comet_ray.config import resolve_device
+    from comet_ray.pipeline import feature_entry
 
     config = TrainConfig.from_dict(config_dict)
     _, origin = feature_entry(config, feature_cache, resolve_device(config.device))
