@@ -145,7 +145,7 @@ def feature_entry(config: TrainConfig, cache_dir: str, device: torch.device | st
         samples = category_samples(config, filesystem)[1]
     extractor = PatchFeatureExtractor(config.features, device)
     if engine == "ray":
-        from comet_ray.data.streaming import extract_to_entry_streaming
+        from comet_ray.features.streaming import extract_to_entry_streaming
 
         return extract_to_entry_streaming(samples, extractor, s3_endpoint, True, cache_dir, progress=progress,
                                           data_root=config.data_root)

@@ -21,14 +21,6 @@ from comet_ray.config import FeatureConfig
 from comet_ray.data import streaming
 from comet_ray.data.images import decode_image, preprocess_image
 from comet_ray.data.layout import build_sample_table, open_dataset_filesystem
-from comet_ray.data.streaming import (
-    StorageSpec,
-    StreamOptions,
-    crop_uint8,
-    extract_to_entry_streaming,
-    normalise_uint8,
-    stream_features,
-)
 from comet_ray.errors import StorageError
 from comet_ray.features.entry import INDEX_FILE, PARTS_DIR
 from comet_ray.features.extractor import (
@@ -37,6 +29,14 @@ from comet_ray.features.extractor import (
     extract_features_cached,
     open_entry,
     read_split,
+)
+from comet_ray.features.streaming import (
+    StorageSpec,
+    StreamOptions,
+    crop_uint8,
+    extract_to_entry_streaming,
+    normalise_uint8,
+    stream_features,
 )
 from comet_ray.testing.s3server import FAKE_ACCESS_KEY
 

@@ -1,7 +1,7 @@
 """Data-parallel CoMet training on Ray Train (V2): one category over N workers, many categories at once.
 
 Before any worker starts, the driver makes sure the category's features are in the shared feature
-cache: the frozen backbone runs as a Ray Data job over every node (``data/streaming.py``: GPU actors
+cache: the frozen backbone runs as a Ray Data job over every node (``features/streaming.py``: GPU actors
 where there are GPUs), whose actors write the entry's parts into the cache themselves; a later run
 finds the entry and extracts nothing. Each worker then reads only its shard of every split from there
 (``Collective.shard_rows``: every N-th image), so it holds 1/N of the features.
