@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comet_ray.checkpoint import load_detector
 from comet_ray.data.images import IMAGENET_MEAN, IMAGENET_STD
 from comet_ray.errors import CometError
+from comet_ray.model import AnomalyModel
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "images"
@@ -106,26 +106,30 @@ class ExportedDetector(nn.Module):
             parameter.requires_grad_(False)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | os.PathLike) -> ExportedDetector:
-        """Load ``model.pt`` (or a run folder) and rebuild the backbone it was trained on, on the CPU."""
+    def from_model(cls, model: AnomalyModel) -> ExportedDetector:
+        """The export form of ``model`` (on the CPU): same backbone, detector, grid and cache dtype."""
         from comet_ray.features.backbone import BACKBONES
-        from comet_ray.inference import extractor_for
 
-        model, meta = load_detector(checkpoint, "cpu")
-        extractor = extractor_for(meta, torch.device("cpu"))
+        extractor = model.extractor
         channels = BACKBONES[extractor.config.backbone].channels
-        exported = cls(extractor.trunk, model, extractor.feature_dim, channels, extractor.config.image_size,
-                       tuple(meta["grid"]), cache_dtype=extractor.config.cache_dtype)
+        exported = cls(extractor.trunk, model.detector, extractor.feature_dim, channels, model.image_size,
+                       model.grid, cache_dtype=model.cache_dtype)
+        meta = model.meta
         exported.meta = {
             "threshold": float(meta["threshold"]),
             "nominal_score": float(meta["nominal_score"]),
-            "image_size": int(extractor.config.image_size),
+            "image_size": model.image_size,
             "grid": list(meta["grid"]),
             "features": meta["features"],
             "model_name": meta["model_name"],
             "format_version": meta["format_version"],
         }
         return exported
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike) -> ExportedDetector:
+        """Load ``model.pt`` (or a run folder) and rebuild the backbone it was trained on, on the CPU."""
+        return cls.from_model(AnomalyModel.from_checkpoint(checkpoint, "cpu"))
 
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """Same numbers as ``aggregate_patches(trunk(images))``: ``[B, P, feature_dim]``."""

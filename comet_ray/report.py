@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from comet_ray import atomic
 from comet_ray.errors import CheckpointError, CometError
@@ -196,13 +195,16 @@ class _DataAccess:
             self._tables[key] = (filesystem, {s.sample_id: s for s in table})
         return self._tables[key]
 
-    def extractor(self, meta: dict):
-        from comet_ray.inference import extractor_for
+    def model(self, record: RunRecord):
+        """The run's :class:`~comet_ray.model.AnomalyModel` (extractors shared by runs that share features)."""
+        from comet_ray.evaluate import checkpoint_precision
+        from comet_ray.model import AnomalyModel, extractor_for
 
-        key = json.dumps(meta["features"], sort_keys=True)
+        key = json.dumps(record.meta["features"], sort_keys=True)
         if key not in self._extractors:
-            self._extractors[key] = extractor_for(meta, self.device)
-        return self._extractors[key]
+            self._extractors[key] = extractor_for(record.meta, self.device)
+        return AnomalyModel(self._extractors[key], record.model.to(self.device), tuple(record.meta["grid"]),
+                            checkpoint_precision(record.meta), record.meta)
 
 
 def _report_samples(record: RunRecord, access: _DataAccess):
@@ -218,7 +220,7 @@ def _report_samples(record: RunRecord, access: _DataAccess):
 
 def recompute_scores(record: RunRecord, access: _DataAccess) -> ScoreTable:
     """Report-split image scores from model.pt + manifest, computed as ``comet-ray evaluate`` does."""
-    from comet_ray.evaluate import checkpoint_precision, score_patches
+    from comet_ray.evaluate import score_patches
     from comet_ray.features.extractor import extract_features
     from comet_ray.models.anomaly_map import image_scores
 
@@ -227,10 +229,9 @@ def recompute_scores(record: RunRecord, access: _DataAccess) -> ScoreTable:
         record.notes.append(f"{missing} report image(s) of the manifest are no longer in the data root")
     if not samples:
         raise CometError("none of the manifest's report images is in the data root")
-    extractor = access.extractor(record.meta)
-    extracted = extract_features(samples, extractor, filesystem, with_masks=False)
-    patch = score_patches(record.model.to(access.device), extracted.store, access.device,
-                          precision=checkpoint_precision(record.meta))
+    model = access.model(record)
+    extracted = extract_features(samples, model.extractor, filesystem, with_masks=False)
+    patch = score_patches(model.detector, extracted.store, access.device, precision=model.precision)
     scores = image_scores(patch).cpu()
     by_id = {s.sample_id: s for s in samples}
     ids = list(extracted.store.ids)
@@ -241,24 +242,17 @@ def recompute_scores(record: RunRecord, access: _DataAccess) -> ScoreTable:
 def example_panels(record: RunRecord, access: _DataAccess, examples: list[Example]) -> None:
     """Fill ``panel`` of each example: image | anomaly map | region, ground truth outlined."""
     from comet_ray.data.images import load_samples
-    from comet_ray.features.store import storage_dtype
-    from comet_ray.models.anomaly_map import anomaly_maps
     from comet_ray.visualize import map_panel
 
     if not examples:
         return
     filesystem, table = access.samples(record.config.get("data_root") or record.manifest["data_root"], record.category)
     samples = [table[e.sample_id] for e in examples if e.sample_id in table]
-    extractor = access.extractor(record.meta)
-    size = extractor.config.image_size
-    loaded = load_samples(samples, size, filesystem, with_masks=True)
+    model = access.model(record)
+    loaded = load_samples(samples, model.image_size, filesystem, with_masks=True)
     if not loaded.sample_ids:
         return
-    with torch.no_grad():
-        # Through the cache dtype, as in training and evaluation, so the panel's map matches the table.
-        features = extractor(loaded.images).to(storage_dtype(extractor.config.cache_dtype)).float()
-        patch = record.model.to(access.device).patch_scores(features.to(access.device)).float()
-        maps = anomaly_maps(patch, tuple(record.meta["grid"]), size).cpu()
+    _, maps = model(loaded.images)  # the path of predict and evaluate, so the panel's map matches the table
     nominal = float(record.meta["nominal_score"])
     position = {sample_id: i for i, sample_id in enumerate(loaded.sample_ids)}
     for example in examples:

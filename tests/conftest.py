@@ -71,6 +71,36 @@ def imagenet_torch_home(tmp_path_factory) -> Path:
     return home
 
 
+# --- one tiny category and one tiny trained run per test session ---------------------------------
+
+TINY_CATEGORY = "weave"
+
+
+@pytest.fixture(scope="session")
+def tiny_category(tmp_path_factory) -> Path:
+    """The synthetic category most CLI tests use (read-only: copy it to change it). Returns the data root.
+
+    ``weave``: 16 training images, test/good 6, test/spot 8 with masks; 64 px.
+    """
+    from comet_ray.data.synthetic import make_texture_category
+
+    root = tmp_path_factory.mktemp("tiny-data") / "mvtec"
+    make_texture_category(root, TINY_CATEGORY, n_train=16, n_test_good=6, defects={"spot": 8}, size=64, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_category: Path, tmp_path_factory) -> Path:
+    """``comet-ray train`` on :func:`tiny_category` at 20 % contamination with the tiny settings (read-only)."""
+    from comet_ray.cli import main
+    from comet_ray.testing import TINY_TRAIN_ARGS
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    assert main(["train", str(tiny_category), "--category", TINY_CATEGORY, "--contamination", "0.2",
+                 "--out", str(out), *TINY_TRAIN_ARGS]) == 0
+    return out
+
+
 @pytest.fixture
 def mvtec_tree(tmp_path: Path) -> Path:
     """A tiny MVTec-AD-style dataset root with one category, ``widget``.
@@ -139,16 +169,13 @@ def s3_env(s3_server):
 
 
 @pytest.fixture(scope="session")
-def s3_dataset(s3_env, tmp_path_factory):
-    """The CLI tests' synthetic category, local and uploaded to s3://comet-test/datasets/mvtec.
+def s3_dataset(s3_env, tiny_category):
+    """:func:`tiny_category`, local and uploaded to s3://comet-test/datasets/mvtec.
 
     Returns ``(local_root, s3_root)``. A second copy at ``s3://comet-test/corrupt`` also holds one
     corrupt train image (``weave/train/good/zz_corrupt.png``) for the skipped-image tests.
     """
-    from comet_ray.data.synthetic import make_texture_category
-
-    root = tmp_path_factory.mktemp("s3-data") / "mvtec"
-    make_texture_category(root, "weave", n_train=16, n_test_good=6, defects={"spot": 8}, size=64, seed=3)
+    root = tiny_category
     s3_env.make_bucket(S3_BUCKET)
     s3_env.upload_tree(root, S3_BUCKET, "datasets/mvtec")
     s3_env.upload_tree(root, S3_BUCKET, "corrupt")
