@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from comet_ray.errors import CheckpointError
+from comet_ray.models.protocol import Detector
 
 FORMAT = "comet-ray-detector"
 FORMAT_VERSION = 1
@@ -41,7 +41,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 def save_detector(
     path: str | os.PathLike,
-    model: nn.Module,
+    model: Detector,
     features: dict,
     grid: tuple[int, int],
     config: dict,
@@ -68,7 +68,7 @@ def save_detector(
     atomic_torch_save(payload, path)
 
 
-def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Detector, dict]:
     """Rebuild a detector from a checkpoint; returns (model in eval mode, the checkpoint's metadata)."""
     from comet_ray.models import detector_from_hparams
 

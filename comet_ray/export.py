@@ -32,6 +32,7 @@ from torch import nn
 from comet_ray.data.images import IMAGENET_MEAN, IMAGENET_STD
 from comet_ray.errors import CometError
 from comet_ray.model import AnomalyModel
+from comet_ray.models.protocol import Detector
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "images"
@@ -76,7 +77,7 @@ class ExportedDetector(nn.Module):
     ``PatchFeatureExtractor`` trunk. Float32, eval mode, no autocast.
     """
 
-    def __init__(self, trunk: nn.Module, detector: nn.Module, feature_dim: int, channels: tuple[int, ...],
+    def __init__(self, trunk: nn.Module, detector: Detector, feature_dim: int, channels: tuple[int, ...],
                  image_size: int, grid: tuple[int, int], sigma: float = 4.0, cache_dtype: str = "float16") -> None:
         super().__init__()
         from comet_ray.features.store import storage_dtype

@@ -37,6 +37,7 @@ from comet_ray.features.extractor import (
 from comet_ray.features.store import place_store
 from comet_ray.metrics import f1_max
 from comet_ray.models import build_detector
+from comet_ray.models.protocol import Detector
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ class RunResult:
     metrics: dict
     validation_metrics: dict
     epochs: list[EpochLog]
-    model: torch.nn.Module
+    model: Detector
     threshold: float
     nominal_score: float
     final_weights: dict[str, float]

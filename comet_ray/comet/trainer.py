@@ -43,6 +43,7 @@ from comet_ray.config import TrainConfig, use_bf16
 from comet_ray.evaluate import score_rows
 from comet_ray.features.store import FeatureStore
 from comet_ray.models.anomaly_map import topk_mean
+from comet_ray.models.protocol import Detector
 
 _MASK = (1 << 62) - 1
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class CometTrainer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Detector,
         train_store: FeatureStore,
         config: TrainConfig,
         device: torch.device | str = "cpu",
