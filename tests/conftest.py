@@ -22,6 +22,21 @@ BOTTLE = SHARED / "data" / "mvtec_bottle"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
 
 
+# --- tiers: `pytest -m "not ray and not s3 and not cluster and not kill and not integration"` is the fast tier
+# Tests that use these fixtures are marked for them here; the rest carry their marks in their modules.
+RAY_FIXTURES = {"local_ray", "ray_local", "autoscaling_ray", "heads"}
+S3_FIXTURES = {"s3_server", "s3_env", "s3_dataset"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & RAY_FIXTURES:
+            item.add_marker(pytest.mark.ray)
+        if names & S3_FIXTURES:
+            item.add_marker(pytest.mark.s3)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _no_ray_left_running():
     """Stop a Ray that a module's in-process CLI runs started, so the next module can start its own."""

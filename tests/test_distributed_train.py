@@ -231,6 +231,7 @@ def test_a_worker_feature_budget_below_the_category_needs_two_workers(ray_local,
     assert "use more workers" in str(error.value) and not (workdir / "budget").exists()
 
 
+@pytest.mark.kill
 def test_worker_kill_recovers_from_last_checkpoint(ray_local, workdir: Path, two_worker_run: dict) -> None:
     marker = workdir / "killed.marker"
     killed = _fit(workdir, "kill", 2, max_failures=2, kill_at_epoch=1, kill_rank=0, kill_marker=str(marker))

@@ -18,10 +18,10 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 
 from comet_ray.config import FeatureConfig
-from comet_ray.data import streaming
 from comet_ray.data.images import decode_image, preprocess_image
 from comet_ray.data.layout import build_sample_table, open_dataset_filesystem
 from comet_ray.errors import StorageError
+from comet_ray.features import streaming
 from comet_ray.features.entry import INDEX_FILE, PARTS_DIR
 from comet_ray.features.extractor import (
     PatchFeatureExtractor,
