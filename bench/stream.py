@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 from comet_ray.testing import use_local_env
 
@@ -84,7 +85,7 @@ class RssSampler:
                     pass
             self.peak_total = max(self.peak_total, total)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from comet_ray.cli import main
-from comet_ray.testing import TINY_TRAIN_ARGS
+from comet_ray.testing import TINY_TRAIN_ARGS, csv_rows
 
 TINY = TINY_TRAIN_ARGS
 
@@ -48,9 +47,9 @@ def test_predict_scores_images_and_reports_unreadable_ones(tiny_run: Path, tiny_
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     assert main(["predict", str(tiny_run / "model.pt"), str(images), "--out", str(tmp_path / "pred"),
                  "--device", "cpu"]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
+    rows = csv_rows(tmp_path / "pred" / "predictions.csv")
     assert len(rows) == 3
-    broken = [r for r in rows if r["path"].endswith("broken.png")][0]
+    broken = next(r for r in rows if r["path"].endswith("broken.png"))
     assert broken["error"] and broken["score"] == ""
     scored = [r for r in rows if not r["error"]]
     assert all(r["anomalous"] in ("0", "1") for r in scored)
@@ -75,7 +74,8 @@ def test_wrong_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
 
 
 def test_console_script_help_explains_options() -> None:
-    result = subprocess.run([sys.executable, "-m", "comet_ray", "train", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "comet_ray", "train", "--help"], capture_output=True, text=True,
+                            check=False)
     assert result.returncode == 0
     for option in ("--strategy", "--contamination", "--backbone", "--epochs", "--passes", "--image-size", "--out"):
         assert option in result.stdout

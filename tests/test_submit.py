@@ -88,7 +88,7 @@ class RayHead:
             f"--min-worker-port={low}", f"--max-worker-port={high}", "--num-cpus=2", "--num-gpus=0",
             "--object-store-memory=100000000", "--disable-usage-stats",
         ]
-        self.log = open(self.temp / "ray-start.log", "wb")
+        self.log = open(self.temp / "ray-start.log", "wb")  # noqa: SIM115 - closed with the head
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
 

@@ -27,6 +27,7 @@ token auth ignores the header.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -93,7 +94,7 @@ def check_address(url: str, insecure: bool) -> str:
     if not parts.hostname:
         raise CometError(f"address {url} has no host")
     try:
-        parts.port
+        _ = parts.port  # parsing it raises on a bad port
     except ValueError:
         raise CometError(f"address {url} has an invalid port") from None
     if parts.scheme == "http" and not is_loopback(parts.hostname) and not insecure:
@@ -425,10 +426,8 @@ async def _follow(client, job_id: str, started: float, out: TextIO, err: TextIO,
     finally:
         if tail_task is not None and not tail_task.done():
             tail_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await tail_task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
 
 
 def follow(client, job_id: str, url: str, started: float | None = None, logs: bool = True,

@@ -687,6 +687,6 @@ def object_store_bytes() -> dict[str, Any]:
             if "Spilled" in line and "MiB" in line:
                 info["spilled_mib"] = float(line.split("Spilled")[1].split("MiB")[0].strip())
                 break
-    except Exception:  # best effort: internal API
+    except Exception:  # noqa: BLE001, S110 - best effort: internal API
         pass
     return info
