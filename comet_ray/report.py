@@ -40,6 +40,7 @@ import numpy as np
 from comet_ray import atomic
 from comet_ray.errors import CheckpointError, CometError
 from comet_ray.jsonfile import read_run_file
+from comet_ray.metrics import auroc
 from comet_ray.runfolder import ScoreTable, finite_number, read_scores
 
 TABLE_METRICS = (
@@ -67,10 +68,6 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
     false_pos = last + 1 - true_pos
     positives, negatives = max(int(hits.sum()), 1), max(int((~hits).sum()), 1)
     return np.r_[0.0, false_pos / negatives], np.r_[0.0, true_pos / positives]
-
-
-def roc_auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
 # --- loading runs --------------------------------------------------------------------------------
@@ -338,8 +335,7 @@ def _check_recomputed(record: RunRecord) -> None:
         return
     if scores.labels.all() or not scores.labels.any():
         return
-    fpr, tpr = roc_curve(scores.scores, scores.labels)
-    got = roc_auc(fpr, tpr)
+    got = auroc(scores.scores, scores.labels)
     if abs(got - float(expected)) > 1e-3:
         record.notes.append(
             f"recomputed image AUROC {got:.4f} differs from metrics.json's {float(expected):.4f}: "
@@ -465,7 +461,7 @@ def _roc_html(records: Sequence[RunRecord]) -> str:
                 notes.append(f"{record.path}: the report split has a single class, no ROC curve")
                 continue
             fpr, tpr = roc_curve(scores.scores, scores.labels)
-            curve = {"fpr": fpr, "tpr": tpr, "label": f"{record.label} (AUROC {roc_auc(fpr, tpr):.3f})"}
+            curve = {"fpr": fpr, "tpr": tpr, "label": f"{record.label} (AUROC {auroc(scores.scores, scores.labels):.3f})"}
             if record.threshold is not None:  # the checkpoint's operating point
                 flagged = scores.scores >= record.threshold
                 curve["point"] = (float(flagged[~scores.labels].mean()), float(flagged[scores.labels].mean()))

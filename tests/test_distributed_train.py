@@ -34,6 +34,7 @@ from comet_ray.distributed.train import (
 )
 from comet_ray.pipeline import prepare_data, train_category
 from comet_ray.runfolder import write_run
+from comet_ray.testing.faults import KillWorkerOnce
 
 EPOCHS = 3
 ROW_BYTES = 8 * 8 * 64 * 2  # one image's features: an 8x8 patch grid (64 px, stride 8) of 64 fp16 values
@@ -234,7 +235,7 @@ def test_a_worker_feature_budget_below_the_category_needs_two_workers(ray_local,
 @pytest.mark.kill
 def test_worker_kill_recovers_from_last_checkpoint(ray_local, workdir: Path, two_worker_run: dict) -> None:
     marker = workdir / "killed.marker"
-    killed = _fit(workdir, "kill", 2, max_failures=2, kill_at_epoch=1, kill_rank=0, kill_marker=str(marker))
+    killed = _fit(workdir, "kill", 2, max_failures=2, epoch_callbacks=[KillWorkerOnce(1, 0, marker)])
     assert marker.exists()
     attempts = _attempts(killed["out"])
     # First attempt: both ranks from scratch; after the kill at the end of epoch 1 (its checkpoint

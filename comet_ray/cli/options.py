@@ -9,6 +9,7 @@ import sys
 from comet_ray.config import STRATEGIES, FeatureConfig, TrainConfig, apply_overrides
 from comet_ray.errors import CometError
 from comet_ray.models import MODELS
+from comet_ray.table import format_table
 
 
 def parse_value(text: str):
@@ -126,16 +127,10 @@ def report_left_out(records: list[dict], what: str, where: str, shown: int = 10)
     print(f"{len(records)} {what}{more}; all listed in {where}", file=sys.stderr)
 
 
+METRIC_COLUMNS = ("strategy", "contamination", "seed", "image_auroc", "pixel_auroc", "aupro", "f1_max",
+                  "mean_weight_injected", "mean_weight_nominal", "train_seconds")
+
+
 def metrics_table(rows: list[dict]) -> str:
-    columns = ["strategy", "contamination", "seed", "image_auroc", "pixel_auroc", "aupro", "f1_max",
-               "mean_weight_injected", "mean_weight_nominal", "train_seconds"]
-    header = " | ".join(f"{c:>20}" if i else f"{c:<10}" for i, c in enumerate(columns))
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        cells = []
-        for i, c in enumerate(columns):
-            value = row.get(c)
-            text = "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
-            cells.append(f"{text:>20}" if i else f"{text:<10}")
-        lines.append(" | ".join(cells))
-    return "\n".join(lines)
+    """The table ``train`` and ``demo`` end with."""
+    return format_table(rows, METRIC_COLUMNS)

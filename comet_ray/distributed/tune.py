@@ -170,6 +170,7 @@ def run_trial(params: dict[str, Any]) -> None:
     from comet_ray.distributed.train import say_feature_origin
     from comet_ray.evaluate import validation_auroc
     from comet_ray.pipeline import prepare_data, train_category
+    from comet_ray.resume import load_epoch_state, save_epoch_state
 
     device = resolve_device(config.device)
     data = prepare_data(config, device, cache_dir=context.get("feature_cache"))
@@ -178,7 +179,7 @@ def run_trial(params: dict[str, Any]) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / "trainer_state.pt", map_location="cpu", weights_only=True)
+            state, _ = load_epoch_state(directory)
     supervised = context["objective"] == "validation"
 
     def on_epoch_end(trainer, log) -> None:
@@ -189,7 +190,7 @@ def run_trial(params: dict[str, Any]) -> None:
         metrics = {"objective": value, "epoch": log.epoch, "loss": log.loss, "lambda": log.lam,
                    "mean_weight": log.mean_weight}
         with tempfile.TemporaryDirectory(prefix="comet-trial-") as tmp:
-            torch.save(trainer.state_dict(), Path(tmp) / "trainer_state.pt")
+            save_epoch_state(tmp, trainer.state_dict())
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     result = train_category(config, data, device, on_epoch_end=on_epoch_end, trainer_state=state)
