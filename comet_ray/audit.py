@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from comet_ray import jsonfile
+from comet_ray.atomic import publish_folder
 from comet_ray.config import CometConfig
 from comet_ray.errors import CometError
 from comet_ray.jsonfile import read_run_file
@@ -422,15 +423,6 @@ def _fetch_run(run: str, s3_endpoint: str | None, into: Path) -> None:
         raise storage_error(exc, run, fs) from exc
 
 
-def _publish_local(staging: Path, target: Path) -> None:
-    """Move the staged files into ``target`` (a rerun replaces the earlier audit's files)."""
-    target.mkdir(parents=True, exist_ok=True)
-    for item in staging.iterdir():
-        if (target / item.name).is_dir():
-            shutil.rmtree(target / item.name)
-        os.replace(item, target / item.name)
-
-
 def run_audit(run: str, out: str | None = None, gallery: int = 8, export_to: str | None = None,
               copy: bool = False, device: str = "auto", s3_endpoint: str | None = None) -> AuditOutcome:
     """Audit a run folder (local or ``s3://``) and write the audit to ``out`` (default ``RUN/audit``).
@@ -470,7 +462,7 @@ def run_audit(run: str, out: str | None = None, gallery: int = 8, export_to: str
             where = public_s3_uri(out)
             panels = [Path(p.name) for p in panels]
         else:
-            _publish_local(staging, Path(out))
+            publish_folder(staging, Path(out))  # a rerun replaces the earlier audit's files
             where = str(out)
             panels = [Path(out) / GALLERY_DIR / p.name for p in panels]
         outcome = AuditOutcome(audit, where, panels)

@@ -67,19 +67,9 @@ def add_training_options(parser: argparse.ArgumentParser, contamination_list: bo
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    config = TrainConfig(
-        data_root=args.data_root,
-        category=args.category,
-        contamination=args.contamination,
-        seed=args.seed,
-        split_seed=args.split_seed,
-        epochs=args.epochs,
-        passes=args.passes,
-        batch_size=args.batch_size,
-        validation_fraction=args.validation_fraction,
-        device=args.device,
-        out=getattr(args, "out", ""),
-    )
+    same_names = ("data_root", "category", "contamination", "seed", "split_seed", "epochs", "passes", "batch_size",
+                  "validation_fraction", "device")  # options named as the knobs they set
+    config = TrainConfig(**{name: getattr(args, name) for name in same_names}, out=getattr(args, "out", ""))
     config.features.backbone = args.backbone
     config.features.weights = args.weights
     config.features.pretrained = not args.no_pretrained
