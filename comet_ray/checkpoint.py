@@ -8,12 +8,12 @@ never code. A checkpoint holds no credentials (only the dataset URI without quer
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from comet_ray.atomic import atomic_path
 from comet_ray.errors import CheckpointError
 from comet_ray.models.protocol import Detector
 
@@ -22,21 +22,11 @@ FORMAT_VERSION = 1
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path, fsync=True) as tmp:
+            torch.save(obj, tmp)
     except (OSError, RuntimeError) as exc:  # torch.save wraps a failed write (disk full) in RuntimeError
-        Path(tmp).unlink(missing_ok=True)
         raise CheckpointError(f"could not write {path} (the previous file is intact): {exc}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_detector(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from comet_ray.atomic import atomic_path
 from comet_ray.data.images import IMAGENET_MEAN, IMAGENET_STD
 from comet_ray.errors import CometError
 from comet_ray.model import AnomalyModel
@@ -155,14 +155,6 @@ class ExportedDetector(nn.Module):
         return scores, maps[:, 0]
 
 
-def _atomic_target(out: str | os.PathLike) -> tuple[Path, Path]:
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    return target, Path(tmp)
-
-
 def export_detector(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx",
                     opset: int = 17) -> Path:
     """Write the whole detector as one ONNX or TorchScript file; returns its path.
@@ -181,8 +173,7 @@ def export_detector(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: 
     metadata = dict(exported.meta, input=INPUT_NAME, outputs=list(OUTPUT_NAMES),
                     input_layout="[B, 3, S, S] float32, RGB, ImageNet mean/std normalised",
                     normalisation={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
-    target, tmp = _atomic_target(out)
-    try:
+    with atomic_path(out) as tmp:
         if fmt == "torchscript":
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices
@@ -190,13 +181,7 @@ def export_detector(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: 
                 torch.jit.save(traced, str(tmp), _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata)})
         else:
             _export_onnx(exported, example, tmp, opset, metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    return Path(out)
 
 
 def _onnx_module():

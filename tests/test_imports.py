@@ -121,3 +121,31 @@ def test_the_walk_finds_a_cycle_and_relative_imports(tmp_path):
     graph = import_graph(package)
     assert graph["pkg.sub"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.c"}
     assert find_cycles(graph) == [["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]]
+
+
+def test_readme_layout_lists_every_module_where_it_lives():
+    """The README's layout block names each module of comet_ray/ under its folder, and nothing else."""
+    import re
+
+    readme = (PACKAGE_DIR.parent / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    entries: dict[str, str] = {}  # "" for top-level files, else the folder, -> its description text
+    current = None
+    for line in block.splitlines()[2:]:  # after "comet_ray/"
+        if re.match(r"^  \S", line):
+            name, _, text = line.strip().partition(" ")
+            current = name.rstrip("/") if name.endswith("/") else ""
+            entries[current] = entries.get(current, "") + (text if current else " " + name)
+        elif re.match(r"^\S", line):
+            break  # bench/, tests/: outside the package
+        elif current is not None:
+            entries[current] += " " + line.strip()
+    for folder, text in entries.items():
+        where = PACKAGE_DIR / folder
+        named = set(re.findall(r"\b([a-z_0-9]+\.(?:py|yaml))\b", text))
+        present = {p.name for p in where.iterdir() if p.suffix in (".py", ".yaml")}
+        missing = present - named - {"__init__.py", "__main__.py"}
+        assert not missing, f"README layout does not list {sorted(missing)} under comet_ray/{folder}"
+        assert named <= present, f"README layout lists {sorted(named - present)} not in comet_ray/{folder}"
+    folders = {p.name for p in PACKAGE_DIR.iterdir() if (p / "__init__.py").exists()}
+    assert folders == set(entries) - {""}, "README layout folders differ from the package's"

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from comet_ray import jsonfile
+from comet_ray.atomic import atomic_path
 from comet_ray.cli.options import report_left_out
 from comet_ray.errors import CometError
 
@@ -78,11 +79,10 @@ def _predict_into(args: argparse.Namespace, checkpoint: str, out: Path, destinat
     out.mkdir(parents=True, exist_ok=True)
     target = out / "predictions.csv"
     fields = ["path", "score", "normalised_score", "anomalous", "error"]
-    with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp", newline="") as handle:
+    with atomic_path(target) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(handle.name, target)
     shown = storage_join(destination, "predictions.csv")
     report_left_out([r | {"reason": r["error"]} for r in rows if r["error"]], "image(s) not scored", shown)
     n_bad = sum(1 for r in rows if r["error"])

@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from comet_ray import jsonfile
+from comet_ray.atomic import atomic_path
 from comet_ray.config import ModelConfig, TrainConfig, apply_overrides
 from comet_ray.errors import CometError
 from comet_ray.storage import check_location, is_remote, require_shared, staged
@@ -485,12 +486,10 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     columns = list(RESULT_COLUMNS)
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def repeat_configs(base: TrainConfig, level: float, knobs: dict[str, dict], seeds: int) -> list[TrainConfig]:
