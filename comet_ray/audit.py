@@ -41,14 +41,13 @@ from comet_ray import jsonfile
 from comet_ray.atomic import publish_folder
 from comet_ray.config import CometConfig
 from comet_ray.errors import CometError
-from comet_ray.jsonfile import read_run_file
+from comet_ray.runfolder import RUN_FILES, read_documents
 from comet_ray.weights_file import TrainingWeights, read_training_weights
 
 AUDIT_DIR = "audit"
 GALLERY_DIR = "gallery"
 TRAJECTORY_FILE = "weights_trajectory.png"
 EXPORT_MANIFEST = "export_manifest.json"
-RUN_FILES = ("metrics.json", "manifest.json", "history.json", "weights.json", "config.json", "model.pt")
 FLAG_RULE = "SCL weight below 1 after the last epoch (the image scored above SCL's outlier fence)"
 
 
@@ -252,11 +251,8 @@ def load_audit(folder: str | os.PathLike, shown: str | None = None) -> TrainingA
     shown = shown or str(folder)
     if not folder.is_dir():
         raise CometError(f"run folder not found: {shown}")
-    metrics = read_run_file(folder / "metrics.json")
-    return audit_from_documents(
-        shown, read_run_file(folder / "weights.json"), read_run_file(folder / "history.json", []),
-        read_run_file(folder / "manifest.json", {}), read_run_file(folder / "config.json", {}), metrics,
-    )
+    docs = read_documents(folder, weights_required=True)
+    return audit_from_documents(shown, docs.weights, docs.history, docs.manifest, docs.config, docs.metrics)
 
 
 # --- where the images are ------------------------------------------------------------------------

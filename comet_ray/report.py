@@ -39,9 +39,8 @@ import numpy as np
 
 from comet_ray import atomic
 from comet_ray.errors import CheckpointError, CometError
-from comet_ray.jsonfile import read_run_file
 from comet_ray.metrics import auroc
-from comet_ray.runfolder import ScoreTable, finite_number, read_scores
+from comet_ray.runfolder import ScoreTable, finite_number, read_documents, read_scores
 
 TABLE_METRICS = (
     ("image_auroc", "image AUROC"),
@@ -148,15 +147,9 @@ def load_run(run_dir: str | os.PathLike) -> RunRecord:
     from comet_ray.checkpoint import load_detector
 
     path = Path(run_dir)
-    metrics = read_run_file(path / "metrics.json")
-    record = RunRecord(
-        path=path,
-        metrics=metrics,
-        manifest=read_run_file(path / "manifest.json", {}),
-        history=read_run_file(path / "history.json", []),
-        weights=read_run_file(path / "weights.json", {}) or None,
-        config=read_run_file(path / "config.json", {}),
-    )
+    docs = read_documents(path)
+    record = RunRecord(path=path, metrics=docs.metrics, manifest=docs.manifest, history=docs.history,
+                       weights=docs.weights, config=docs.config)
     if (path / "model.pt").exists():
         try:
             record.model, record.meta = load_detector(path / "model.pt", "cpu")

@@ -22,14 +22,41 @@ import numpy as np
 
 from comet_ray import jsonfile
 from comet_ray.atomic import atomic_path, publish_folder
-from comet_ray.checkpoint import save_detector
 from comet_ray.data.s3 import public_s3_uri
 from comet_ray.errors import CometError
+from comet_ray.jsonfile import read_run_file
 from comet_ray.weights_file import weights_document
 
 if TYPE_CHECKING:
     from comet_ray.config import TrainConfig
     from comet_ray.pipeline import PreparedData, RunResult
+
+
+RUN_FILES = ("metrics.json", "manifest.json", "history.json", "weights.json", "config.json", "model.pt")
+
+
+@dataclass
+class RunDocuments:
+    """The JSON documents of a run folder (what ``write_run`` wrote)."""
+
+    metrics: dict
+    manifest: dict
+    history: list[dict]
+    weights: dict | None  # None: the folder has no weights.json (unless it was required)
+    config: dict
+
+
+def read_documents(folder: str | os.PathLike, weights_required: bool = False) -> RunDocuments:
+    """A local run folder's documents; one :class:`CometError` line when it is not one (no metrics.json, or no
+    weights.json when ``weights_required``) or a file is unreadable. Older folders lack some: defaults."""
+    folder = Path(folder)
+    metrics = read_run_file(folder / "metrics.json")
+    if weights_required:
+        weights = read_run_file(folder / "weights.json")
+    else:
+        weights = read_run_file(folder / "weights.json", {}) or None
+    return RunDocuments(metrics, read_run_file(folder / "manifest.json", {}), read_run_file(folder / "history.json", []),
+                        weights, read_run_file(folder / "config.json", {}))
 
 
 def finite_number(value: Any) -> float | None:
@@ -45,6 +72,8 @@ def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResu
 
     Files are staged in a temporary folder beside ``out`` and moved in only when all are written.
     """
+    from comet_ray.checkpoint import save_detector
+
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.staging-*"):  # left by a process killed mid-write
