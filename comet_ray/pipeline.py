@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from comet_ray.comet.collective import Collective
-from comet_ray.comet.trainer import CometTrainer, EpochLog
+from comet_ray.comet.trainer import CometTrainer, EpochLog, EpochReporter
 from comet_ray.config import TrainConfig
 from comet_ray.data.contamination import inject_contamination
 from comet_ray.data.layout import NOMINAL, CategoryScan, Sample, open_dataset_filesystem, scan_category
@@ -294,7 +293,7 @@ def train_category(
     data: PreparedData,
     device: torch.device,
     collective: Collective | None = None,
-    on_epoch_end: Callable[[CometTrainer, EpochLog], None] | None = None,
+    on_epoch_end: EpochReporter | None = None,
     trainer_state: dict | None = None,
     evaluate: bool = True,
 ) -> RunResult:
