@@ -168,19 +168,15 @@ def s3_server(tmp_path_factory):
 def s3_env(s3_server):
     """The server's fake credentials and region in os.environ for the rest of the session.
 
-    Session-wide (not monkeypatch) so Ray workers started later inherit them, as they would a
+    Session-wide (not the per-test monkeypatch) so Ray workers started later inherit them, as they would a
     user's environment. No endpoint is set here: tests pass ``--s3-endpoint`` explicitly.
     """
-    saved = {k: os.environ.get(k) for k in (*s3_server.env(), "AWS_PROFILE", "AWS_SESSION_TOKEN")}
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        os.environ.pop(name, None)
-    os.environ.update(s3_server.env())
-    yield s3_server
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            env.delenv(name, raising=False)
+        for name, value in s3_server.env().items():
+            env.setenv(name, value)
+        yield s3_server
 
 
 @pytest.fixture(scope="session")

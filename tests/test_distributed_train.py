@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -82,18 +81,14 @@ def _write_toy(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)
-    ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in RAY_ENV.items():
+            env.setenv(name, value)
+        ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
