@@ -74,8 +74,3 @@ def run_command(argv: list[str]) -> int:
             print(f"comet-ray: error: {exc}", file=sys.stderr)
             return 2
     return code
-
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
