@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(argv: list[str]) -> int:
     """Run a comet-ray command line (``train ...``) and, when ``COMET_RAY_RESULTS_URI`` is set, copy its
     ``--out`` folder there afterwards. Used by ``jobs/train.py`` / ``jobs/sweep.py`` (RayJob entrypoints)."""
-
     code = main(argv)
     uri = os.environ.get(submit.RESULTS_URI_ENV, "").strip()
     out = submit.option_value(argv, "--out")
