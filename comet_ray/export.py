@@ -13,8 +13,8 @@ Every step is written with operators that ONNX and TorchScript both have:
   does not divide the input (e.g. 288 -> 128) has no ONNX operator; as a fixed matrix it always works.
 * The anomaly map's Gaussian blur (sigma 4) is reflect padding + two fixed separable ``conv2d``.
 
-The wrapper is checked against the unfused path (``PatchFeatureExtractor`` -> ``patch_scores`` ->
-``anomaly_maps``) in ``tests/test_export.py``.
+It is the export form of :class:`comet_ray.model.AnomalyModel` (built from one: the same trunk, detector,
+grid and cache dtype), checked against it in ``tests/test_export.py`` and ``tests/test_one_path.py``.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ class _StagePooling(nn.Module):
 class ExportedDetector(nn.Module):
     """Images ``[B, 3, S, S]`` (normalised) -> ``(image scores [B], anomaly maps [B, S, S])``.
 
-    Built from a checkpoint's model and metadata (``load_detector``) and the matching
-    ``PatchFeatureExtractor`` trunk. Float32, eval mode, no autocast.
+    Built from an :class:`~comet_ray.model.AnomalyModel` (:meth:`from_model`, :meth:`from_checkpoint`).
+    Float32, eval mode, no autocast.
     """
 
     def __init__(self, trunk: nn.Module, detector: Detector, feature_dim: int, channels: tuple[int, ...],
