@@ -81,7 +81,7 @@ def worker_loop(config: dict) -> dict | None:
     from comet_ray.comet.collective import Collective
     from comet_ray.comet.trainer import CometTrainer
     from comet_ray.config import TrainConfig
-    from comet_ray.distributed.train import DataParallelCollective
+    from comet_ray.distributed.batchnorm import DataParallelCollective
     from comet_ray.features.entry import FeatureEntry
     from comet_ray.features.store import place_store
     from comet_ray.models import build_detector

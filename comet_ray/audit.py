@@ -24,13 +24,11 @@ benchmarks can score any ranking the same way.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
 import posixpath
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,16 +38,16 @@ from pathlib import Path
 import numpy as np
 
 from comet_ray import jsonfile
+from comet_ray.atomic import publish_folder
 from comet_ray.config import CometConfig
 from comet_ray.errors import CometError
-from comet_ray.jsonfile import read_run_file
+from comet_ray.runfolder import RUN_FILES, read_documents
 from comet_ray.weights_file import TrainingWeights, read_training_weights
 
 AUDIT_DIR = "audit"
 GALLERY_DIR = "gallery"
 TRAJECTORY_FILE = "weights_trajectory.png"
 EXPORT_MANIFEST = "export_manifest.json"
-RUN_FILES = ("metrics.json", "manifest.json", "history.json", "weights.json", "config.json", "model.pt")
 FLAG_RULE = "SCL weight below 1 after the last epoch (the image scored above SCL's outlier fence)"
 
 
@@ -253,11 +251,8 @@ def load_audit(folder: str | os.PathLike, shown: str | None = None) -> TrainingA
     shown = shown or str(folder)
     if not folder.is_dir():
         raise CometError(f"run folder not found: {shown}")
-    metrics = read_run_file(folder / "metrics.json")
-    return audit_from_documents(
-        shown, read_run_file(folder / "weights.json"), read_run_file(folder / "history.json", []),
-        read_run_file(folder / "manifest.json", {}), read_run_file(folder / "config.json", {}), metrics,
-    )
+    docs = read_documents(folder, weights_required=True)
+    return audit_from_documents(shown, docs.weights, docs.history, docs.manifest, docs.config, docs.metrics)
 
 
 # --- where the images are ------------------------------------------------------------------------
@@ -424,15 +419,6 @@ def _fetch_run(run: str, s3_endpoint: str | None, into: Path) -> None:
         raise storage_error(exc, run, fs) from exc
 
 
-def _publish_local(staging: Path, target: Path) -> None:
-    """Move the staged files into ``target`` (a rerun replaces the earlier audit's files)."""
-    target.mkdir(parents=True, exist_ok=True)
-    for item in staging.iterdir():
-        if (target / item.name).is_dir():
-            shutil.rmtree(target / item.name)
-        os.replace(item, target / item.name)
-
-
 def run_audit(run: str, out: str | None = None, gallery: int = 8, export_to: str | None = None,
               copy: bool = False, device: str = "auto", s3_endpoint: str | None = None) -> AuditOutcome:
     """Audit a run folder (local or ``s3://``) and write the audit to ``out`` (default ``RUN/audit``).
@@ -472,7 +458,7 @@ def run_audit(run: str, out: str | None = None, gallery: int = 8, export_to: str
             where = public_s3_uri(out)
             panels = [Path(p.name) for p in panels]
         else:
-            _publish_local(staging, Path(out))
+            publish_folder(staging, Path(out))  # a rerun replaces the earlier audit's files
             where = str(out)
             panels = [Path(out) / GALLERY_DIR / p.name for p in panels]
         outcome = AuditOutcome(audit, where, panels)
@@ -681,37 +667,3 @@ def export_clean(audit: TrainingAudit, scan, dest: str, copy: bool = False, s3_e
 # --- command line --------------------------------------------------------------------------------
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
-    outcome = run_audit(args.run, args.out, args.gallery, args.export_clean, args.copy, args.device,
-                        args.s3_endpoint)
-    for line in outcome.audit.summary_lines():
-        print(line)
-    gallery = f", {len(outcome.panels)} panel(s) in {GALLERY_DIR}/" if outcome.panels else ""
-    print(f"audit.csv, audit.json, {TRAJECTORY_FILE}{gallery} -> {outcome.out}")
-    if outcome.export is not None:
-        export = outcome.export
-        print(f"clean copy: {export['n_train_kept']} training images kept, {export['n_left_out']} left out, "
-              f"{export['n_test']} test images -> {export['destination']} ({EXPORT_MANIFEST} says what and why)")
-        if export["missing_at_source"]:
-            print(f"{len(export['missing_at_source'])} training image(s) of the run are no longer at the source "
-                  f"(listed in {EXPORT_MANIFEST})", file=sys.stderr)
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add ``comet-ray audit`` to the CLI's subparsers."""
-    parser = subparsers.add_parser(
-        "audit", help="rank a run's training images by how much CoMet distrusts them; gallery; clean copy",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("run", metavar="RUN", help="run folder written by train (local or s3://)")
-    parser.add_argument("--out", default=None,
-                        help="folder or s3:// prefix for audit.csv, audit.json, the chart and gallery/ "
-                             "(default RUN/audit)")
-    parser.add_argument("--gallery", type=int, default=8, help="top suspects drawn as anomaly-map panels (0: none)")
-    parser.add_argument("--export-clean", default=None, metavar="DEST",
-                        help="also write the category without the flagged images to this new folder or s3:// "
-                             "prefix (hard links or copies; the source is never changed)")
-    parser.add_argument("--copy", action="store_true", help="--export-clean copies files instead of hard-linking them")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (for the gallery)")
-    parser.add_argument("--s3-endpoint", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3-compatible endpoint")
-    parser.set_defaults(func=cmd_audit)

@@ -8,40 +8,30 @@ never code. A checkpoint holds no credentials (only the dataset URI without quer
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from comet_ray.atomic import atomic_path
 from comet_ray.errors import CheckpointError
+from comet_ray.models.protocol import Detector
 
 FORMAT = "comet-ray-detector"
 FORMAT_VERSION = 1
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path, fsync=True) as tmp:
+            torch.save(obj, tmp)
     except (OSError, RuntimeError) as exc:  # torch.save wraps a failed write (disk full) in RuntimeError
-        Path(tmp).unlink(missing_ok=True)
         raise CheckpointError(f"could not write {path} (the previous file is intact): {exc}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_detector(
     path: str | os.PathLike,
-    model: nn.Module,
+    model: Detector,
     features: dict,
     grid: tuple[int, int],
     config: dict,
@@ -68,7 +58,7 @@ def save_detector(
     atomic_torch_save(payload, path)
 
 
-def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Detector, dict]:
     """Rebuild a detector from a checkpoint; returns (model in eval mode, the checkpoint's metadata)."""
     from comet_ray.models import detector_from_hparams
 
@@ -79,7 +69,7 @@ def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu") -
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one line, not a traceback
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a comet-ray detector checkpoint")

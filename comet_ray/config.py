@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-Strategy = Literal["baseline", "scl", "meta", "comet"]
+from comet_ray.errors import CometError
+
+if TYPE_CHECKING:
+    import torch
+
 STRATEGIES: tuple[str, ...] = ("baseline", "scl", "meta", "comet")
 
 
@@ -177,3 +181,14 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConf
         else:
             raise KeyError(f"unknown or ambiguous setting {key!r}")
     return TrainConfig.from_dict(data)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: ``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CometError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)

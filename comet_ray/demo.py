@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from comet_ray import jsonfile
-from comet_ray.config import FeatureConfig, ModelConfig, TrainConfig
+from comet_ray.config import FeatureConfig, ModelConfig, TrainConfig, resolve_device
 from comet_ray.data.synthetic import make_texture_category
-from comet_ray.pipeline import prepare_data, resolve_device, train_category, write_run
+from comet_ray.pipeline import prepare_data, train_category
+from comet_ray.runfolder import write_run
 
 
 def demo_config(data_root: str, epochs: int, seed: int) -> TrainConfig:

@@ -7,6 +7,8 @@ and exits non-zero instead of showing a traceback from deep inside PIL or torch.
 
 from __future__ import annotations
 
+import re
+
 
 class CometError(Exception):
     """An error caused by input or configuration, reported to the user as one line."""
@@ -31,3 +33,14 @@ class CheckpointError(CometError):
 
 class StorageError(CometError):
     """Object storage cannot be used: missing bucket, denied credentials, endpoint down (after retries)."""
+
+
+_REMOTE_ERROR = re.compile(r"comet_ray\.errors\.(\w+): ([^\n]+)")
+
+
+def remote_error(text: str) -> tuple[str, str] | None:
+    """``(kind, message)`` of the last ``comet_ray.errors.<Kind>: message`` line in ``text``: a Ray worker's
+    formatted traceback (Ray keeps the remote exception object only partly; that line is what the user
+    can act on). None when there is none."""
+    found = _REMOTE_ERROR.findall(text)
+    return (found[-1][0], found[-1][1].strip()) if found else None

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from comet_ray import metrics as metric_functions
 from comet_ray.comet.collective import Collective
@@ -23,10 +22,11 @@ from comet_ray.features.extractor import ExtractedSplit
 from comet_ray.features.store import FeatureStore
 from comet_ray.metrics import anomaly_metrics, auroc
 from comet_ray.models.anomaly_map import anomaly_maps, image_scores
+from comet_ray.models.protocol import Detector
 
 
 @torch.no_grad()
-def detector_patch_scores(model: nn.Module, features: torch.Tensor, precision: str = "auto") -> torch.Tensor:
+def detector_patch_scores(model: Detector, features: torch.Tensor, precision: str = "auto") -> torch.Tensor:
     """Patch scores [B, P] float32 of features [B, P, D]: eval mode, bf16 autocast as ``precision`` says."""
     bf16 = use_bf16(precision, features.device.type)
     was_training = model.training
@@ -46,7 +46,7 @@ SCORING_CHUNK_BYTES = 64 << 20  # float32 features per scoring call: 8 images of
 
 
 @torch.no_grad()
-def score_rows(model: nn.Module, store: FeatureStore, rows: torch.Tensor, device: torch.device | str,
+def score_rows(model: Detector, store: FeatureStore, rows: torch.Tensor, device: torch.device | str,
                precision: str = "auto") -> torch.Tensor:
     """Patch scores [len(rows), P] of rows ``rows`` of ``store`` (see :func:`detector_patch_scores`),
     a few images at a time (at most ``SCORING_CHUNK_BYTES`` of float32 features, 64 images)."""
@@ -57,7 +57,7 @@ def score_rows(model: nn.Module, store: FeatureStore, rows: torch.Tensor, device
     return torch.cat(parts) if parts else torch.zeros(0, store.num_patches, device=device)
 
 
-def score_patches(model: nn.Module, store: FeatureStore, device: torch.device | str, precision: str = "auto",
+def score_patches(model: Detector, store: FeatureStore, device: torch.device | str, precision: str = "auto",
                   collective: Collective | None = None) -> torch.Tensor:
     """Patch scores [N, P] of every image in ``store``; with a ``collective`` each worker scores the rows
     it holds (:meth:`Collective.shard_rows`) and every worker gets all of them back, in order."""
@@ -79,7 +79,7 @@ def split_labels(split: ExtractedSplit, anomalous_ids: set[str]) -> torch.Tensor
 
 
 def evaluate_split(
-    model: nn.Module,
+    model: Detector,
     split: ExtractedSplit,
     labels: torch.Tensor,
     image_size: int,
@@ -115,7 +115,7 @@ def evaluate_split(
 
 
 def validation_auroc(
-    model: nn.Module, split: ExtractedSplit, labels: torch.Tensor, device, precision: str = "auto",
+    model: Detector, split: ExtractedSplit, labels: torch.Tensor, device, precision: str = "auto",
     collective: Collective | None = None,
 ) -> float:
     """Image AUROC on the validation split only: the per-epoch signal Tune may use (every data-parallel

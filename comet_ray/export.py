@@ -13,16 +13,14 @@ Every step is written with operators that ONNX and TorchScript both have:
   does not divide the input (e.g. 288 -> 128) has no ONNX operator; as a fixed matrix it always works.
 * The anomaly map's Gaussian blur (sigma 4) is reflect padding + two fixed separable ``conv2d``.
 
-The wrapper is checked against the unfused path (``PatchFeatureExtractor`` -> ``patch_scores`` ->
-``anomaly_maps``) in ``tests/test_export.py``.
+It is the export form of :class:`comet_ray.model.AnomalyModel` (built from one: the same trunk, detector,
+grid and cache dtype), checked against it in ``tests/test_export.py`` and ``tests/test_one_path.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -30,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comet_ray.checkpoint import load_detector
+from comet_ray.atomic import atomic_path
 from comet_ray.data.images import IMAGENET_MEAN, IMAGENET_STD
 from comet_ray.errors import CometError
+from comet_ray.model import AnomalyModel
+from comet_ray.models.protocol import Detector
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "images"
@@ -73,11 +73,11 @@ class _StagePooling(nn.Module):
 class ExportedDetector(nn.Module):
     """Images ``[B, 3, S, S]`` (normalised) -> ``(image scores [B], anomaly maps [B, S, S])``.
 
-    Built from a checkpoint's model and metadata (``load_detector``) and the matching
-    ``PatchFeatureExtractor`` trunk. Float32, eval mode, no autocast.
+    Built from an :class:`~comet_ray.model.AnomalyModel` (:meth:`from_model`, :meth:`from_checkpoint`).
+    Float32, eval mode, no autocast.
     """
 
-    def __init__(self, trunk: nn.Module, detector: nn.Module, feature_dim: int, channels: tuple[int, ...],
+    def __init__(self, trunk: nn.Module, detector: Detector, feature_dim: int, channels: tuple[int, ...],
                  image_size: int, grid: tuple[int, int], sigma: float = 4.0, cache_dtype: str = "float16") -> None:
         super().__init__()
         from comet_ray.features.store import storage_dtype
@@ -107,26 +107,30 @@ class ExportedDetector(nn.Module):
             parameter.requires_grad_(False)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | os.PathLike) -> ExportedDetector:
-        """Load ``model.pt`` (or a run folder) and rebuild the backbone it was trained on, on the CPU."""
+    def from_model(cls, model: AnomalyModel) -> ExportedDetector:
+        """The export form of ``model`` (on the CPU): same backbone, detector, grid and cache dtype."""
         from comet_ray.features.backbone import BACKBONES
-        from comet_ray.inference import extractor_for
 
-        model, meta = load_detector(checkpoint, "cpu")
-        extractor = extractor_for(meta, torch.device("cpu"))
+        extractor = model.extractor
         channels = BACKBONES[extractor.config.backbone].channels
-        exported = cls(extractor.trunk, model, extractor.feature_dim, channels, extractor.config.image_size,
-                       tuple(meta["grid"]), cache_dtype=extractor.config.cache_dtype)
+        exported = cls(extractor.trunk, model.detector, extractor.feature_dim, channels, model.image_size,
+                       model.grid, cache_dtype=model.cache_dtype)
+        meta = model.meta
         exported.meta = {
             "threshold": float(meta["threshold"]),
             "nominal_score": float(meta["nominal_score"]),
-            "image_size": int(extractor.config.image_size),
+            "image_size": model.image_size,
             "grid": list(meta["grid"]),
             "features": meta["features"],
             "model_name": meta["model_name"],
             "format_version": meta["format_version"],
         }
         return exported
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike) -> ExportedDetector:
+        """Load ``model.pt`` (or a run folder) and rebuild the backbone it was trained on, on the CPU."""
+        return cls.from_model(AnomalyModel.from_checkpoint(checkpoint, "cpu"))
 
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """Same numbers as ``aggregate_patches(trunk(images))``: ``[B, P, feature_dim]``."""
@@ -151,14 +155,6 @@ class ExportedDetector(nn.Module):
         return scores, maps[:, 0]
 
 
-def _atomic_target(out: str | os.PathLike) -> tuple[Path, Path]:
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    return target, Path(tmp)
-
-
 def export_detector(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx",
                     opset: int = 17) -> Path:
     """Write the whole detector as one ONNX or TorchScript file; returns its path.
@@ -177,8 +173,7 @@ def export_detector(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: 
     metadata = dict(exported.meta, input=INPUT_NAME, outputs=list(OUTPUT_NAMES),
                     input_layout="[B, 3, S, S] float32, RGB, ImageNet mean/std normalised",
                     normalisation={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
-    target, tmp = _atomic_target(out)
-    try:
+    with atomic_path(out) as tmp:
         if fmt == "torchscript":
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices
@@ -186,13 +181,7 @@ def export_detector(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: 
                 torch.jit.save(traced, str(tmp), _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata)})
         else:
             _export_onnx(exported, example, tmp, opset, metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    return Path(out)
 
 
 def _onnx_module():
@@ -220,19 +209,3 @@ def _export_onnx(exported: ExportedDetector, example: torch.Tensor, path: Path, 
     onnx.save(proto, str(path))
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    target = export_detector(args.checkpoint, args.out, args.format, args.opset)
-    print(f"exported {args.format}: images [B, 3, S, S] (normalised) -> scores [B], maps [B, S, S] -> {target}")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add ``comet-ray export`` to the CLI's subparsers."""
-    parser = subparsers.add_parser(
-        "export", help="write backbone + detector + anomaly maps as one ONNX or TorchScript graph",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("checkpoint", help="model.pt or a run folder")
-    parser.add_argument("--format", choices=FORMATS, default="onnx", help="graph format")
-    parser.add_argument("--out", required=True, help="output file, e.g. model.onnx or model.torchscript.pt")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
-    parser.set_defaults(func=cmd_export)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from comet_ray.checkpoint import load_detector
-from comet_ray.config import FeatureConfig
+from comet_ray.config import resolve_device
 from comet_ray.data.images import decode_image, preprocess_image
 from comet_ray.data.layout import (
     IMAGE_EXTENSIONS,
@@ -25,43 +24,23 @@ from comet_ray.data.layout import (
 )
 from comet_ray.data.local_walk import is_utf8_name, printable, walk_files
 from comet_ray.errors import CometError, ImageDecodeError
-from comet_ray.evaluate import checkpoint_precision, detector_patch_scores, evaluate_split, split_labels
-from comet_ray.features.extractor import PatchFeatureExtractor, extract_features_cached
-from comet_ray.features.store import as_stored
-from comet_ray.pipeline import resolve_device, subset_split
-
-
-def extractor_for(meta: dict, device: torch.device) -> PatchFeatureExtractor:
-    """The feature extractor a checkpoint was trained with."""
-    info = meta["features"]
-    weights_file = info.get("weights_file")
-    if weights_file and not os.path.exists(weights_file):
-        raise CometError(f"the checkpoint's backbone weights file is missing: {weights_file}")
-    config = FeatureConfig(
-        backbone=info["backbone"],
-        image_size=int(info["image_size"]),
-        feature_dim=int(info["feature_dim"]),
-        weights=weights_file,
-        pretrained=bool(info.get("pretrained", True)),
-        cache_dtype=info.get("cache_dtype", "float16"),
-    )
-    extractor = PatchFeatureExtractor(config, device)
-    if extractor.fingerprint()["pretrained"] != config.pretrained:
-        raise CometError("the checkpoint was trained on ImageNet features but the backbone weights are unavailable here")
-    return extractor
+from comet_ray.evaluate import evaluate_split, split_labels
+from comet_ray.features.extractor import extract_features_cached
+from comet_ray.model import AnomalyModel
+from comet_ray.pipeline import subset_split
 
 
 def evaluate_checkpoint(
     checkpoint: str, data_root: str, category: str, device: str = "auto", s3_endpoint: str | None = None,
-    cache_dir: str | None = None,
-) -> dict:
-    """Metrics of a checkpoint on a category's test split.
+    cache_dir: str | None = None, with_scores: bool = False,
+) -> dict | tuple[dict, dict[str, float]]:
+    """Metrics of a checkpoint on a category's test split (``with_scores``: and each image's score, by id).
 
     Given a run folder, the images that run moved into training or used for validation are left out
     (its manifest lists them), so the numbers match the run's own report split.
     """
     torch_device = resolve_device(device)
-    model, meta = load_detector(checkpoint, torch_device)
+    model = AnomalyModel.from_checkpoint(checkpoint, torch_device)
     filesystem, _ = open_dataset_filesystem(data_root, s3_endpoint)
     scan = scan_category(data_root, category, filesystem)
     samples = [s for s in scan.samples if s.split == "test"]
@@ -74,19 +53,20 @@ def evaluate_checkpoint(
     samples = [s for s in samples if s.sample_id not in excluded]
     if not samples:
         raise CometError(f"no test images to evaluate in category {category!r}")
-    extractor = extractor_for(meta, torch_device)
-    extracted = extract_features_cached(samples, extractor, filesystem, True, cache_dir, progress=True,
+    extracted = extract_features_cached(samples, model.extractor, filesystem, True, cache_dir, progress=True,
                                         s3_endpoint=s3_endpoint)
     split = subset_split(extracted, [s.sample_id for s in samples])
     labels = split_labels(split, {s.sample_id for s in samples if s.is_anomalous})
-    result = evaluate_split(model, split, labels, extractor.config.image_size, torch_device,
-                            precision=checkpoint_precision(meta))
+    # the cached features through the model's scoring (validation's path: score_patches)
+    result = evaluate_split(model.detector, split, labels, model.image_size, torch_device, precision=model.precision)
     result.metrics["checkpoint"] = str(checkpoint)
     skipped = [u for u in scan.unlisted if u["sample_id"].split("/")[1] in ("test", "ground_truth")]
     skipped += split.skipped
     result.metrics["n_skipped"] = len(skipped)
     result.metrics["skipped"] = skipped
     result.metrics["mask_issues"] = split.mask_issues
+    if with_scores:
+        return result.metrics, dict(zip(split.store.ids, result.image_scores.tolist()))
     return result.metrics
 
 
@@ -128,26 +108,6 @@ def normalised_score(score: float, nominal: float, threshold: float) -> float:
 
 
 @torch.no_grad()
-def score_images(
-    model: torch.nn.Module, extractor: PatchFeatureExtractor, images: torch.Tensor, grid: tuple[int, int],
-    with_maps: bool = False, precision: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Normalised images [B, 3, S, S] -> (image scores [B], anomaly maps [B, S, S] or None), on the CPU.
-
-    Scored as validation and ``evaluate`` score cached features (same rounding to the cache dtype, same
-    precision), so an image gets the same score here as in training and the saved threshold holds.
-    """
-    from comet_ray.models.anomaly_map import anomaly_maps, image_scores
-
-    features = as_stored(extractor(images), extractor.config.cache_dtype)
-    patch = detector_patch_scores(model, features, precision)
-    scores = image_scores(patch).cpu()
-    if not with_maps:
-        return scores, None
-    return scores, anomaly_maps(patch, tuple(grid), extractor.config.image_size).cpu()
-
-
-@torch.no_grad()
 def predict_images(
     checkpoint: str, inputs: list[str], device: str = "auto", threshold: float | None = None,
     s3_endpoint: str | None = None, batch_size: int = 16, maps_dir: str | os.PathLike | None = None,
@@ -163,11 +123,8 @@ def predict_images(
     """
     from tqdm import tqdm
 
-    torch_device = resolve_device(device)
-    model, meta = load_detector(checkpoint, torch_device)
-    extractor = extractor_for(meta, torch_device)
-    grid = tuple(meta["grid"])
-    precision = checkpoint_precision(meta)
+    model = AnomalyModel.from_checkpoint(checkpoint, resolve_device(device))
+    meta = model.meta
     cut = float(meta["threshold"]) if threshold is None else float(threshold)
     nominal = float(meta["nominal_score"])
     pixel_cut = meta.get("pixel_threshold") if threshold is None else None
@@ -191,7 +148,7 @@ def predict_images(
         if not pending:
             return
         batch = torch.stack([t for _, t in pending])
-        scores, batch_maps = score_images(model, extractor, batch, grid, with_maps, precision)
+        scores, batch_maps = model(batch, with_maps)
         for index, ((path, tensor), score) in enumerate(zip(pending, scores.tolist())):
             rows.append({"path": path, "score": score, "normalised_score": normalised_score(score, nominal, cut),
                          "anomalous": int(score >= cut), "error": ""})
@@ -205,7 +162,7 @@ def predict_images(
     for path in tqdm(paths, desc="predict", unit="img", leave=False):
         try:
             data = read_bytes(path, filesystem if path.startswith("s3://") else None)
-            tensor = preprocess_image(decode_image(data, path), extractor.config.image_size)
+            tensor = preprocess_image(decode_image(data, path), model.image_size)
         except ImageDecodeError as exc:
             rows.append({"path": path, "score": "", "normalised_score": "", "anomalous": "", "error": exc.reason})
             continue

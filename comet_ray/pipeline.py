@@ -9,24 +9,19 @@ half-written there.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from comet_ray import jsonfile
-from comet_ray.checkpoint import save_detector
 from comet_ray.comet.collective import Collective
-from comet_ray.comet.trainer import CometTrainer, EpochLog
+from comet_ray.comet.trainer import CometTrainer, EpochLog, EpochReporter
 from comet_ray.config import TrainConfig
 from comet_ray.data.contamination import inject_contamination
 from comet_ray.data.layout import NOMINAL, CategoryScan, Sample, open_dataset_filesystem, scan_category
+from comet_ray.data.s3 import public_s3_uri
 from comet_ray.data.splits import validation_split
 from comet_ray.errors import CometError, DatasetLayoutError
 from comet_ray.evaluate import evaluate_split, score_patches, split_labels
@@ -41,30 +36,9 @@ from comet_ray.features.extractor import (
 from comet_ray.features.store import place_store
 from comet_ray.metrics import f1_max
 from comet_ray.models import build_detector
-from comet_ray.weights_file import weights_document
+from comet_ray.models.protocol import Detector
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CometError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
-
-
-def public_uri(uri: str) -> str:
-    """A URI safe to write into results: no query string or user info (which may carry credentials)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if not parts.scheme or len(parts.scheme) == 1:  # a local path (or a Windows drive letter)
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def subset_split(source: ExtractedSplit, ids: list[str]) -> ExtractedSplit:
@@ -109,7 +83,7 @@ class PreparedData:
 def select_samples(samples: list[Sample], config: TrainConfig) -> tuple[list[Sample], list[Sample], list[Sample], dict]:
     """Contamination injection and the validation split: (train, validation, report, manifest)."""
     manifest: dict = {
-        "data_root": public_uri(config.data_root),
+        "data_root": public_s3_uri(config.data_root),
         "category": config.category,
         "seed": config.seed,
         "split_seed": config.data_seed,
@@ -138,7 +112,7 @@ def check_trainable(config: TrainConfig, filesystem=None, s3_endpoint: str | Non
     if filesystem is None:
         filesystem, _ = open_dataset_filesystem(config.data_root, s3_endpoint)
     scan = scan_category(config.data_root, config.category, filesystem)
-    where = f"category {config.category!r} under {public_uri(config.data_root)}"
+    where = f"category {config.category!r} under {public_s3_uri(config.data_root)}"
     if not any(s.split == "test" for s in scan.samples):
         raise DatasetLayoutError(
             f"{where} has no test/ images: training needs a labelled test split for the validation "
@@ -171,7 +145,7 @@ def feature_entry(config: TrainConfig, cache_dir: str, device: torch.device | st
         samples = category_samples(config, filesystem)[1]
     extractor = PatchFeatureExtractor(config.features, device)
     if engine == "ray":
-        from comet_ray.data.streaming import extract_to_entry_streaming
+        from comet_ray.features.streaming import extract_to_entry_streaming
 
         return extract_to_entry_streaming(samples, extractor, s3_endpoint, True, cache_dir, progress=progress,
                                           data_root=config.data_root)
@@ -194,7 +168,7 @@ def _category_entry(config, samples, device, cache_dir, features, progress, s3_e
     if features:
         entry = open_entry(features, s3_endpoint)
         if entry is None:
-            raise CometError(f"no complete feature cache entry at {public_uri(features)}")
+            raise CometError(f"no complete feature cache entry at {public_s3_uri(features)}")
         yield entry, ""
         return
     if cache_dir:
@@ -272,7 +246,7 @@ class RunResult:
     metrics: dict
     validation_metrics: dict
     epochs: list[EpochLog]
-    model: torch.nn.Module
+    model: Detector
     threshold: float
     nominal_score: float
     final_weights: dict[str, float]
@@ -319,7 +293,7 @@ def train_category(
     data: PreparedData,
     device: torch.device,
     collective: Collective | None = None,
-    on_epoch_end: Callable[[CometTrainer, EpochLog], None] | None = None,
+    on_epoch_end: EpochReporter | None = None,
     trainer_state: dict | None = None,
     evaluate: bool = True,
 ) -> RunResult:
@@ -394,52 +368,3 @@ def train_category(
                      report.image_scores.tolist(), **audit_record)
 
 
-def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResult) -> Path:
-    """Write metrics.json, manifest.json, history.json, weights.json (see :mod:`comet_ray.weights_file`),
-    config.json, scores.csv and model.pt into ``out`` at once.
-
-    Files are staged in a temporary folder beside ``out`` and moved in only when all are written.
-    """
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.staging-*"):  # left by a process killed mid-write
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
-    try:
-        config_dict = config.to_dict()
-        config_dict["data_root"] = public_uri(config.data_root)
-        (staging / "metrics.json").write_text(jsonfile.dumps(result.metrics, indent=2))
-        (staging / "manifest.json").write_text(jsonfile.dumps(data.manifest, indent=2))
-        (staging / "history.json").write_text(jsonfile.dumps([e.to_dict() for e in result.epochs], indent=2))
-        ids = list(result.final_weights)
-        weights = weights_document(
-            ids, list(result.final_weights.values()), data.injected_ids,
-            None if result.weight_history is None else result.weight_history.numpy(),
-            result.train_scores or None,
-        )
-        (staging / "weights.json").write_text(jsonfile.dumps(weights, indent=2))
-        (staging / "config.json").write_text(jsonfile.dumps(config_dict, indent=2))
-        save_detector(
-            staging / "model.pt",
-            result.model,
-            data.feature_info,
-            data.grid,
-            config_dict,
-            result.threshold,
-            result.nominal_score,
-            extra={"metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}},
-            pixel_threshold=result.pixel_threshold,
-        )
-        from comet_ray.report import write_scores, write_tensorboard
-
-        write_scores(staging, data.report.store.ids, result.report_scores, data.report_labels)
-        if result.epochs:
-            write_tensorboard(staging / "tensorboard", result.epochs)
-        target.mkdir(parents=True, exist_ok=True)
-        for item in staging.iterdir():
-            if (target / item.name).is_dir():  # a rerun into the same folder replaces, e.g., tensorboard/
-                shutil.rmtree(target / item.name)
-            os.replace(item, target / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target

@@ -23,9 +23,7 @@ model or format version is an error (:class:`~comet_ray.errors.CheckpointError`)
 
 from __future__ import annotations
 
-import argparse
 import base64
-import csv
 import datetime as _dt
 import html
 import json
@@ -38,12 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from comet_ray import atomic
 from comet_ray.errors import CheckpointError, CometError
-from comet_ray.jsonfile import read_run_file
+from comet_ray.metrics import auroc
+from comet_ray.runfolder import ScoreTable, finite_number, read_documents, read_scores
 
-SCORES_FILE = "scores.csv"
 TABLE_METRICS = (
     ("image_auroc", "image AUROC"),
     ("pixel_auroc", "pixel AUROC"),
@@ -58,65 +56,6 @@ TABLE_METRICS = (
 # --- scores.csv ----------------------------------------------------------------------------------
 
 
-def _publish(tmp: str | os.PathLike, target: Path) -> None:
-    """Move a finished temp file into place with the permissions a plain ``open`` would give it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, target)
-
-
-def write_scores(out_dir: str | os.PathLike, ids: Sequence[str], scores: Iterable[float],
-                 labels: Iterable[bool | int]) -> Path:
-    """Write ``scores.csv`` (sample_id, score, label) of a run's report split, atomically.
-
-    ``label`` is 1 for an anomalous image and 0 for a nominal one; the rows keep the order given.
-    """
-    scores = [float(s) for s in (scores.tolist() if hasattr(scores, "tolist") else scores)]
-    labels = [int(bool(v)) for v in (labels.tolist() if hasattr(labels, "tolist") else labels)]
-    ids = list(ids)
-    if not len(ids) == len(scores) == len(labels):
-        raise ValueError(f"write_scores: {len(ids)} ids, {len(scores)} scores and {len(labels)} labels")
-    target = Path(out_dir) / SCORES_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{SCORES_FILE}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["sample_id", "score", "label"])
-            for sample_id, score, label in zip(ids, scores, labels):
-                writer.writerow([sample_id, repr(score), label])
-        _publish(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-@dataclass
-class ScoreTable:
-    ids: list[str]
-    scores: np.ndarray  # float64 [N]
-    labels: np.ndarray  # bool [N]
-    source: str  # "scores.csv" or "recomputed"
-
-
-def read_scores(run_dir: str | os.PathLike) -> ScoreTable | None:
-    """The run's ``scores.csv``, or None when it has none."""
-    path = Path(run_dir) / SCORES_FILE
-    if not path.exists():
-        return None
-    try:
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        ids = [r["sample_id"] for r in rows]
-        scores = np.array([float(r["score"]) for r in rows], dtype=np.float64)
-        labels = np.array([int(r["label"]) != 0 for r in rows], dtype=bool)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CometError(f"{path} is not a comet-ray scores file: {exc}") from None
-    return ScoreTable(ids, scores, labels, SCORES_FILE)
-
-
 def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(fpr, tpr) at every distinct threshold, from (0, 0) to (1, 1); ties move both at once."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -128,10 +67,6 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
     false_pos = last + 1 - true_pos
     positives, negatives = max(int(hits.sum()), 1), max(int((~hits).sum()), 1)
     return np.r_[0.0, false_pos / negatives], np.r_[0.0, true_pos / positives]
-
-
-def roc_auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
 # --- loading runs --------------------------------------------------------------------------------
@@ -212,15 +147,9 @@ def load_run(run_dir: str | os.PathLike) -> RunRecord:
     from comet_ray.checkpoint import load_detector
 
     path = Path(run_dir)
-    metrics = read_run_file(path / "metrics.json")
-    record = RunRecord(
-        path=path,
-        metrics=metrics,
-        manifest=read_run_file(path / "manifest.json", {}),
-        history=read_run_file(path / "history.json", []),
-        weights=read_run_file(path / "weights.json", {}) or None,
-        config=read_run_file(path / "config.json", {}),
-    )
+    docs = read_documents(path)
+    record = RunRecord(path=path, metrics=docs.metrics, manifest=docs.manifest, history=docs.history,
+                       weights=docs.weights, config=docs.config)
     if (path / "model.pt").exists():
         try:
             record.model, record.meta = load_detector(path / "model.pt", "cpu")
@@ -239,7 +168,7 @@ class _DataAccess:
     """Sample tables, feature extractors and a device, shared by every run of one report."""
 
     def __init__(self, device: str, s3_endpoint: str | None) -> None:
-        from comet_ray.pipeline import resolve_device
+        from comet_ray.config import resolve_device
 
         self.device = resolve_device(device)
         self.s3_endpoint = s3_endpoint
@@ -256,13 +185,16 @@ class _DataAccess:
             self._tables[key] = (filesystem, {s.sample_id: s for s in table})
         return self._tables[key]
 
-    def extractor(self, meta: dict):
-        from comet_ray.inference import extractor_for
+    def model(self, record: RunRecord):
+        """The run's :class:`~comet_ray.model.AnomalyModel` (extractors shared by runs that share features)."""
+        from comet_ray.evaluate import checkpoint_precision
+        from comet_ray.model import AnomalyModel, extractor_for
 
-        key = json.dumps(meta["features"], sort_keys=True)
+        key = json.dumps(record.meta["features"], sort_keys=True)
         if key not in self._extractors:
-            self._extractors[key] = extractor_for(meta, self.device)
-        return self._extractors[key]
+            self._extractors[key] = extractor_for(record.meta, self.device)
+        return AnomalyModel(self._extractors[key], record.model.to(self.device), tuple(record.meta["grid"]),
+                            checkpoint_precision(record.meta), record.meta)
 
 
 def _report_samples(record: RunRecord, access: _DataAccess):
@@ -278,7 +210,7 @@ def _report_samples(record: RunRecord, access: _DataAccess):
 
 def recompute_scores(record: RunRecord, access: _DataAccess) -> ScoreTable:
     """Report-split image scores from model.pt + manifest, computed as ``comet-ray evaluate`` does."""
-    from comet_ray.evaluate import checkpoint_precision, score_patches
+    from comet_ray.evaluate import score_patches
     from comet_ray.features.extractor import extract_features
     from comet_ray.models.anomaly_map import image_scores
 
@@ -287,10 +219,9 @@ def recompute_scores(record: RunRecord, access: _DataAccess) -> ScoreTable:
         record.notes.append(f"{missing} report image(s) of the manifest are no longer in the data root")
     if not samples:
         raise CometError("none of the manifest's report images is in the data root")
-    extractor = access.extractor(record.meta)
-    extracted = extract_features(samples, extractor, filesystem, with_masks=False)
-    patch = score_patches(record.model.to(access.device), extracted.store, access.device,
-                          precision=checkpoint_precision(record.meta))
+    model = access.model(record)
+    extracted = extract_features(samples, model.extractor, filesystem, with_masks=False)
+    patch = score_patches(model.detector, extracted.store, access.device, precision=model.precision)
     scores = image_scores(patch).cpu()
     by_id = {s.sample_id: s for s in samples}
     ids = list(extracted.store.ids)
@@ -301,24 +232,17 @@ def recompute_scores(record: RunRecord, access: _DataAccess) -> ScoreTable:
 def example_panels(record: RunRecord, access: _DataAccess, examples: list[Example]) -> None:
     """Fill ``panel`` of each example: image | anomaly map | region, ground truth outlined."""
     from comet_ray.data.images import load_samples
-    from comet_ray.features.store import storage_dtype
-    from comet_ray.models.anomaly_map import anomaly_maps
     from comet_ray.visualize import map_panel
 
     if not examples:
         return
     filesystem, table = access.samples(record.config.get("data_root") or record.manifest["data_root"], record.category)
     samples = [table[e.sample_id] for e in examples if e.sample_id in table]
-    extractor = access.extractor(record.meta)
-    size = extractor.config.image_size
-    loaded = load_samples(samples, size, filesystem, with_masks=True)
+    model = access.model(record)
+    loaded = load_samples(samples, model.image_size, filesystem, with_masks=True)
     if not loaded.sample_ids:
         return
-    with torch.no_grad():
-        # Through the cache dtype, as in training and evaluation, so the panel's map matches the table.
-        features = extractor(loaded.images).to(storage_dtype(extractor.config.cache_dtype)).float()
-        patch = record.model.to(access.device).patch_scores(features.to(access.device)).float()
-        maps = anomaly_maps(patch, tuple(record.meta["grid"]), size).cpu()
+    _, maps = model(loaded.images)  # the path of predict and evaluate, so the panel's map matches the table
     nominal = float(record.meta["nominal_score"])
     position = {sample_id: i for i, sample_id in enumerate(loaded.sample_ids)}
     for example in examples:
@@ -404,8 +328,7 @@ def _check_recomputed(record: RunRecord) -> None:
         return
     if scores.labels.all() or not scores.labels.any():
         return
-    fpr, tpr = roc_curve(scores.scores, scores.labels)
-    got = roc_auc(fpr, tpr)
+    got = auroc(scores.scores, scores.labels)
     if abs(got - float(expected)) > 1e-3:
         record.notes.append(
             f"recomputed image AUROC {got:.4f} differs from metrics.json's {float(expected):.4f}: "
@@ -416,15 +339,9 @@ def _check_recomputed(record: RunRecord) -> None:
 # --- aggregation ---------------------------------------------------------------------------------
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(float(value)) else None
-
-
 def mean_std(values: Iterable[Any]) -> tuple[float | None, float | None, int]:
     """Mean and sample standard deviation (ddof 1; None for one value) of the finite numbers given."""
-    numbers = [v for v in (_number(x) for x in values) if v is not None]
+    numbers = [v for v in (finite_number(x) for x in values) if v is not None]
     if not numbers:
         return None, None, 0
     mean = sum(numbers) / len(numbers)
@@ -537,7 +454,7 @@ def _roc_html(records: Sequence[RunRecord]) -> str:
                 notes.append(f"{record.path}: the report split has a single class, no ROC curve")
                 continue
             fpr, tpr = roc_curve(scores.scores, scores.labels)
-            curve = {"fpr": fpr, "tpr": tpr, "label": f"{record.label} (AUROC {roc_auc(fpr, tpr):.3f})"}
+            curve = {"fpr": fpr, "tpr": tpr, "label": f"{record.label} (AUROC {auroc(scores.scores, scores.labels):.3f})"}
             if record.threshold is not None:  # the checkpoint's operating point
                 flagged = scores.scores >= record.threshold
                 curve["point"] = (float(flagged[~scores.labels].mean()), float(flagged[scores.labels].mean()))
@@ -675,150 +592,8 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike =
     """Collect the runs and write the self-contained HTML report atomically; returns its path."""
     records = collect(run_dirs, device, s3_endpoint, recompute, examples, suspects)
     page = render_html(records)
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(page)
-        _publish(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic.write_text(out, page)
 
 
-# --- TensorBoard ---------------------------------------------------------------------------------
 
 
-def _summary_writer(log_dir: str | os.PathLike):
-    """tensorboardX's writer (installed with ray[tune]); torch's when the ``tensorboard`` package is there."""
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise CometError("TensorBoard logging needs the tensorboardX (or tensorboard) package") from None
-    return SummaryWriter(str(log_dir))
-
-
-_SCALARS = (
-    ("loss", "train/loss"),
-    ("lam", "comet/lambda"),
-    ("det_sigma", "comet/det_sigma"),
-    ("fence", "scl/fence"),
-    ("mean_weight", "scl/mean_weight"),
-    ("mean_weight_injected", "scl/mean_weight_injected"),
-    ("mean_weight_nominal", "scl/mean_weight_nominal"),
-    ("low_confidence", "scl/low_confidence"),
-    ("meta_l_tr", "meta/l_tr"),
-    ("meta_l_val", "meta/l_val"),
-    ("seconds", "time/epoch_seconds"),
-)
-
-
-def _as_dict(epoch_log: Any) -> dict:
-    return epoch_log.to_dict() if hasattr(epoch_log, "to_dict") else dict(epoch_log)
-
-
-def _log_epoch(writer, entry: dict) -> None:
-    step = int(entry.get("epoch", 0)) + 1
-    for key, tag in _SCALARS:
-        value = _number(entry.get(key))
-        if value is not None:
-            writer.add_scalar(tag, value, step)
-    for key, value in (entry.get("extra") or {}).items():
-        if _number(value) is not None:
-            writer.add_scalar(f"extra/{key}", float(value), step)
-    counts = entry.get("weight_histogram")
-    if counts and sum(counts) > 0:
-        # Counts over equal bins of [0, 1]; moments approximated at the bin centres.
-        edges = np.linspace(0.0, 1.0, len(counts) + 1)
-        centres = (edges[:-1] + edges[1:]) / 2
-        counts_np = np.asarray(counts, dtype=np.float64)
-        writer.add_histogram_raw("scl/weights", min=0.0, max=1.0, num=int(counts_np.sum()),
-                                 sum=float((counts_np * centres).sum()), sum_squares=float((counts_np * centres**2).sum()),
-                                 bucket_limits=edges[1:].tolist(), bucket_counts=counts_np.tolist(), global_step=step)
-
-
-def write_tensorboard(log_dir: str | os.PathLike, epoch_logs: Iterable[Any]) -> Path:
-    """Write per-epoch scalars (loss, λ, det Σ, SCL weights, ...) of ``EpochLog`` objects or their dicts.
-
-    ``epoch_logs`` may also be a single log. Step = epoch + 1. Safe to call once per epoch: each call adds
-    an event file to ``log_dir``, which TensorBoard merges; :class:`TensorBoardLogger` (an
-    ``on_epoch_end`` callback) keeps one file open instead.
-    """
-    if hasattr(epoch_logs, "to_dict") or isinstance(epoch_logs, dict):  # one epoch's log
-        epoch_logs = [epoch_logs]
-    writer = _summary_writer(log_dir)
-    try:
-        for epoch_log in epoch_logs:
-            _log_epoch(writer, _as_dict(epoch_log))
-    finally:
-        writer.close()
-    return Path(log_dir)
-
-
-class TensorBoardLogger:
-    """An ``on_epoch_end(trainer, epoch_log)`` callback writing to one TensorBoard event file."""
-
-    def __init__(self, log_dir: str | os.PathLike) -> None:
-        self.log_dir = Path(log_dir)
-        self.writer = _summary_writer(log_dir)
-
-    def __call__(self, _trainer: Any, epoch_log: Any) -> None:
-        _log_epoch(self.writer, _as_dict(epoch_log))
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-# --- CLI -----------------------------------------------------------------------------------------
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from comet_ray import storage
-
-    out = storage.check_location(args.out, "--out")
-    with tempfile.TemporaryDirectory(prefix="comet-report-runs-") as fetched:
-        runs = [_local_run(run, Path(fetched) / str(i), args.s3_endpoint) for i, run in enumerate(args.runs)]
-        with storage.staged_file(out, args.s3_endpoint) as target:
-            build_report(runs, target, args.device, args.s3_endpoint, not args.no_recompute, args.examples,
-                         args.suspects)
-    print(f"report -> {storage.public(out)}")
-    return 0
-
-
-def _local_run(run: str, folder: Path, s3_endpoint: str | None) -> str:
-    """A run folder as a local folder: an ``s3://`` one (results of a cluster run) is downloaded first."""
-    from comet_ray import storage
-
-    if not storage.is_remote(run):
-        return run
-    storage.check_location(run, "RUN_DIR")
-    local = storage.download(run, folder / run.rstrip("/").rsplit("/", 1)[-1], s3_endpoint)
-    if not any(local.iterdir()):
-        raise CometError(f"nothing at {storage.public(run)}")
-    return str(local)
-
-
-def register(subparsers) -> None:
-    """Add ``comet-ray report`` to the CLI's subparsers."""
-    parser = subparsers.add_parser(
-        "report", help="one self-contained HTML report (metrics, ROC, SCL weights, lambda, worst images) from run folders",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="run folders written by train, local or s3:// (or folders holding run folders, e.g. "
-                             "a demo output)")
-    parser.add_argument("--out", default="report.html", help="HTML file to write (local or s3://bucket/key.html)")
-    parser.add_argument("--examples", type=int, default=3,
-                        help="worst false positives and false negatives shown per run (0: none)")
-    parser.add_argument("--suspects", type=int, default=6,
-                        help="training-set audit: top suspects shown with their anomaly maps per run (0: none)")
-    parser.add_argument("--no-recompute", action="store_true",
-                        help="never read the dataset: ROC only from scores.csv, no anomaly maps")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (for recomputed scores and maps)")
-    parser.add_argument("--s3-endpoint", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3-compatible endpoint")
-    parser.set_defaults(func=cmd_report)

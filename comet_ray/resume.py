@@ -1,4 +1,11 @@
-"""Resuming an in-process ``comet-ray train`` whose process was killed: per-epoch state in the run folder.
+"""Per-epoch checkpoints, in one place: what a trainer needs to continue after its last finished epoch.
+
+:func:`save_epoch_state` / :func:`load_epoch_state` write and read one folder (``trainer_state.pt``, the
+trainer's whole CoMet state, and ``history.json``, the epoch logs so far): a Ray Train checkpoint
+(``distributed/train.py``), a Tune trial's checkpoint (``distributed/tune.py``) and the plain resume
+folder below are all such folders.
+
+Resuming an in-process ``comet-ray train`` whose process was killed: per-epoch state in the run folder.
 
 Ray Train runs resume from Ray's own checkpoints; a training on a bare GPU box (no Ray) gets the same
 promise here: after every epoch the trainer state and the epoch log are written atomically to
@@ -16,11 +23,12 @@ import logging
 import os
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from comet_ray import atomic
 from comet_ray.checkpoint import atomic_torch_save
 from comet_ray.comet.trainer import EpochLog
 
@@ -29,6 +37,23 @@ log = logging.getLogger(__name__)
 RESUME_DIR = ".resume"
 STATE_FILE = "trainer_state.pt"
 HISTORY_FILE = "history.json"
+
+
+def save_epoch_state(folder: str | os.PathLike, trainer_state: dict, history: Any = None) -> None:
+    """``history`` (any JSON; None: none) first, then the trainer state, each written atomically."""
+    folder = Path(folder)
+    if history is not None:
+        atomic.write_text(folder / HISTORY_FILE, json.dumps(history))
+    atomic_torch_save(trainer_state, folder / STATE_FILE)
+
+
+def load_epoch_state(folder: str | os.PathLike) -> tuple[dict | None, Any]:
+    """``(trainer state, history)`` saved in ``folder``; None for a part that is not there."""
+    folder = Path(folder)
+    state_file, history_file = folder / STATE_FILE, folder / HISTORY_FILE
+    state = torch.load(state_file, map_location="cpu", weights_only=True) if state_file.exists() else None
+    history = json.loads(history_file.read_text()) if history_file.exists() else None
+    return state, history
 
 
 def run_fingerprint(config: dict, train_ids: list[str], feature_info: dict) -> str:
@@ -57,7 +82,7 @@ class EpochResume:
                 log.warning("%s holds state of a different configuration or dataset; starting from epoch 0",
                             self.path)
                 return None, []
-            state = torch.load(state_file, map_location="cpu", weights_only=True)
+            state, _ = load_epoch_state(self.path)
             logs = [EpochLog(**record) for record in saved["epochs"]]
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
             log.warning("cannot resume from %s (%s); starting from epoch 0", self.path, exc)
@@ -69,13 +94,8 @@ class EpochResume:
 
     def save(self, trainer_state: dict, logs: list[EpochLog]) -> None:
         """The log first, then the state: a kill in between leaves one log too many, which ``load`` drops."""
-        self.path.mkdir(parents=True, exist_ok=True)
         record = {"fingerprint": self.fingerprint, "epochs": [e.to_dict() for e in logs]}
-        fd, tmp = tempfile.mkstemp(prefix=f".{HISTORY_FILE}.", suffix=".tmp", dir=self.path)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(record, handle)
-        os.replace(tmp, self.path / HISTORY_FILE)
-        atomic_torch_save(trainer_state, self.path / STATE_FILE)
+        save_epoch_state(self.path, trainer_state, record)
 
     def clear(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

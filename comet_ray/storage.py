@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from comet_ray import atomic
 from comet_ray.data.s3 import is_s3_uri, open_s3, public_s3_uri, storage_error
 from comet_ray.errors import CometError
 
@@ -91,11 +92,7 @@ def read_text(location: str, s3_endpoint: str | None = None) -> str | None:
 def write_text(location: str, text: str, s3_endpoint: str | None = None) -> None:
     """Write one file (locally through a temporary file and a rename: never half written)."""
     if not is_remote(location):
-        target = Path(location)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        atomic.write_text(location, text)
         return
     fs, path = filesystem(location, s3_endpoint)
     try:

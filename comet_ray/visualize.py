@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from comet_ray import atomic
 from comet_ray.data.images import IMAGENET_MEAN, IMAGENET_STD
 
 HEAT_CMAP = "jet"
@@ -198,9 +199,7 @@ class MapWriter:
         target = self.out_dir / name
         shown = "/".join(path.replace("\\", "/").rstrip("/").split("/")[-2:])
         data = map_panel(image, amap, threshold, nominal, score=score, title=shown, region_threshold=region_threshold)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        atomic.write_bytes(target, data)
         self.written[path] = target
         return target
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds comet_ray/
 
-from comet_ray.distributed.submit import run_command
+from comet_ray.cli import run_command
 
 if __name__ == "__main__":
     raise SystemExit(run_command(["train", *sys.argv[1:]]))

@@ -22,6 +22,21 @@ BOTTLE = SHARED / "data" / "mvtec_bottle"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
 
 
+# --- tiers: `pytest -m "not ray and not s3 and not cluster and not kill and not integration"` is the fast tier
+# Tests that use these fixtures are marked for them here; the rest carry their marks in their modules.
+RAY_FIXTURES = {"local_ray", "ray_local", "autoscaling_ray", "heads"}
+S3_FIXTURES = {"s3_server", "s3_env", "s3_dataset"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & RAY_FIXTURES:
+            item.add_marker(pytest.mark.ray)
+        if names & S3_FIXTURES:
+            item.add_marker(pytest.mark.s3)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _no_ray_left_running():
     """Stop a Ray that a module's in-process CLI runs started, so the next module can start its own."""
@@ -69,6 +84,36 @@ def imagenet_torch_home(tmp_path_factory) -> Path:
     shutil.copy(MOBILENET_WEIGHTS, checkpoints / MOBILENET_WEIGHTS.name)
     os.environ["TORCH_HOME"] = str(home)
     return home
+
+
+# --- one tiny category and one tiny trained run per test session ---------------------------------
+
+TINY_CATEGORY = "weave"
+
+
+@pytest.fixture(scope="session")
+def tiny_category(tmp_path_factory) -> Path:
+    """The synthetic category most CLI tests use (read-only: copy it to change it). Returns the data root.
+
+    ``weave``: 16 training images, test/good 6, test/spot 8 with masks; 64 px.
+    """
+    from comet_ray.data.synthetic import make_texture_category
+
+    root = tmp_path_factory.mktemp("tiny-data") / "mvtec"
+    make_texture_category(root, TINY_CATEGORY, n_train=16, n_test_good=6, defects={"spot": 8}, size=64, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_category: Path, tmp_path_factory) -> Path:
+    """``comet-ray train`` on :func:`tiny_category` at 20 % contamination with the tiny settings (read-only)."""
+    from comet_ray.cli import main
+    from comet_ray.testing import TINY_TRAIN_ARGS
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    assert main(["train", str(tiny_category), "--category", TINY_CATEGORY, "--contamination", "0.2",
+                 "--out", str(out), *TINY_TRAIN_ARGS]) == 0
+    return out
 
 
 @pytest.fixture
@@ -123,32 +168,25 @@ def s3_server(tmp_path_factory):
 def s3_env(s3_server):
     """The server's fake credentials and region in os.environ for the rest of the session.
 
-    Session-wide (not monkeypatch) so Ray workers started later inherit them, as they would a
+    Session-wide (not the per-test monkeypatch) so Ray workers started later inherit them, as they would a
     user's environment. No endpoint is set here: tests pass ``--s3-endpoint`` explicitly.
     """
-    saved = {k: os.environ.get(k) for k in (*s3_server.env(), "AWS_PROFILE", "AWS_SESSION_TOKEN")}
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        os.environ.pop(name, None)
-    os.environ.update(s3_server.env())
-    yield s3_server
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            env.delenv(name, raising=False)
+        for name, value in s3_server.env().items():
+            env.setenv(name, value)
+        yield s3_server
 
 
 @pytest.fixture(scope="session")
-def s3_dataset(s3_env, tmp_path_factory):
-    """The CLI tests' synthetic category, local and uploaded to s3://comet-test/datasets/mvtec.
+def s3_dataset(s3_env, tiny_category):
+    """:func:`tiny_category`, local and uploaded to s3://comet-test/datasets/mvtec.
 
     Returns ``(local_root, s3_root)``. A second copy at ``s3://comet-test/corrupt`` also holds one
     corrupt train image (``weave/train/good/zz_corrupt.png``) for the skipped-image tests.
     """
-    from comet_ray.data.synthetic import make_texture_category
-
-    root = tmp_path_factory.mktemp("s3-data") / "mvtec"
-    make_texture_category(root, "weave", n_train=16, n_test_good=6, defects={"spot": 8}, size=64, seed=3)
+    root = tiny_category
     s3_env.make_bucket(S3_BUCKET)
     s3_env.upload_tree(root, S3_BUCKET, "datasets/mvtec")
     s3_env.upload_tree(root, S3_BUCKET, "corrupt")

@@ -26,7 +26,6 @@ from comet_ray.audit import (
     read_csv,
 )
 from comet_ray.cli import main
-from comet_ray.data.synthetic import make_texture_category
 from comet_ray.testing import TINY_TRAIN_ARGS
 from comet_ray.weights_file import read_training_weights, weights_document
 
@@ -35,9 +34,9 @@ AUDIT_TRAIN = [*TINY_TRAIN_ARGS, "--set", "fence_k=0", "--set", "warmup_epochs=0
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("audit-data")
-    make_texture_category(root, "weave", n_train=16, n_test_good=6, defects={"spot": 8}, size=64, seed=3)
+def dataset(tiny_category: Path, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("audit-data") / "mvtec"
+    shutil.copytree(tiny_category, root)  # the shared category, plus a file that is not an image
     (root / "weave" / "license.txt").write_text("synthetic, no licence needed\n")
     return root
 

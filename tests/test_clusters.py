@@ -197,10 +197,10 @@ def test_runtime_env_file_is_a_valid_ray_runtime_env() -> None:
 
 @pytest.mark.parametrize("script,command", [("train.py", "train"), ("sweep.py", "tune")])
 def test_job_entry_points_pass_everything_to_the_cli(script: str, command: str, monkeypatch) -> None:
-    from comet_ray.distributed import submit
+    import comet_ray.cli
 
     seen = []
-    monkeypatch.setattr(submit, "run_command", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(comet_ray.cli, "run_command", lambda argv: seen.append(argv) or 0)
     monkeypatch.setattr(sys, "argv", [script, "s3://b/data", "--category", "bottle", "--out", "o"])
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(JOBS / script), run_name="__main__")

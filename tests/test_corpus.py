@@ -162,6 +162,7 @@ def test_evaluate_on_anomalies_only_gives_pixel_metrics_and_says_why_image_ones_
 # --- the same corpus through Ray: Data streaming, Train over several categories, Tune ---------------
 
 
+@pytest.mark.ray
 def test_ray_data_engine_skips_exactly_what_the_local_engine_skips(corpus: BadInputCorpus, messy_run: Path,
                                                                     tmp_path: Path) -> None:
     out = tmp_path / "ray-engine"
@@ -174,6 +175,7 @@ def test_ray_data_engine_skips_exactly_what_the_local_engine_skips(corpus: BadIn
         (messy_run / "metrics.json").read_text())["n_train"]
 
 
+@pytest.mark.ray
 def test_ray_train_over_categories_reports_broken_ones_in_their_row(corpus: BadInputCorpus, tmp_path: Path,
                                                                      capsys) -> None:
     out = tmp_path / "many"
@@ -188,6 +190,7 @@ def test_ray_train_over_categories_reports_broken_ones_in_their_row(corpus: BadI
     assert "Traceback" not in capsys.readouterr().out
 
 
+@pytest.mark.ray
 def test_tune_runs_on_the_messy_category(corpus: BadInputCorpus, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     assert main(["tune", str(corpus.root), "--category", "messy", "--contamination", "0", "--trials", "2",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -32,7 +31,9 @@ from comet_ray.distributed.train import (
     fit_categories,
     fit_distributed,
 )
-from comet_ray.pipeline import prepare_data, train_category, write_run
+from comet_ray.pipeline import prepare_data, train_category
+from comet_ray.runfolder import write_run
+from comet_ray.testing.faults import KillWorkerOnce
 
 EPOCHS = 3
 ROW_BYTES = 8 * 8 * 64 * 2  # one image's features: an 8x8 patch grid (64 px, stride 8) of 64 fp16 values
@@ -80,18 +81,14 @@ def _write_toy(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)
-    ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in RAY_ENV.items():
+            env.setenv(name, value)
+        ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -233,9 +230,10 @@ def test_a_worker_feature_budget_below_the_category_needs_two_workers(ray_local,
     assert "use more workers" in str(error.value) and not (workdir / "budget").exists()
 
 
+@pytest.mark.kill
 def test_worker_kill_recovers_from_last_checkpoint(ray_local, workdir: Path, two_worker_run: dict) -> None:
     marker = workdir / "killed.marker"
-    killed = _fit(workdir, "kill", 2, max_failures=2, kill_at_epoch=1, kill_rank=0, kill_marker=str(marker))
+    killed = _fit(workdir, "kill", 2, max_failures=2, epoch_callbacks=[KillWorkerOnce(1, 0, marker)])
     assert marker.exists()
     attempts = _attempts(killed["out"])
     # First attempt: both ranks from scratch; after the kill at the end of epoch 1 (its checkpoint

@@ -37,6 +37,7 @@ from comet_ray.distributed.staging import orphaned_staging
 from comet_ray.testing import LOCAL_ENV, TINY_TRAIN_ARGS
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.kill
 
 ENV = {**LOCAL_ENV, "PYTHONUNBUFFERED": "1"}
 RUN_TIMEOUT_S = 300  # one CLI run on two (shared) CPU cores
@@ -182,6 +183,7 @@ def _trial_files(experiment: Path) -> dict[str, str]:
     return {p.name: _digest(p / "result.json") for p in sorted(experiment.glob("trial-*")) if p.is_dir()}
 
 
+@pytest.mark.ray
 def test_tune_driver_killed_after_first_level_resumes_without_duplicates(
     cli, dataset: Path, tmp_path: Path
 ) -> None:
@@ -224,6 +226,7 @@ def test_tune_driver_killed_after_first_level_resumes_without_duplicates(
           f"rerun finished in {second.elapsed:.1f}s")
 
 
+@pytest.mark.ray
 def test_ray_train_driver_killed_after_checkpoint_resumes_from_it(cli, dataset: Path, tmp_path: Path) -> None:
     epochs = 3
     store, out = tmp_path / "store", tmp_path / "run"

@@ -17,32 +17,19 @@ import torch
 import torch.nn.functional as F
 
 from comet_ray.checkpoint import load_detector
-from comet_ray.cli import main
-from comet_ray.data.synthetic import make_texture_category
+from comet_ray.cli.export import register
 from comet_ray.errors import CheckpointError, CometError
-from comet_ray.export import ExportedDetector, adaptive_pool_matrix, export_detector, register
+from comet_ray.export import ExportedDetector, adaptive_pool_matrix, export_detector
 from comet_ray.features.aggregation import aggregate_patches
-from comet_ray.inference import extractor_for
+from comet_ray.model import extractor_for
 from comet_ray.models.anomaly_map import anomaly_maps, image_scores
-from comet_ray.testing import TINY_TRAIN_ARGS
-
-TINY = [*TINY_TRAIN_ARGS, "--epochs", "1"]
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("export-data")
-    make_texture_category(root, "weave", n_train=12, n_test_good=6, defects={"spot": 6}, size=64, seed=5)
-    out = tmp_path_factory.mktemp("export-run") / "run"
-    assert main(["train", str(root), "--category", "weave", "--out", str(out), *TINY]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(trained_run: Path):
+def reference(tiny_run: Path):
     """The unfused path predict uses: extractor -> float16 cache rounding -> detector.patch_scores ->
     image_scores / anomaly_maps."""
-    model, meta = load_detector(trained_run, "cpu")
+    model, meta = load_detector(tiny_run, "cpu")
     extractor = extractor_for(meta, torch.device("cpu"))
 
     def run(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -77,8 +64,8 @@ def test_fused_aggregation_equals_simplenet_aggregation() -> None:
                                        atol=1e-5, rtol=1e-5)
 
 
-def test_wrapper_matches_predict_path(trained_run: Path, reference) -> None:
-    exported = ExportedDetector.from_checkpoint(trained_run)
+def test_wrapper_matches_predict_path(tiny_run: Path, reference) -> None:
+    exported = ExportedDetector.from_checkpoint(tiny_run)
     images = _images(3, 2)
     with torch.no_grad():
         scores, maps = exported(images)
@@ -89,12 +76,12 @@ def test_wrapper_matches_predict_path(trained_run: Path, reference) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
-def test_torchscript_round_trip(trained_run: Path, reference, tmp_path: Path) -> None:
-    target = export_detector(trained_run, tmp_path / "model.ts", "torchscript")
+def test_torchscript_round_trip(tiny_run: Path, reference, tmp_path: Path) -> None:
+    target = export_detector(tiny_run, tmp_path / "model.ts", "torchscript")
     extra = {"comet_ray.json": ""}
     loaded = torch.jit.load(str(target), _extra_files=extra)
     meta = json.loads(extra["comet_ray.json"])
-    assert meta["image_size"] == 64 and meta["threshold"] == pytest.approx(load_detector(trained_run)[1]["threshold"])
+    assert meta["image_size"] == 64 and meta["threshold"] == pytest.approx(load_detector(tiny_run)[1]["threshold"])
     images = _images(5, 3)  # another batch size than the trace's example: the batch dimension is free
     with torch.no_grad():
         scores, maps = loaded(images)
@@ -103,10 +90,10 @@ def test_torchscript_round_trip(trained_run: Path, reference, tmp_path: Path) ->
     np.testing.assert_allclose(maps.numpy(), ref_maps, atol=1e-5)
 
 
-def test_onnx_matches_pytorch_in_onnxruntime(trained_run: Path, reference, tmp_path: Path) -> None:
+def test_onnx_matches_pytorch_in_onnxruntime(tiny_run: Path, reference, tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime (test dependency) is not installed")
     onnx = pytest.importorskip("onnx", reason="onnx is not installed")
-    target = export_detector(trained_run, tmp_path / "model.onnx", "onnx")
+    target = export_detector(tiny_run, tmp_path / "model.onnx", "onnx")
     proto = onnx.load(str(target))
     onnx.checker.check_model(proto)
     meta = json.loads({p.key: p.value for p in proto.metadata_props}["comet_ray"])
@@ -123,23 +110,23 @@ def test_onnx_matches_pytorch_in_onnxruntime(trained_run: Path, reference, tmp_p
         np.testing.assert_allclose(maps, ref_maps, atol=1e-4)
 
 
-def _tampered(trained_run: Path, tmp_path: Path, **changes) -> Path:
-    payload = torch.load(trained_run / "model.pt", weights_only=True)
+def _tampered(tiny_run: Path, tmp_path: Path, **changes) -> Path:
+    payload = torch.load(tiny_run / "model.pt", weights_only=True)
     payload.update(changes)
     path = tmp_path / "tampered.pt"
     torch.save(payload, path)
     return path
 
 
-def test_checkpoint_of_another_version_is_a_clear_error(trained_run: Path, tmp_path: Path) -> None:
-    bad = _tampered(trained_run, tmp_path, format_version=99)
+def test_checkpoint_of_another_version_is_a_clear_error(tiny_run: Path, tmp_path: Path) -> None:
+    bad = _tampered(tiny_run, tmp_path, format_version=99)
     with pytest.raises(CheckpointError, match="format version 99"):
         export_detector(bad, tmp_path / "out.onnx", "onnx")
     assert not any(tmp_path.glob("out.onnx*")) and not any(tmp_path.glob(".out.onnx*"))
 
 
-def test_checkpoint_of_another_model_is_a_clear_error(trained_run: Path, tmp_path: Path) -> None:
-    bad = _tampered(trained_run, tmp_path, model_name="resnet_patchcore")
+def test_checkpoint_of_another_model_is_a_clear_error(tiny_run: Path, tmp_path: Path) -> None:
+    bad = _tampered(tiny_run, tmp_path, model_name="resnet_patchcore")
     with pytest.raises(CometError, match="unknown model 'resnet_patchcore'"):
         export_detector(bad, tmp_path / "out.pt", "torchscript")
 
@@ -151,15 +138,15 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
         export_detector(bogus, tmp_path / "out.onnx")
 
 
-def test_register_adds_the_export_command(trained_run: Path, tmp_path: Path, capsys) -> None:
+def test_register_adds_the_export_command(tiny_run: Path, tmp_path: Path, capsys) -> None:
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "exported" / "model.pt"
-    args = parser.parse_args(["export", str(trained_run), "--format", "torchscript", "--out", str(out)])
+    args = parser.parse_args(["export", str(tiny_run), "--format", "torchscript", "--out", str(out)])
     assert args.func(args) == 0
     assert out.exists() and str(out) in capsys.readouterr().out
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # like any file the user writes, not mkstemp's 0600
     with pytest.raises(SystemExit):
-        parser.parse_args(["export", str(trained_run), "--format", "tflite", "--out", str(out)])
+        parser.parse_args(["export", str(tiny_run), "--format", "tflite", "--out", str(out)])

@@ -73,7 +73,6 @@ def test_random_init_is_the_same_in_every_call() -> None:
 
 
 def test_explicit_weights_file(tmp_path) -> None:
-    trunk, _ = build_backbone("mobilenet_v2", pretrained=False)
     import torchvision
 
     model = torchvision.models.mobilenet_v2()

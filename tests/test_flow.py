@@ -261,9 +261,9 @@ def test_bottle_flow_comet_does_no_harm(bottle_root, imagenet_torch_home, tmp_pa
         config.model.flow_hidden = 64
         config.model.flow_lr = 1e-3
         data = prepare_data(config, torch.device("cpu"), cache_dir=str(cache))
-        for strategy in results:
+        for strategy, runs in results.items():
             config.comet.strategy = strategy
-            results[strategy].append(train_category(config, data, torch.device("cpu")).metrics)
+            runs.append(train_category(config, data, torch.device("cpu")).metrics)
     for metrics in results["comet"]:
         assert metrics["model"] == "flow"
         assert metrics["mean_weight_injected"] < metrics["mean_weight_nominal"] - 0.1

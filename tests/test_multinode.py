@@ -39,7 +39,7 @@ from comet_ray.data.synthetic import make_texture_category
 from comet_ray.testing import TINY_TRAIN_ARGS
 from comet_ray.testing.cluster import LocalCluster
 
-pytestmark = [pytest.mark.cluster, pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")]
+pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.kill, pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")]
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "comet-cluster"

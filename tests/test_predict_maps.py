@@ -14,7 +14,6 @@ from PIL import Image
 
 from comet_ray.cli import build_parser, main
 from comet_ray.data.images import preprocess_image, resize_size
-from comet_ray.data.synthetic import make_texture_category
 from comet_ray.inference import predict_images
 from comet_ray.testing import TINY_TRAIN_ARGS
 from comet_ray.visualize import denormalise, map_file_names, map_panel
@@ -22,27 +21,13 @@ from comet_ray.visualize import denormalise, map_file_names, map_panel
 TINY = TINY_TRAIN_ARGS
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("maps-data")
-    make_texture_category(root, "weave", n_train=16, n_test_good=6, defects={"spot": 8}, size=64, seed=3)
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained_run(dataset, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("maps-run") / "run"
-    assert main(["train", str(dataset), "--category", "weave", "--contamination", "0.2", "--out", str(out), *TINY]) == 0
-    return out
-
-
 @pytest.fixture
-def inbox(dataset: Path, tmp_path: Path) -> Path:
+def inbox(tiny_category: Path, tmp_path: Path) -> Path:
     """Two good and two spot images, with the same file names in two folders, plus a broken file."""
     folder = tmp_path / "inbox"
     for defect in ("good", "spot"):
         (folder / defect).mkdir(parents=True)
-        for source in sorted((dataset / "weave" / "test" / defect).glob("*.png"))[:2]:
+        for source in sorted((tiny_category / "weave" / "test" / defect).glob("*.png"))[:2]:
             (folder / defect / source.name).write_bytes(source.read_bytes())
     (folder / "spot" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     return folder
@@ -55,9 +40,9 @@ def _png_size(path: Path) -> tuple[int, int]:
         return image.size
 
 
-def test_maps_are_returned_and_written_for_readable_images_only(trained_run: Path, inbox: Path, tmp_path: Path) -> None:
+def test_maps_are_returned_and_written_for_readable_images_only(tiny_run: Path, inbox: Path, tmp_path: Path) -> None:
     maps_dir = tmp_path / "pred" / "maps"
-    rows, maps = predict_images(str(trained_run), [str(inbox)], "cpu", maps_dir=maps_dir, return_maps=True)
+    rows, maps = predict_images(str(tiny_run), [str(inbox)], "cpu", maps_dir=maps_dir, return_maps=True)
     scored = [r for r in rows if not r["error"]]
     broken = [r for r in rows if r["error"]]
     assert len(scored) == 4 and len(broken) == 1 and broken[0]["path"].endswith("broken.png")
@@ -77,8 +62,8 @@ def test_maps_are_returned_and_written_for_readable_images_only(trained_run: Pat
     assert all(set(r) == {"path", "score", "normalised_score", "anomalous", "error"} for r in rows)
 
 
-def test_maps_without_return_keep_the_plain_row_list(trained_run: Path, inbox: Path) -> None:
-    rows = predict_images(str(trained_run), [str(inbox / "good")], "cpu")
+def test_maps_without_return_keep_the_plain_row_list(tiny_run: Path, inbox: Path) -> None:
+    rows = predict_images(str(tiny_run), [str(inbox / "good")], "cpu")
     assert isinstance(rows, list) and len(rows) == 2
 
 
@@ -115,30 +100,30 @@ def test_map_file_names_are_unique_and_readable() -> None:
 
 
 def _cli_has_maps() -> bool:
-    parser = build_parser(["predict"])
+    parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return any("--maps" in a.option_strings for a in sub.choices["predict"]._actions)
 
 
-def test_cli_predict_maps(trained_run: Path, inbox: Path, tmp_path: Path) -> None:
+def test_cli_predict_maps(tiny_run: Path, inbox: Path, tmp_path: Path) -> None:
     assert _cli_has_maps()
     out = tmp_path / "pred"
-    assert main(["predict", str(trained_run), str(inbox), "--out", str(out), "--device", "cpu", "--maps"]) == 0
+    assert main(["predict", str(tiny_run), str(inbox), "--out", str(out), "--device", "cpu", "--maps"]) == 0
     with open(out / "predictions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 5
     assert len(list((out / "maps").glob("*.png"))) == 4
 
 
-def test_maps_match_a_direct_forward_pass(trained_run: Path, inbox: Path) -> None:
+def test_maps_match_a_direct_forward_pass(tiny_run: Path, inbox: Path) -> None:
     from comet_ray.checkpoint import load_detector
     from comet_ray.data.images import decode_image
-    from comet_ray.inference import extractor_for
+    from comet_ray.model import extractor_for
     from comet_ray.models.anomaly_map import anomaly_maps
 
     path = str(inbox / "spot" / "000.png")
-    _, maps = predict_images(str(trained_run), [path], "cpu", return_maps=True)
-    model, meta = load_detector(trained_run, "cpu")
+    _, maps = predict_images(str(tiny_run), [path], "cpu", return_maps=True)
+    model, meta = load_detector(tiny_run, "cpu")
     extractor = extractor_for(meta, torch.device("cpu"))
     image = preprocess_image(decode_image(Path(path).read_bytes(), path), 64)[None]
     with torch.no_grad():  # features as the (float16) cache holds them: what the detector was trained on
@@ -147,7 +132,7 @@ def test_maps_match_a_direct_forward_pass(trained_run: Path, inbox: Path) -> Non
     np.testing.assert_allclose(maps[path], expected.numpy(), atol=1e-6)
 
 
-def test_saved_pixel_threshold_is_the_validation_f1_cut_recomputed_from_scratch(trained_run: Path) -> None:
+def test_saved_pixel_threshold_is_the_validation_f1_cut_recomputed_from_scratch(tiny_run: Path) -> None:
     """Training reuses the validation split's patch scores for the outline threshold instead of
     scoring the split twice; the saved cut must equal one computed afresh from the saved model."""
     import json
@@ -156,14 +141,14 @@ def test_saved_pixel_threshold_is_the_validation_f1_cut_recomputed_from_scratch(
     from comet_ray.config import TrainConfig
     from comet_ray.pipeline import pixel_threshold, prepare_data
 
-    model, meta = load_detector(trained_run, "cpu")
-    config = TrainConfig.from_dict(json.loads((trained_run / "config.json").read_text()))
+    model, meta = load_detector(tiny_run, "cpu")
+    config = TrainConfig.from_dict(json.loads((tiny_run / "config.json").read_text()))
     data = prepare_data(config, torch.device("cpu"))
     fresh = pixel_threshold(model, data.validation, config.features.image_size, torch.device("cpu"), config.precision)
     assert fresh is not None and meta["pixel_threshold"] == pytest.approx(fresh, rel=1e-6)
 
 
-def test_predict_scores_an_image_as_training_and_evaluate_did(trained_run: Path, dataset: Path) -> None:
+def test_predict_scores_an_image_as_training_and_evaluate_did(tiny_run: Path, tiny_category: Path) -> None:
     """One scoring path: ``predict`` on the report images gives the scores training wrote for them
     (validation and ``evaluate`` score the float16-cached features; predict rounds its fresh features
     the same way), and on the validation images it reproduces the saved F1-optimal threshold.
@@ -175,19 +160,19 @@ def test_predict_scores_an_image_as_training_and_evaluate_did(trained_run: Path,
     from comet_ray.checkpoint import load_detector
     from comet_ray.pipeline import decision_threshold
 
-    manifest = json.loads((trained_run / "manifest.json").read_text())
-    with open(trained_run / "scores.csv", newline="") as handle:
+    manifest = json.loads((tiny_run / "manifest.json").read_text())
+    with open(tiny_run / "scores.csv", newline="") as handle:
         saved = {row["sample_id"]: float(row["score"]) for row in csv.DictReader(handle)}
     tolerance = 1e-5 * (max(saved.values()) - min(saved.values()))
-    paths = {str(dataset / sample_id): sample_id for sample_id in manifest["report_ids"]}
-    rows = predict_images(str(trained_run), list(paths), "cpu")
+    paths = {str(tiny_category / sample_id): sample_id for sample_id in manifest["report_ids"]}
+    rows = predict_images(str(tiny_run), list(paths), "cpu")
     assert len(rows) == len(saved) > 0 and tolerance > 0
     for row in rows:
         assert abs(row["score"] - saved[paths[row["path"]]]) <= tolerance, row
 
-    _, meta = load_detector(trained_run, "cpu")
-    validation = [str(dataset / sample_id) for sample_id in manifest["validation_ids"]]
-    rows = predict_images(str(trained_run), validation, "cpu")
+    _, meta = load_detector(tiny_run, "cpu")
+    validation = [str(tiny_category / sample_id) for sample_id in manifest["validation_ids"]]
+    rows = predict_images(str(tiny_run), validation, "cpu")
     scores = torch.tensor([row["score"] for row in rows])
     labels = torch.tensor(["/good/" not in row["path"] for row in rows])
     assert labels.any() and not labels.all()

@@ -169,7 +169,7 @@ def test_knn_from_the_cli_trains_nothing_and_exports(tmp_path, capsys) -> None:
     from comet_ray.cli import main
     from comet_ray.data.synthetic import make_texture_category
     from comet_ray.export import ExportedDetector, export_detector
-    from comet_ray.inference import extractor_for
+    from comet_ray.model import extractor_for
     from comet_ray.models.anomaly_map import image_scores
     from comet_ray.testing import TINY_TRAIN_ARGS
 

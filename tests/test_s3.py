@@ -4,7 +4,6 @@ one-line errors for every way storage fails, retries with backoff, upload, and n
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import threading
 import time
@@ -14,6 +13,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from comet_ray.cli import main
+from comet_ray.cli.upload import register
 from comet_ray.data.layout import (
     build_sample_table,
     list_categories,
@@ -22,11 +22,11 @@ from comet_ray.data.layout import (
     read_bytes,
 )
 from comet_ray.data.s3 import parse_s3_uri, public_s3_uri
-from comet_ray.data.streaming import StorageSpec
 from comet_ray.errors import DatasetLayoutError, StorageError
-from comet_ray.testing import TINY_TRAIN_ARGS
+from comet_ray.features.streaming import StorageSpec
+from comet_ray.testing import TINY_TRAIN_ARGS, csv_rows
 from comet_ray.testing.s3server import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, FlakyProxy, free_ports
-from comet_ray.upload import register, upload_tree
+from comet_ray.upload import upload_tree
 
 TINY = TINY_TRAIN_ARGS
 WRONG_SECRET = "wrongWrongWrongWrongWrongWrongWrong00001"  # 40 characters
@@ -308,9 +308,9 @@ def test_train_evaluate_predict_on_s3_skip_corrupt_and_leak_no_secret(s3, tmp_pa
 
     assert main(["predict", str(run / "model.pt"), f"{corrupt_root}/weave/test/spot/", "s3://comet-test/corrupt/weave/train/good/zz_corrupt.png",
                  "--out", str(tmp_path / "pred"), "--device", "cpu", "--s3-endpoint", endpoint]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
+    rows = csv_rows(tmp_path / "pred" / "predictions.csv")
     assert len(rows) == 8 + 1 and all(r["path"].startswith(corrupt_root) for r in rows)
-    broken = [r for r in rows if r["path"].endswith("zz_corrupt.png")][0]
+    broken = next(r for r in rows if r["path"].endswith("zz_corrupt.png"))
     assert broken["error"] and broken["score"] == ""
 
     printed = capsys.readouterr()

@@ -16,7 +16,7 @@ from comet_ray.testing import use_local_env
 use_local_env()
 ray = pytest.importorskip("ray")
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 
 def test_two_workers_match_one_on_bottle(bottle_root, tmp_path) -> None:

@@ -18,18 +18,10 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 
 from comet_ray.config import FeatureConfig
-from comet_ray.data import streaming
-from comet_ray.data.images import decode_image, preprocess_image
+from comet_ray.data.images import crop_image, decode_image, normalise_images, preprocess_image
 from comet_ray.data.layout import build_sample_table, open_dataset_filesystem
-from comet_ray.data.streaming import (
-    StorageSpec,
-    StreamOptions,
-    crop_uint8,
-    extract_to_entry_streaming,
-    normalise_uint8,
-    stream_features,
-)
 from comet_ray.errors import StorageError
+from comet_ray.features import streaming
 from comet_ray.features.entry import INDEX_FILE, PARTS_DIR
 from comet_ray.features.extractor import (
     PatchFeatureExtractor,
@@ -37,6 +29,12 @@ from comet_ray.features.extractor import (
     extract_features_cached,
     open_entry,
     read_split,
+)
+from comet_ray.features.streaming import (
+    StorageSpec,
+    StreamOptions,
+    extract_to_entry_streaming,
+    stream_features,
 )
 from comet_ray.testing.s3server import FAKE_ACCESS_KEY
 
@@ -74,9 +72,9 @@ def test_uint8_crop_then_normalise_is_preprocess_image(tmp_path) -> None:
     for width, height, size in ((64, 64, 64), (97, 51, 32), (300, 200, 288)):
         pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
         img = decode_image(_png_bytes(pixels), "x.png")
-        crop = crop_uint8(img, size)
+        crop = crop_image(img, size).numpy()
         assert crop.dtype == np.uint8 and crop.shape == (3, size, size)
-        assert torch.equal(normalise_uint8(torch.from_numpy(crop)[None])[0], preprocess_image(img, size))
+        assert torch.equal(normalise_images(torch.from_numpy(crop)[None])[0], preprocess_image(img, size))
 
 
 def test_s3_stream_equals_in_process_and_reuses_the_entry(local_ray, s3_dataset, s3_server, extractor,

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+import comet_ray.cli
+from comet_ray.cli import jobs as cli_jobs
 from comet_ray.data.synthetic import make_texture_category
 from comet_ray.distributed import submit
 from comet_ray.errors import CometError
@@ -46,7 +48,7 @@ def run_cli(argv: list[str]) -> int:
     """Parse ``argv`` with a parser holding only this module's commands and run it like ``cli.main``."""
     parser = argparse.ArgumentParser(prog="comet-ray")
     sub = parser.add_subparsers(dest="command_name", required=True)
-    submit.register(sub)
+    cli_jobs.register(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
@@ -86,7 +88,7 @@ class RayHead:
             f"--min-worker-port={low}", f"--max-worker-port={high}", "--num-cpus=2", "--num-gpus=0",
             "--object-store-memory=100000000", "--disable-usage-stats",
         ]
-        self.log = open(self.temp / "ray-start.log", "wb")
+        self.log = open(self.temp / "ray-start.log", "wb")  # noqa: SIM115 - closed with the head
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
 
@@ -234,7 +236,7 @@ def test_entrypoint_runtime_env_and_results_line(tmp_path) -> None:
     with pytest.raises(CometError, match="nothing to run"):
         submit.command_args(["--"])
     with pytest.raises(CometError, match="not a comet-ray command"):
-        submit.command_args(["--", "trian", "d"])
+        submit.command_args(["--", "trian", "d"], comet_ray.cli.build_parser().get_default("commands"))
     env = submit.build_runtime_env({"pip": ["x"], "excludes": ["big/"]})
     root = submit.project_root()
     assert root is not None and env["working_dir"] == str(root)
@@ -296,7 +298,6 @@ def test_the_job_package_holds_every_module_and_imports_without_an_install(tmp_p
 def test_results_are_copied_to_s3_after_success_only(s3_env, tmp_path, monkeypatch) -> None:
     """``--results-uri`` / ``COMET_RAY_RESULTS_URI``: the --out folder lands at URI/<name> once the command
     succeeded (what the job entrypoint and jobs/*.py do on the cluster), and nothing is copied on failure."""
-    import comet_ray.cli
 
     s3_env.make_bucket("comet-results")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.endpoint)
@@ -309,11 +310,11 @@ def test_results_are_copied_to_s3_after_success_only(s3_env, tmp_path, monkeypat
         return code
 
     monkeypatch.setattr(comet_ray.cli, "main", lambda argv: fake_main(argv, code=2))
-    assert submit.run_command(["train", "d", "--category", "c", "--out", str(run)]) == 2
+    assert comet_ray.cli.run_command(["train", "d", "--category", "c", "--out", str(run)]) == 2
     client = s3_env.client()
     assert client.list_objects_v2(Bucket="comet-results").get("KeyCount", 0) == 0
     monkeypatch.setattr(comet_ray.cli, "main", fake_main)
-    assert submit.run_command(["train", "d", "--category", "c", "--out", str(run)]) == 0
+    assert comet_ray.cli.run_command(["train", "d", "--category", "c", "--out", str(run)]) == 0
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="comet-results")["Contents"]]
     assert keys == ["runs/bottle/metrics.json"]
     assert submit._main(["push-results", str(tmp_path / "missing"), "s3://comet-results/x"]) == 2
@@ -322,7 +323,7 @@ def test_results_are_copied_to_s3_after_success_only(s3_env, tmp_path, monkeypat
 # --------------------------------------------------------------------------- against the cluster
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="comet-ray")
-    submit.register(parser.add_subparsers(dest="command_name", required=True))
+    cli_jobs.register(parser.add_subparsers(dest="command_name", required=True))
     return parser.parse_args(argv)
 
 
@@ -342,7 +343,7 @@ def test_submit_train_succeeds_and_a_bad_path_fails(heads, dataset, tmp_path, cl
 
     def run_bad() -> None:
         try:
-            bad_result["code"] = submit.cmd_submit(bad_args, out=bad_out, err=bad_err)
+            bad_result["code"] = cli_jobs.cmd_submit(bad_args, out=bad_out, err=bad_err)
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             bad_result["error"] = repr(exc)
 

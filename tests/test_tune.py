@@ -3,7 +3,6 @@ an equally tuned baseline, resume."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import random
@@ -24,6 +23,7 @@ from comet_ray.distributed.tune import (
     sweep,
 )
 from comet_ray.errors import CometError
+from comet_ray.testing import csv_rows
 
 ray = pytest.importorskip("ray")
 
@@ -56,7 +56,7 @@ def swept(local_ray, tmp_path_factory):
 
 
 def read_rows(path) -> list[dict]:
-    rows = list(csv.DictReader(open(path)))
+    rows = csv_rows(path)
     for row in rows:
         row["level"] = float(row["level"])
         for column in SELECTION_COLUMNS:
@@ -82,7 +82,7 @@ def test_sweep_writes_results_best_and_plot(swept) -> None:
         level_rows = [r for r in finished if r["level"] == float(level) and r["strategy"] == "comet"]
         assert best["objective"] == pytest.approx(max(r["objective"] for r in level_rows))
         assert best["trial_id"] == select_best(rows)[float(level)]["trial_id"]
-    seeds = list(csv.DictReader(open(out / "seeds.csv")))
+    seeds = csv_rows(out / "seeds.csv")
     assert {r["strategy"] for r in seeds} == {"baseline", "comet"} and len(seeds) == 4
     assert (out / "contamination.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -43,6 +43,7 @@ from comet_ray.config import TrainConfig, use_bf16
 from comet_ray.evaluate import score_rows
 from comet_ray.features.store import FeatureStore
 from comet_ray.models.anomaly_map import topk_mean
+from comet_ray.models.protocol import Detector
 
 _MASK = (1 << 62) - 1
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class CometTrainer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Detector,
         train_store: FeatureStore,
         config: TrainConfig,
         device: torch.device | str = "cpu",
@@ -383,7 +384,7 @@ class CometTrainer:
         self.epoch += 1
         return log
 
-    def fit(self, epochs: int, on_epoch_end: Callable[[CometTrainer, EpochLog], None] | None = None) -> list[EpochLog]:
+    def fit(self, epochs: int, on_epoch_end: EpochReporter | None = None) -> list[EpochLog]:
         logs = []
         while self.epoch < epochs:
             log = self.train_epoch()
@@ -443,3 +444,10 @@ class CometTrainer:
         self.lam = float(state["lam"])
         self.det_sigma = float(state["det_sigma"])
         torch.set_rng_state(state["torch_rng"])
+
+
+# The per-epoch reporter seam: ``on_epoch_end(trainer, epoch_log)`` after every epoch. The plain run prints the
+# line and saves its resume state (cli/train.py), a Ray Train worker reports to Ray with its checkpoint
+# (distributed/train.py: RayTrainReporter), a Tune trial reports its objective (distributed/tune.py); all
+# save per-epoch state through comet_ray.resume.
+EpochReporter = Callable[[CometTrainer, EpochLog], None]

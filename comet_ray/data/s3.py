@@ -293,5 +293,5 @@ def _endpoint_of(filesystem: pafs.FileSystem | None) -> str | None:
         options = filesystem.__reduce__()[1][0]
         host = options.get("endpoint_override")
         return f"{options.get('scheme') or 'https'}://{host}" if host else None
-    except Exception:  # an introspection nicety only
+    except Exception:  # noqa: BLE001 - an introspection nicety only
         return None

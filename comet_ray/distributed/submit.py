@@ -26,8 +26,8 @@ token auth ignores the header.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -94,7 +94,7 @@ def check_address(url: str, insecure: bool) -> str:
     if not parts.hostname:
         raise CometError(f"address {url} has no host")
     try:
-        parts.port
+        _ = parts.port  # parsing it raises on a bad port
     except ValueError:
         raise CometError(f"address {url} has an invalid port") from None
     if parts.scheme == "http" and not is_loopback(parts.hostname) and not insecure:
@@ -297,22 +297,8 @@ def build_runtime_env(file_env: dict[str, Any] | None = None, root: Path | None 
     return env
 
 
-def known_commands() -> set[str] | None:
-    """The comet-ray subcommands this checkout has (None if the parser cannot be inspected)."""
-    try:
-        from comet_ray.cli import build_parser
-
-        parser = build_parser()
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                return set(action.choices)
-    except Exception:  # noqa: BLE001
-        return None
-    return None
-
-
-def command_args(raw: list[str]) -> list[str]:
-    """The arguments after ``--``: a comet-ray command line (``train DATA ...``)."""
+def command_args(raw: list[str], known: set[str] | None = None) -> list[str]:
+    """The arguments after ``--``: a comet-ray command line (``train DATA ...``); ``known``: the CLI's commands."""
     args = list(raw)
     if args and args[0] == "--":
         args = args[1:]
@@ -323,7 +309,6 @@ def command_args(raw: list[str]) -> list[str]:
         args = args[1:]
     if not args or args[0].startswith("-"):
         raise CometError(f"expected a comet-ray command after --, got {' '.join(raw)!r}")
-    known = known_commands()
     if known is not None and args[0] not in known:
         raise CometError(f"'{args[0]}' is not a comet-ray command here (known: {', '.join(sorted(known))})")
     if args[0] in ("submit", "status", "logs", "stop"):
@@ -441,10 +426,8 @@ async def _follow(client, job_id: str, started: float, out: TextIO, err: TextIO,
     finally:
         if tail_task is not None and not tail_task.done():
             tail_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await tail_task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
 
 
 def follow(client, job_id: str, url: str, started: float | None = None, logs: bool = True,
@@ -464,135 +447,10 @@ def _job_start_time(client, job_id: str, url: str) -> float:
     return start / 1000.0 if start else time.time()
 
 
-def _detach_hint(job_id: str, address_flag: str) -> str:
-    return (f"detached; the job keeps running. Follow it: comet-ray logs {job_id} --follow{address_flag}  "
-            f"stop it: comet-ray stop {job_id}{address_flag}")
-
-
-def _address_flag(args: argparse.Namespace) -> str:
-    flag = f" --address {args.address}" if args.address else ""
-    return flag + (" --insecure" if getattr(args, "insecure", False) else "")
-
-
 # --------------------------------------------------------------------------- commands
 def _failure_reason(message: str) -> str:
     first = _scrub(message).strip().splitlines()[0] if message.strip() else ""
     return first.split(", last available logs")[0][:300]
-
-
-def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out = out or sys.stdout
-    err = err or sys.stderr
-    command = command_args(args.command)
-    if args.results_uri and not args.results_uri.startswith("s3://"):
-        raise CometError(f"--results-uri must be s3://bucket/prefix, got {args.results_uri}")
-    if args.results_uri and option_value(command, "--out") is None:
-        raise CometError("--results-uri copies the command's --out folder, but the command has no --out")
-    runtime_env = build_runtime_env(load_runtime_env(args.runtime_env))
-    entrypoint = build_entrypoint(command, args.results_uri)
-    url = check_address(resolve_address(args.address), args.insecure)
-    client = connect(args.address, args.insecure)
-    submission_id = args.submission_id or new_submission_id(command[0])
-    options: dict[str, Any] = {}
-    if args.entrypoint_num_cpus:
-        options["entrypoint_num_cpus"] = args.entrypoint_num_cpus
-    if args.entrypoint_num_gpus:
-        options["entrypoint_num_gpus"] = args.entrypoint_num_gpus
-    if args.entrypoint_resources:
-        options["entrypoint_resources"] = entrypoint_resources(args.entrypoint_resources)
-    metadata = {"comet_ray_command": command[0]}
-    out_dir = option_value(command, "--out")
-    if out_dir:
-        metadata["out"] = out_dir
-    shipped = runtime_env.get("working_dir") or ", ".join(runtime_env.get("py_modules") or [])
-    print(f"[comet-ray] uploading {shipped} to {url} (without {', '.join(DEFAULT_EXCLUDES[:3])}, ...)",
-          file=err, flush=True)
-    started = time.time()
-    try:
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
-                                   metadata=metadata, **options)
-    except Exception as exc:  # noqa: BLE001 - upload/validation problems reported as one line
-        from ray.exceptions import AuthenticationError
-
-        if isinstance(exc, AuthenticationError):
-            raise CometError(_auth_message(url, str(exc))) from None
-        text = _scrub(str(exc)).strip()
-        first = text.splitlines()[0][:300] if text else exc.__class__.__name__
-        raise CometError(f"submitting to {url} failed: {first}") from None
-    print(f"[comet-ray] submitted job {job_id}: {entrypoint}", file=err, flush=True)
-    results = where_results_go(command, args.results_uri)
-    flag = _address_flag(args)
-    if args.no_wait:
-        print(job_id, file=out, flush=True)
-        print(f"[comet-ray] follow: comet-ray logs {job_id} --follow{flag} | status: comet-ray status {job_id}{flag} "
-              f"| stop: comet-ray stop {job_id}{flag}", file=err)
-        if results:
-            print(f"[comet-ray] {results}", file=err)
-        return 0
-    try:
-        status = follow(client, job_id, url, started=started, out=out, err=err)
-    except KeyboardInterrupt:
-        print(f"\n[comet-ray] {_detach_hint(job_id, flag)}", file=err)
-        return 130
-    print(f"[comet-ray] job {job_id} {status} after {_elapsed(time.time() - started)}", file=err, flush=True)
-    if status == "SUCCEEDED" and results:
-        print(f"[comet-ray] {results}", file=out, flush=True)
-    elif status != "SUCCEEDED":
-        info = _call(client.get_job_info, job_id, url=url, job_id=job_id)
-        reason = _failure_reason(getattr(info, "message", None) or "")
-        if reason:
-            print(f"[comet-ray] {reason}", file=err, flush=True)
-    return exit_code(status)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    url = check_address(resolve_address(args.address), args.insecure)
-    client = connect(args.address, args.insecure)
-    info = _call(client.get_job_info, args.job_id, url=url, job_id=args.job_id)
-    start = info.start_time / 1000.0 if info.start_time else None
-    end = info.end_time / 1000.0 if info.end_time else None
-    elapsed = ((end or time.time()) - start) if start else 0.0
-    print(status_line(args.job_id, str(info.status), elapsed))
-    print(f"entrypoint: {info.entrypoint}")
-    if start:
-        print(f"started:    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(start))}")
-    if end:
-        print(f"ended:      {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(end))}")
-    if info.message and _failure_reason(info.message):
-        print(f"message:    {_failure_reason(info.message)}")
-    out = (info.metadata or {}).get("out")
-    if out:
-        print(f"out:        {out} (on the cluster unless s3://)")
-    return 0
-
-
-def cmd_logs(args: argparse.Namespace) -> int:
-    url = check_address(resolve_address(args.address), args.insecure)
-    client = connect(args.address, args.insecure)
-    if not args.follow:
-        sys.stdout.write(_call(client.get_job_logs, args.job_id, url=url, job_id=args.job_id))
-        sys.stdout.flush()
-        return 0
-    started = _job_start_time(client, args.job_id, url)
-    try:
-        status = follow(client, args.job_id, url, started=started)
-    except KeyboardInterrupt:
-        print(f"\n[comet-ray] stopped following {args.job_id}; it keeps running", file=sys.stderr)
-        return 130
-    print(f"[comet-ray] job {args.job_id} {status}", file=sys.stderr)
-    return exit_code(status)
-
-
-def cmd_stop(args: argparse.Namespace) -> int:
-    url = check_address(resolve_address(args.address), args.insecure)
-    client = connect(args.address, args.insecure)
-    stopped = _call(client.stop_job, args.job_id, url=url, job_id=args.job_id)
-    if stopped:
-        print(f"stop requested for job {args.job_id}")
-    else:
-        status = _call(client.get_job_status, args.job_id, url=url, job_id=args.job_id)
-        print(f"job {args.job_id} already finished ({status})")
-    return 0
 
 
 def push_results(local: str, destination: str, s3_endpoint: str | None = None) -> int:
@@ -604,79 +462,6 @@ def push_results(local: str, destination: str, s3_endpoint: str | None = None) -
     summary = upload_tree(local, destination, s3_endpoint, False, 8, progress=False)
     print(summary.line(), flush=True)
     return 0
-
-
-def run_command(argv: list[str]) -> int:
-    """Run a comet-ray command line (``train ...``) and, when ``COMET_RAY_RESULTS_URI`` is set, copy its
-    ``--out`` folder there afterwards. Used by ``jobs/train.py`` / ``jobs/sweep.py`` (RayJob entrypoints)."""
-    from comet_ray.cli import main
-
-    code = main(argv)
-    uri = os.environ.get(RESULTS_URI_ENV, "").strip()
-    out = option_value(argv, "--out")
-    if code == 0 and uri and out and not out.startswith("s3://"):
-        try:
-            return push_results(out, results_destination(out, uri), os.environ.get("AWS_ENDPOINT_URL"))
-        except CometError as exc:
-            print(f"comet-ray: error: {exc}", file=sys.stderr)
-            return 2
-    return code
-
-
-def _add_connection_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default=None,
-                        help=f"job API of the cluster (env RAY_ADDRESS; default {DEFAULT_ADDRESS}, "
-                             "the local end of `ray dashboard` / `kubectl port-forward`)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="allow a plain-http address that is not loopback (code and token travel unencrypted)")
-
-
-def register(subparsers) -> None:
-    """Add ``comet-ray submit``, ``status``, ``logs`` and ``stop`` to the CLI's subparsers."""
-    submit = subparsers.add_parser(
-        "submit", help="run a comet-ray command on a Ray cluster (Ray Jobs API) and stream its output",
-        usage="comet-ray submit [options] -- COMMAND [ARGS ...]",
-        description="Upload this project and run `python -m comet_ray COMMAND ARGS` as a Ray job. "
-                    "Exit status: 0 when the job SUCCEEDED, 1 when it FAILED or was STOPPED.",
-    )
-    _add_connection_options(submit)
-    submit.add_argument("--no-wait", action="store_true", help="print the job id and return after submitting")
-    submit.add_argument("--runtime-env", default=None, metavar="FILE",
-                        help="runtime env YAML/JSON (e.g. jobs/runtime_env.yaml: installs the project with pip on "
-                             "clusters whose image lacks it); the project is added as working_dir unless it sets one")
-    submit.add_argument("--submission-id", default=None, help="job id to use (default: comet-COMMAND-TIME-RANDOM)")
-    submit.add_argument("--entrypoint-num-gpus", type=float, default=0.0,
-                        help="GPUs reserved for the command's own process (1 for a single-GPU `train`; 0 when "
-                             "it starts Ray Train / Tune workers that reserve their own; default 0)")
-    submit.add_argument("--entrypoint-num-cpus", type=float, default=0.0,
-                        help="CPUs reserved for the command's process (default 0)")
-    submit.add_argument("--entrypoint-resources", default=None, metavar="JSON",
-                        help="custom resources the command's process needs, e.g. '{\"job-driver\": 1}' to run "
-                             "it on the node types that offer them rather than on the head (clusters/aws-gpu.yaml)")
-    submit.add_argument("--results-uri", default=None, metavar="S3_URI",
-                        help="after success, copy the --out folder to S3_URI/<name of --out> (from the cluster, "
-                             "with the nodes' IAM role)")
-    submit.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
-                        help="the comet-ray command line to run, e.g. -- train s3://bucket/mvtec --category bottle "
-                             "--out runs/bottle")
-    submit.set_defaults(func=cmd_submit)
-
-    status = subparsers.add_parser("status", help="status of a cluster job")
-    status.add_argument("job_id", help="submission id printed by comet-ray submit")
-    _add_connection_options(status)
-    status.set_defaults(func=cmd_status)
-
-    logs = subparsers.add_parser("logs", help="output of a cluster job")
-    logs.add_argument("job_id", help="submission id printed by comet-ray submit")
-    logs.add_argument("--follow", "-f", action="store_true",
-                      help="keep streaming until the job ends; exit 0/1 like submit")
-    _add_connection_options(logs)
-    logs.set_defaults(func=cmd_logs)
-
-    stop = subparsers.add_parser("stop", help="stop a cluster job")
-    stop.add_argument("job_id", help="submission id printed by comet-ray submit")
-    _add_connection_options(stop)
-    stop.set_defaults(func=cmd_stop)
 
 
 def _main(argv: list[str] | None = None) -> int:

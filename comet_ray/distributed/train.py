@@ -1,7 +1,7 @@
 """Data-parallel CoMet training on Ray Train (V2): one category over N workers, many categories at once.
 
 Before any worker starts, the driver makes sure the category's features are in the shared feature
-cache: the frozen backbone runs as a Ray Data job over every node (``data/streaming.py``: GPU actors
+cache: the frozen backbone runs as a Ray Data job over every node (``features/streaming.py``: GPU actors
 where there are GPUs), whose actors write the entry's parts into the cache themselves; a later run
 finds the entry and extracts nothing. Each worker then reads only its shard of every split from there
 (``Collective.shard_rows``: every N-th image), so it holds 1/N of the features.
@@ -24,7 +24,7 @@ the global batch. (SimpleNet has no pre-BatchNorm biases: they would get pure ro
 that Adam turns into +-lr steps.)
 
 Layout of a run (``storage_path/run_name``) is Ray's; the results (metrics.json, weights.json, ...)
-are written by rank 0 with ``pipeline.write_run`` into ``out``, plus ``attempts.jsonl``: one line per
+are written by rank 0 with ``runfolder.write_run`` into ``out``, plus ``attempts.jsonl``: one line per
 worker start (rank, epoch it resumed at), which shows what a restart redid. On a cluster the nodes
 share no disk, so everything several nodes use lives where all of them reach it: checkpoints under
 ``storage_path``, the feature cache (default ``storage_path/feature_cache``), each worker start's
@@ -39,167 +39,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import re
 import signal
 import threading
 import time
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from comet_ray import jsonfile, storage
-from comet_ray.comet.collective import Collective, TorchDistributedCollective
+from comet_ray.comet.collective import Collective
 from comet_ray.config import TrainConfig
+from comet_ray.distributed.batchnorm import DataParallelCollective
 from comet_ray.distributed.staging import checkpoint_staging, remove_orphaned_staging
-from comet_ray.errors import CometError
+from comet_ray.errors import CometError, remote_error
+from comet_ray.resume import load_epoch_state, save_epoch_state
+from comet_ray.table import format_table
 
-STATE_FILE = "trainer_state.pt"
-HISTORY_FILE = "history.json"
 ATTEMPTS_FILE = "attempts.jsonl"
 ATTEMPTS_DIR = "attempts"
 
-
-# --------------------------------------------------------------------------- cross-worker BatchNorm
-_sync_state = threading.local()
-
-
-@contextmanager
-def _synchronised_statistics():
-    previous = getattr(_sync_state, "active", False)
-    _sync_state.active = True
-    try:
-        yield
-    finally:
-        _sync_state.active = previous
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Differentiable all-reduce (sum): the gradient of a summed statistic is the summed gradient."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad)
-        return grad
-
-
-class CrossWorkerBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics cover the global batch of every worker (CPU/gloo).
-
-    Why not ``nn.SyncBatchNorm``: in this torch (2.14) ``DistributedDataParallel`` refuses a module that
-    contains ``SyncBatchNorm`` unless it is on a GPU ("SyncBatchNorm layers only work with GPU
-    modules"), so CPU data-parallel runs (tests, CPU clusters) need their own. SimpleNet's
-    discriminator normalises the true and fake patches of a whole batch together; with the batch
-    sharded over workers, plain BatchNorm would normalise each shard by its own statistics and N
-    workers would no longer compute what one process computes.
-
-    Forward in training mode, inside the data-parallel wrapper only: all-reduce (per-channel sum,
-    row count), then all-reduce the per-channel sum of squared deviations from the global mean (two
-    passes, numerically like the single-process kernel), normalise with the biased variance, and move
-    the running statistics with the unbiased one, as ``BatchNorm1d`` does. Both all-reduces are
-    differentiable, so gradients through the statistics are exact too.
-
-    It synchronises only while a forward runs through ``SyncingDistributedDataParallel`` (the main
-    phase, where every rank runs the same steps in lockstep). The meta phase's private copies
-    (``CometTrainer._local_copy``) and evaluation call the module directly, on one rank's tasks only,
-    and so must not enter a collective: there it is plain BatchNorm1d.
-    """
-
-    @classmethod
-    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> CrossWorkerBatchNorm:
-        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-        new.load_state_dict(bn.state_dict())
-        new.train(bn.training)
-        tensors = [*bn.parameters(), *bn.buffers()]
-        return new.to(tensors[0].device) if tensors else new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (
-            self.training
-            and getattr(_sync_state, "active", False)
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size() > 1
-        ):
-            return super().forward(x)
-        self._check_input_dim(x)
-        dims = [0, *range(2, x.dim())]
-        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
-        local_count = x.numel() // max(x.shape[1], 1)
-        sums = _AllReduceSum.apply(torch.cat([x.sum(dims), x.new_tensor([float(local_count)])]))
-        count = sums[-1].detach()
-        mean = sums[:-1] / count
-        centered = x - mean.view(shape)
-        var = _AllReduceSum.apply(centered.square().sum(dims)) / count
-        y = centered * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                tracked = float(self.num_batches_tracked)
-                momentum = self.momentum if self.momentum is not None else 1.0 / tracked
-                n = float(count)
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
-                unbiased = var.detach() * (n / max(n - 1.0, 1.0))
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
-        return y
-
-
-def convert_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm1d in ``module`` by ``CrossWorkerBatchNorm`` in place (root included)."""
-    if isinstance(module, nn.BatchNorm1d) and not isinstance(module, CrossWorkerBatchNorm):
-        return CrossWorkerBatchNorm.from_batchnorm(module)
-    for name, child in list(module.named_children()):
-        converted = convert_batchnorm(child)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module
-
-
-class SyncingDistributedDataParallel(DistributedDataParallel):
-    """DDP whose forward switches ``CrossWorkerBatchNorm`` to cross-worker statistics."""
-
-    def forward(self, *args, **kwargs):
-        with _synchronised_statistics():
-            return super().forward(*args, **kwargs)
-
-
-class DataParallelCollective(TorchDistributedCollective):
-    """``TorchDistributedCollective`` that makes BatchNorm cross-worker before wrapping in DDP.
-
-    The conversion happens in ``wrap_model``, i.e. inside ``CometTrainer.__init__`` before the
-    optimisers are built and before any state is loaded, and mutates the model in place, so the model
-    ``train_category`` evaluates and saves is the converted one (same state-dict keys as plain
-    BatchNorm, so saved detectors load as plain SimpleNet). On CUDA it uses ``nn.SyncBatchNorm``
-    (which the core's ``_local_copy`` already turns back into plain BatchNorm for the meta phase).
-    """
-
-    def wrap_model(self, module: nn.Module) -> nn.Module:
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        if self.world_size <= 1:
-            return module  # nothing to average: DDP's per-step bucket copies would be pure cost
-        if self.device.type == "cuda":
-            converted = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-            if converted is not module:  # only when the root itself is a BatchNorm
-                raise ValueError("the detector's root module must not be a BatchNorm layer")
-            return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)
-        if convert_batchnorm(module) is not module:
-            raise ValueError("the detector's root module must not be a BatchNorm layer")
-        return SyncingDistributedDataParallel(module, device_ids=None, forward_sync_buffers=False)
 
 
 # --------------------------------------------------------------------------- the per-worker loop
@@ -238,92 +99,100 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from comet_ray.comet.trainer import EpochLog
-    from comet_ray.evaluate import validation_auroc
-    from comet_ray.pipeline import prepare_data, train_category, write_run
+    from comet_ray.pipeline import prepare_data, train_category
 
     torch.set_num_threads(int(loop_config["torch_threads"]))
     remove_orphaned_staging()  # left on this node by a worker killed mid-checkpoint
     config = TrainConfig.from_dict(loop_config["train_config"])
-    out = loop_config["out"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
-    collective: Collective = (
-        DataParallelCollective(device) if dist.is_available() and dist.is_initialized() else Collective()
-    )
-
-    trainer_state, history = None, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            trainer_state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-            history_path = Path(directory) / HISTORY_FILE
-            if history_path.exists():
-                history = json.loads(history_path.read_text())
-    start_epoch = int(trainer_state["epoch"]) if trainer_state is not None else 0
-    attempts = loop_config["attempts"]
-    start = {"rank": rank, "world_size": world, "start_epoch": start_epoch, "pid": os.getpid()}
-
-    finished = _complete_outputs(out, config.epochs) if start_epoch >= config.epochs else None
-    if finished is not None:
-        _record_attempt(attempts, start)
-        # A finished run whose results are already in ``out``: neither retrain nor rewrite them
-        # (only attempts.jsonl gains this start's lines, once every rank has recorded its own).
-        collective.barrier()
-        if rank == 0:
-            storage.write_text(storage.join(out, ATTEMPTS_FILE), _gathered_attempts(attempts))
-        ray.train.report({"done": True, "already_complete": True, **_plain(finished)})
-        return _plain(finished) if rank == 0 else None
+    collective = DataParallelCollective(device) if dist.is_available() and dist.is_initialized() else Collective()
+    trainer_state, history = _restore(ray.train.get_checkpoint())
+    start = {"rank": rank, "world_size": collective.world_size, "pid": os.getpid(),
+             "start_epoch": int(trainer_state["epoch"]) if trainer_state is not None else 0}
+    if start["start_epoch"] >= config.epochs and (finished := _complete_outputs(loop_config["out"], config.epochs)):
+        return _report_finished(loop_config, start, finished, collective)
 
     # The driver extracted the features into the cache; this worker reads its shard of every split.
     data = prepare_data(config, device, features=loop_config["features"], collective=collective)
     say_feature_origin(data, f"rank {rank}")
-    _record_attempt(attempts, {**start, "feature_bytes": data.feature_bytes})
-
-    kill_at = loop_config.get("kill_at_epoch")
-    kill_rank = int(loop_config.get("kill_rank", 0))
-    kill_marker = loop_config.get("kill_marker")
-
-    def on_epoch_end(trainer, log: EpochLog) -> None:
-        # Each rank's loss is its shard's share times world; their mean is the global batch loss.
-        loss = collective.all_reduce_sum(torch.tensor([log.loss], dtype=torch.float64))
-        log.loss = float(loss[0]) / collective.world_size
-        metrics = {"epoch": log.epoch, "loss": log.loss, "lambda": log.lam, "mean_weight": log.mean_weight}
-        # Every worker scores its shard of the validation split; rank 0 reports.
-        auroc = validation_auroc(trainer.model, data.validation, data.validation_labels, device, config.precision,
-                                 collective)
-        if rank == 0:
-            metrics["validation_image_auroc"] = log.extra["validation_image_auroc"] = auroc
-            history.append({**log.to_dict(), "finished_at": time.time(), "process_cpu_s": time.process_time()})
-            with checkpoint_staging() as tmp:
-                torch.save(trainer.state_dict(), Path(tmp) / STATE_FILE)
-                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                    checkpoint_dir_name=f"epoch_{log.epoch:04d}",
-                )
-        else:
-            ray.train.report(metrics)
-        if kill_at is not None and log.epoch == int(kill_at) and rank == kill_rank:
-            if kill_marker and not os.path.exists(kill_marker):
-                # Wait until the controller has registered this epoch's checkpoint, so the restart
-                # resumes from it (a report still queued in the dying process would be lost).
-                ray.train.get_all_reported_checkpoints(timeout_s=120)
-                Path(kill_marker).write_text(f"killed rank {rank} at epoch {log.epoch}\n")
-                os.kill(os.getpid(), signal.SIGKILL)
-
+    _record_attempt(loop_config["attempts"], {**start, "feature_bytes": data.feature_bytes})
+    reporter = RayTrainReporter(data, config.precision, device, collective, history, loop_config["epoch_callbacks"])
     # Every rank ends with the same model: only rank 0, which writes the results, evaluates it.
-    result = train_category(config, data, device, collective, on_epoch_end, trainer_state, evaluate=rank == 0)
+    result = train_category(config, data, device, collective, reporter, trainer_state, evaluate=rank == 0)
     if rank == 0:
-        result = dataclasses.replace(result, epochs=[_EpochRecord(e) for e in history])
-        result.metrics["resumed_from_epoch"] = start_epoch
-        with storage.staged(out) as local:  # out itself, or a local folder uploaded to s3:// at the end
-            write_run(str(local), config, data, result)
-            (local / ATTEMPTS_FILE).write_text(_gathered_attempts(attempts))
+        _write_results(loop_config, config, data, result, history, start["start_epoch"])
     ray.train.report({"done": True, **_plain(result.metrics)})
     return _plain(result.metrics) if rank == 0 else None  # the driver's Result.return_value
+
+
+class RayTrainReporter:
+    """The per-epoch ``on_epoch_end(trainer, log)`` of a Ray Train worker: the global batch loss, the
+    validation AUROC (every worker scores its shard), and one ``ray.train.report`` per epoch, rank 0's
+    with the checkpoint (:func:`comet_ray.resume.save_epoch_state`); then ``epoch_callbacks``."""
+
+    def __init__(self, data, precision: str, device: torch.device, collective: Collective, history: list[dict],
+                 epoch_callbacks: list[Callable] | None = None) -> None:
+        self.data, self.precision, self.device, self.collective = data, precision, device, collective
+        self.history = history  # rank 0: every epoch so far, restored ones included
+        self.epoch_callbacks = list(epoch_callbacks or [])
+
+    def __call__(self, trainer, log) -> None:
+        import ray.train
+
+        from comet_ray.evaluate import validation_auroc
+
+        # Each rank's loss is its shard's share times world; their mean is the global batch loss.
+        loss = self.collective.all_reduce_sum(torch.tensor([log.loss], dtype=torch.float64))
+        log.loss = float(loss[0]) / self.collective.world_size
+        metrics = {"epoch": log.epoch, "loss": log.loss, "lambda": log.lam, "mean_weight": log.mean_weight}
+        auroc = validation_auroc(trainer.model, self.data.validation, self.data.validation_labels, self.device,
+                                 self.precision, self.collective)
+        if self.collective.rank == 0:
+            metrics["validation_image_auroc"] = log.extra["validation_image_auroc"] = auroc
+            self.history.append({**log.to_dict(), "finished_at": time.time(), "process_cpu_s": time.process_time()})
+            with checkpoint_staging() as tmp:
+                save_epoch_state(tmp, trainer.state_dict(), self.history)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"epoch_{log.epoch:04d}")
+        else:
+            ray.train.report(metrics)
+        for callback in self.epoch_callbacks:  # after the report: e.g. a test's fault, once the checkpoint is out
+            callback(trainer, log)
+
+
+def _restore(checkpoint) -> tuple[dict | None, list[dict]]:
+    """(trainer state, epoch history) of the newest checkpoint; (None, []) on a first start."""
+    if checkpoint is None:
+        return None, []
+    with checkpoint.as_directory() as directory:
+        trainer_state, history = load_epoch_state(directory)
+    return trainer_state, history or []
+
+
+def _report_finished(loop_config: dict, start: dict, finished: dict, collective: Collective) -> dict | None:
+    """A finished run whose results are already in ``out``: neither retrain nor rewrite them (only
+    attempts.jsonl gains this start's lines, once every rank has recorded its own)."""
+    import ray.train
+
+    attempts = loop_config["attempts"]
+    _record_attempt(attempts, start)
+    collective.barrier()
+    if start["rank"] == 0:
+        storage.write_text(storage.join(loop_config["out"], ATTEMPTS_FILE), _gathered_attempts(attempts))
+    ray.train.report({"done": True, "already_complete": True, **_plain(finished)})
+    return _plain(finished) if start["rank"] == 0 else None
+
+
+def _write_results(loop_config: dict, config: TrainConfig, data, result, history: list[dict], start_epoch: int) -> None:
+    """Rank 0: the run folder (``out`` itself, or a local folder uploaded to s3:// at the end)."""
+    from comet_ray.runfolder import write_run
+
+    result = dataclasses.replace(result, epochs=[_EpochRecord(e) for e in history])
+    result.metrics["resumed_from_epoch"] = start_epoch
+    with storage.staged(loop_config["out"]) as local:
+        write_run(str(local), config, data, result)
+        (local / ATTEMPTS_FILE).write_text(_gathered_attempts(loop_config["attempts"]))
 
 
 def say_feature_origin(data, who: str) -> None:
@@ -358,7 +227,7 @@ def fit_distributed(
     torch_threads: int | None = None,
     callbacks: list | None = None,
     worker_feature_memory: int | None = None,
-    **extra_loop_config: Any,
+    epoch_callbacks: list[Callable] | None = None,
 ) -> dict:
     """Train ``config`` data-parallel over ``workers`` Ray Train workers; returns the final metrics.
 
@@ -370,9 +239,9 @@ def fit_distributed(
     to ``config.out`` or ``storage_path/run_name/output``. The features are extracted into the cache
     (a Ray Data job over the cluster) unless they are there already. ``torch_threads`` (per worker)
     defaults to the worker's whole CPUs. ``worker_feature_memory`` (bytes): refuse, before any worker
-    starts, a run in which a worker would hold more features than that. ``extra_loop_config`` goes
-    to the train function unchanged (e.g. the test hooks ``kill_at_epoch``, ``kill_rank``,
-    ``kill_marker``). ``callbacks`` go to ``RunConfig`` (e.g. Tune's ``TuneReportCallback``, which
+    starts, a run in which a worker would hold more features than that. ``epoch_callbacks``: called in
+    every worker as ``callback(trainer, epoch_log)`` after each epoch's report (tests inject faults
+    with them, :mod:`comet_ray.testing.faults`). ``callbacks`` go to ``RunConfig`` (e.g. Tune's ``TuneReportCallback``, which
     forwards the per-epoch reports to the Tune trial that runs this).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -407,7 +276,7 @@ def fit_distributed(
         "attempts": storage.join(storage_path, run_name, ATTEMPTS_DIR),
         "features": storage.join(feature_cache, entry.path.rsplit("/", 1)[-1]),
         "torch_threads": torch_threads or max(1, int(cpus_per_worker)),
-        **extra_loop_config,
+        "epoch_callbacks": list(epoch_callbacks or []),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -448,27 +317,10 @@ def _cluster_nodes() -> int:
     return cluster_nodes() if ray.is_initialized() else 1
 
 
-def format_table(rows: list[dict]) -> str:
+def categories_table(rows: list[dict]) -> str:
     """A plain-text table of per-category results."""
     columns = ("category", "strategy", "image_auroc", "pixel_auroc", "f1_max", "train_seconds")
-    if any("error" in row for row in rows):
-        columns += ("error",)
-    cells = [[c for c in columns]]
-    for row in rows:
-        cells.append(
-            [_cell(row, c) for c in columns]
-        )
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _cell(row: dict, column: str) -> str:
-    value = row.get(column, "")
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"  # undefined (one class of test image): null in metrics.json
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return format_table(rows, columns + (("error",) if any("error" in row for row in rows) else ()))
 
 
 def error_line(exc: BaseException) -> str:
@@ -480,9 +332,9 @@ def error_line(exc: BaseException) -> str:
     if isinstance(exc, CometError):
         return str(exc)
     text = str(exc)
-    found = re.findall(r"comet_ray\.errors\.\w+: (.+)", text)
+    found = remote_error(text)
     if found:
-        return found[-1].strip()
+        return found[1]
     lines = [line for line in text.splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[-1].strip() if lines else ''}".rstrip(": ")
 
@@ -527,4 +379,4 @@ def fit_categories(
 
     results = ray.get([_fit_one.remote(c.to_dict()) for c in configs])
     storage.write_text(summary_path or storage.join(storage_path, "summary.json"), jsonfile.dumps(results, indent=2))
-    return results, format_table(results)
+    return results, categories_table(results)

@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from comet_ray import jsonfile
+from comet_ray.atomic import atomic_path
 from comet_ray.config import ModelConfig, TrainConfig, apply_overrides
 from comet_ray.errors import CometError
 from comet_ray.storage import check_location, is_remote, require_shared, staged
@@ -166,9 +167,11 @@ def run_trial(params: dict[str, Any]) -> None:
         _run_distributed_trial(config, context, start)
         return
 
+    from comet_ray.config import resolve_device
     from comet_ray.distributed.train import say_feature_origin
     from comet_ray.evaluate import validation_auroc
-    from comet_ray.pipeline import prepare_data, resolve_device, train_category
+    from comet_ray.pipeline import prepare_data, train_category
+    from comet_ray.resume import load_epoch_state, save_epoch_state
 
     device = resolve_device(config.device)
     data = prepare_data(config, device, cache_dir=context.get("feature_cache"))
@@ -177,7 +180,7 @@ def run_trial(params: dict[str, Any]) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / "trainer_state.pt", map_location="cpu", weights_only=True)
+            state, _ = load_epoch_state(directory)
     supervised = context["objective"] == "validation"
 
     def on_epoch_end(trainer, log) -> None:
@@ -188,7 +191,7 @@ def run_trial(params: dict[str, Any]) -> None:
         metrics = {"objective": value, "epoch": log.epoch, "loss": log.loss, "lambda": log.lam,
                    "mean_weight": log.mean_weight}
         with tempfile.TemporaryDirectory(prefix="comet-trial-") as tmp:
-            torch.save(trainer.state_dict(), Path(tmp) / "trainer_state.pt")
+            save_epoch_state(tmp, trainer.state_dict())
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     result = train_category(config, data, device, on_epoch_end=on_epoch_end, trainer_state=state)
@@ -483,12 +486,10 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     columns = list(RESULT_COLUMNS)
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def repeat_configs(base: TrainConfig, level: float, knobs: dict[str, dict], seeds: int) -> list[TrainConfig]:
@@ -519,8 +520,9 @@ def _train_once(config_dict: dict, feature_cache: str | None, threads: int) -> t
     and its manifest (which images it trained and reported on)."""
     import torch
 
+    from comet_ray.config import resolve_device
     from comet_ray.distributed.train import say_feature_origin
-    from comet_ray.pipeline import prepare_data, resolve_device, train_category
+    from comet_ray.pipeline import prepare_data, train_category
 
     torch.set_num_threads(threads)
     config = TrainConfig.from_dict(config_dict)
@@ -531,7 +533,8 @@ def _train_once(config_dict: dict, feature_cache: str | None, threads: int) -> t
 
 
 def _extract(config_dict: dict, feature_cache: str) -> None:
-    from comet_ray.pipeline import feature_entry, resolve_device
+    from comet_ray.config import resolve_device
+    from comet_ray.pipeline import feature_entry
 
     config = TrainConfig.from_dict(config_dict)
     _, origin = feature_entry(config, feature_cache, resolve_device(config.device))
@@ -674,75 +677,3 @@ def sweep(base: TrainConfig, settings: SweepSettings) -> dict:
 
 
 # --------------------------------------------------------------------------- command line
-def register(subparsers) -> None:
-    """``comet-ray tune``: the sweep, with the training options of ``comet-ray train``."""
-    import argparse
-
-    from comet_ray.cli import _add_training_options
-
-    parser = subparsers.add_parser(
-        "tune", help="Optuna + ASHA sweep of the CoMet knobs per contamination level (Ray Tune)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    _add_training_options(parser, contamination_list=True)
-    parser.add_argument("--trials", type=int, default=32, help="Optuna trials per contamination level")
-    parser.add_argument("--objective", choices=("validation", "unsupervised"), default="validation",
-                        help="validation: image AUROC on the validation split; unsupervised: training loss, no labels")
-    parser.add_argument("--space", default=None, help=f"search-space YAML (default: {DEFAULT_SPACE.name} in the package)")
-    parser.add_argument("--seeds", type=int, default=3,
-                        help="repeat baseline and the best configuration per level over this many training seeds, "
-                             "on the split they were selected on (0: skip)")
-    parser.add_argument("--search-seed", type=int, default=0, help="seed of the Optuna sampler")
-    parser.add_argument("--storage-path", default=None,
-                        help="Tune storage and feature cache (local folder or s3://; s3:// on a cluster of several "
-                             "nodes); default OUT/.ray; same path = resume")
-    parser.add_argument("--workers", type=int, default=0, help="Ray Train workers per trial (0: train in the trial process)")
-    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved for each trial process")
-    parser.add_argument("--gpus-per-trial", type=float, default=None,
-                        help="GPUs for each in-process trial (and repeat); default: 1 when the cluster has, or can "
-                             "autoscale, GPU nodes, else 0")
-    parser.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs per Ray Train worker")
-    parser.add_argument("--gpus-per-worker", type=float, default=None,
-                        help="GPUs per Ray Train worker; default: 1 when the cluster has, or can autoscale, a GPU "
-                             "for every worker of a trial, else 0")
-    parser.add_argument("--max-concurrent-trials", type=int, default=None, help="default: derived from the cluster's resources")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    parser.add_argument("--out", required=True,
-                        help="folder or s3://bucket/prefix: results.csv, rho_*/best.json, seeds.csv, contamination.png")
-    parser.set_defaults(func=_cmd_tune)
-
-
-def _cmd_tune(args) -> int:
-    from comet_ray.distributed.connect import init_ray
-    from comet_ray.distributed.resources import auto_gpus
-    from comet_ray.pipeline import check_trainable
-
-    levels = [float(x) for x in str(args.contamination).split(",") if x.strip()]
-    args.contamination = 0.0
-    base = _base_config(args)
-    check_trainable(base, s3_endpoint=args.s3_endpoint)  # one line now, not an error in every trial
-    out = check_location(args.out, "--out")
-    init_ray(args.address, log_to_driver=False)
-    workers = args.workers
-    settings = SweepSettings(
-        levels=levels, trials=args.trials, objective=args.objective, space_file=args.space,
-        storage_path=args.storage_path or join_location(out, ".ray"), out=out, search_seed=args.search_seed,
-        seeds=args.seeds, workers=workers, cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=auto_gpus(args.gpus_per_trial) if workers == 0 else (args.gpus_per_trial or 0.0),
-        cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=auto_gpus(args.gpus_per_worker, workers) if workers > 0 else 0.0,
-        max_concurrent_trials=args.max_concurrent_trials, feature_cache=args.cache_dir,
-    )
-    summary = sweep(base, settings)
-    for key, label in (("best_baseline", "baseline"), ("best", "CoMet")):
-        for level, row in sorted(summary[key].items(), key=lambda kv: float(kv[0])):
-            print(f"rho {level}: best {label} validation objective {row['objective']:.4f} "
-                  f"-> test image AUROC {row.get('test_image_auroc')}")
-    print(f"results in {args.out}")
-    return 0
-
-
-def _base_config(args) -> TrainConfig:
-    from comet_ray.cli import _train_config
-
-    return _train_config(args)

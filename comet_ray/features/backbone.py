@@ -77,7 +77,7 @@ def _imagenet_state_dict(name: str, allow_download: bool) -> tuple[dict | None, 
         return None, f"not in the torch hub cache ({cached})"
     try:
         return weights_enum.get_state_dict(progress=False), weights_enum.url
-    except Exception as exc:  # no network, proxy, hub down: all mean "no weights", handled loudly below
+    except Exception as exc:  # noqa: BLE001 - no network, proxy, hub down: all mean "no weights", handled loudly below
         return None, f"download failed ({type(exc).__name__}: {exc})"
 
 
@@ -99,7 +99,7 @@ def build_backbone(
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a bad weights file is one line
             raise CometError(f"cannot load backbone weights {weights}: {exc}") from None
         source = weights
     elif pretrained:

@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING
 from comet_ray.errors import CometError
 
 if TYPE_CHECKING:  # torch is imported by the detectors themselves: `comet-ray --help` stays instant
-    from torch import nn
+    from comet_ray.models.protocol import Detector
 
 MODELS = ("simplenet", "flow", "knn")
 
 
 def build_detector(
     name: str, feature_dim: int, model_config, grid: tuple[int, int] | None = None, train_store=None
-) -> nn.Module:
+) -> Detector:
     """Build a detector from ``ModelConfig``; the only place that knows the concrete classes.
 
     ``train_store`` (the training features) sets what the detector measures on its data before
@@ -59,7 +59,7 @@ def build_detector(
     raise CometError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
-def detector_from_hparams(name: str, hparams: dict) -> nn.Module:
+def detector_from_hparams(name: str, hparams: dict) -> Detector:
     """Rebuild a detector from the hyperparameters stored in a checkpoint."""
     if name == "simplenet":
         from comet_ray.models.simplenet import SimpleNet

@@ -20,7 +20,7 @@ def topk_mean(patch_scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def gaussian_kernel(sigma: float, device: torch.device) -> torch.Tensor:
-    radius = int(math.ceil(4 * sigma))
+    radius = math.ceil(4 * sigma)
     x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
     kernel = torch.exp(-(x**2) / (2 * sigma**2))
     return kernel / kernel.sum()

@@ -4,6 +4,9 @@ A detector maps cached patch features [B, P, D] to per-patch training losses and
 scores. CoMet needs nothing else: SCL weights the per-sample (or per-patch) losses, meta-learning
 adapts copies of the parameters, and lambda(Sigma) regularises ``regularised_parameters``. SimpleNet
 and the normalizing flow both implement it, so neither the strategy nor Ray knows which one it trains.
+
+Every detector is also a ``torch.nn.Module`` (eval/train modes, parameters, state dicts); every signature
+that takes or returns one says ``Detector``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Helpers for tests and benchmarks (a local S3-compatible server, tiny settings); not used by runs themselves."""
 
+import csv
 import os
+from pathlib import Path
 
 # Every test and benchmark keeps its services on 127.0.0.1 and quiet: explicit (disabled) Ray auth,
 # no usage stats, single-node Ray on loopback, no cloud metadata probes, no model-hub download.
@@ -25,3 +27,9 @@ TINY_TRAIN_ARGS: list[str] = [
     "--epochs", "2", "--passes", "1", "--set", "discriminator_hidden=32", "--set", "noise_std=0.1",
     "--set", "inner_steps=1", "--set", "meta_tasks=2", "--device", "cpu",
 ]
+
+
+def csv_rows(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a CSV file comet-ray wrote (predictions.csv, results.csv, ...), as dicts."""
+    with open(Path(path), newline="") as handle:
+        return list(csv.DictReader(handle))

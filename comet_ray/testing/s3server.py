@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 FAKE_ACCESS_KEY = "AKIAFAKETESTKEY00001"
 FAKE_SECRET_KEY = "fakeTestSecretKey/000000000000000000000001"  # 40 characters, never a real key
@@ -130,7 +131,7 @@ class SeaweedServer:
             ]
             args += [f"-{name.replace('.grpc', '.port.grpc') if '.grpc' in name else name + '.port'}={port}"
                      for name, port in self.ports.items()]
-            log = open(self.log_path, "ab")
+            log = open(self.log_path, "ab")  # noqa: SIM115 - the server's output for its lifetime
             try:
                 self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                 cwd=self.directory, start_new_session=True)
@@ -155,7 +156,7 @@ class SeaweedServer:
                     client = client or self.client()
                     client.list_buckets()
                     return
-                except Exception:  # not ready yet: filer or IAM still starting
+                except Exception:  # noqa: BLE001, S110 - not ready yet: filer or IAM still starting
                     pass
             time.sleep(0.25)
         raise RuntimeError(f"weed mini not ready after {timeout:.0f}s: {self._log_tail()}")
@@ -195,7 +196,7 @@ class SeaweedServer:
             count += 1
         return count
 
-    def __enter__(self) -> SeaweedServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -260,9 +261,8 @@ class FlakyProxy:
         return self
 
     def _serve(self) -> None:
-        if self.down_for:
-            if self._stop.wait(self.down_for):
-                return
+        if self.down_for and self._stop.wait(self.down_for):
+            return
         server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         server.bind(("127.0.0.1", self.port))
@@ -317,7 +317,7 @@ class FlakyProxy:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> FlakyProxy:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,14 +51,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
-import torchvision.transforms.v2.functional as TF
-from torchvision.transforms import InterpolationMode
 
 from comet_ray.config import FeatureConfig
-from comet_ray.data.images import IMAGENET_MEAN, IMAGENET_STD, _load_mask, decode_image, resize_size
+from comet_ray.data.images import _load_mask, crop_image, decode_image, normalise_images
 from comet_ray.data.layout import Sample, open_dataset_filesystem, read_bytes
 from comet_ray.data.s3 import is_s3_uri, parse_s3_uri, public_s3_uri, s3_filesystem, storage_error
-from comet_ray.errors import CometError, ImageDecodeError, StorageError
+from comet_ray.errors import CometError, ImageDecodeError, StorageError, remote_error
 from comet_ray.features.entry import PARTS_DIR, EntryIndex, FeatureEntry, as_numpy, part_name, write_part
 from comet_ray.features.extractor import ExtractedSplit, PatchFeatureExtractor, cache_location, read_split
 from comet_ray.features.store import FeatureStore, storage_dtype
@@ -132,23 +129,6 @@ def _filesystem_for(uri: str, storage: StorageSpec) -> pafs.FileSystem:
 # --- preprocessing split in two (uint8 crop in decode tasks, normalisation in the actor) ----------
 
 
-def crop_uint8(img, image_size: int) -> np.ndarray:
-    """RGB PIL image -> uint8 ``[3, S, S]``: the resize and crop of ``preprocess_image``, before scaling.
-
-    Shipping uint8 instead of float32 makes the object-store traffic 4x smaller; together with
-    :func:`normalise_uint8` this is exactly ``preprocess_image`` (tested bit for bit).
-    """
-    tensor = TF.pil_to_tensor(img)
-    tensor = TF.resize(tensor, [resize_size(image_size)], InterpolationMode.BILINEAR, antialias=True)
-    return TF.center_crop(tensor, [image_size, image_size]).contiguous().numpy()
-
-
-def normalise_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B, 3, S, S]`` -> ImageNet-normalised float32 (the tail of ``preprocess_image``)."""
-    tensor = TF.to_dtype(images, torch.float32, scale=True)
-    return TF.normalize(tensor, list(IMAGENET_MEAN), list(IMAGENET_STD)).contiguous()
-
-
 # --- pipeline stages -----------------------------------------------------------------------------
 
 _SAMPLE_FIELDS = ("sample_id", "category", "split", "uri", "defect", "mask_uri", "injected")
@@ -190,7 +170,7 @@ def _decode_batch(batch: dict[str, np.ndarray], image_size: int, with_masks: boo
         except ImageDecodeError as exc:
             errors[i] = exc.reason
             return
-        images[i] = crop_uint8(img, size)
+        images[i] = crop_image(img, size).numpy()
         ok[i] = True
         if not with_masks:
             return
@@ -255,7 +235,7 @@ class FeatureActor:
             for start in range(0, len(images), self.batch_size):
                 # uint8 goes to the device (4x less to copy than float32); normalised there
                 chunk = images[start : start + self.batch_size].to(self.extractor.device, non_blocking=True)
-                chunk = normalise_uint8(chunk)
+                chunk = normalise_images(chunk)
                 parts.append(self.extractor(chunk).to("cpu", self.dtype))
             features = as_numpy(torch.cat(parts))
         if self.output is not None:
@@ -537,9 +517,6 @@ def _run(action):
         raise found from None
 
 
-_WORKER_ERROR = re.compile(r"comet_ray\.errors\.(\w+): ([^\n]+)")
-
-
 def _find_comet_error(exc: BaseException | None, depth: int = 0) -> CometError | None:
     """The CometError behind a Ray task failure, as a fresh one-line exception of the same kind.
 
@@ -557,10 +534,10 @@ def _find_comet_error(exc: BaseException | None, depth: int = 0) -> CometError |
             if found is not None:
                 return found
     if depth == 0:
-        matches = _WORKER_ERROR.findall(str(exc))
-        if matches:
-            kind, message = matches[-1]
-            return StorageError(message.strip()) if kind == "StorageError" else CometError(message.strip())
+        found = remote_error(str(exc))
+        if found:
+            kind, message = found
+            return StorageError(message) if kind == "StorageError" else CometError(message)
     return None
 
 
@@ -687,6 +664,6 @@ def object_store_bytes() -> dict[str, Any]:
             if "Spilled" in line and "MiB" in line:
                 info["spilled_mib"] = float(line.split("Spilled")[1].split("MiB")[0].strip())
                 break
-    except Exception:  # best effort: internal API
+    except Exception:  # noqa: BLE001, S110 - best effort: internal API
         pass
     return info

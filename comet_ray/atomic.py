@@ -1,0 +1,60 @@
+"""Files and folders that are either the old version or the new one, never half written.
+
+Every local file comet-ray writes for a user (run folders, reports, exported graphs, checkpoints,
+predictions) goes through here: written beside its target under a temporary name, then renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``target``; moved onto it when the block succeeds, removed otherwise.
+
+    The file gets the permissions a plain ``open`` would give it (not ``mkstemp``'s 0600). ``fsync``:
+    flush it to disk before the rename (checkpoints: a crash right after must not leave an empty file).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(target: str | os.PathLike, text: str, newline: str | None = None) -> Path:
+    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8", newline=newline) as handle:
+        handle.write(text)
+    return Path(target)
+
+
+def write_bytes(target: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return Path(target)
+
+
+def publish_folder(staging: Path, target: Path) -> None:
+    """Move every item of ``staging`` into ``target`` (a folder already there under the same name is replaced)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for item in staging.iterdir():
+        if (target / item.name).is_dir():
+            shutil.rmtree(target / item.name)
+        os.replace(item, target / item.name)
