@@ -470,7 +470,8 @@ def tune_level(base: TrainConfig, level: float, settings: SweepSettings, strateg
             "strategy": strategy,
             "trial_id": metrics.get("trial_id", ""),
             "objective": metrics.get("objective") if finished else None,
-            **{k: metrics.get(k) for k in ("validation_aupro", "final_loss", "split_seed")},
+            **{k: metrics.get(k) for k in ("validation_aupro", "final_loss")},
+            "split_seed": config.data_seed,  # every trial of a level, stopped early or not, uses this split
             "epochs_run": metrics.get("training_iteration"),
             "seconds": metrics.get("seconds", metrics.get("time_total_s")),
             **{k: metrics.get(k) for k in ("test_image_auroc", "test_pixel_auroc", "test_aupro", "test_f1_max")},
