@@ -81,7 +81,7 @@ def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResu
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
         config_dict = config.to_dict()
-        config_dict["data_root"] = public_s3_uri(config.data_root)
+        config_dict.update(data_root=public_s3_uri(config.data_root), out=public_s3_uri(config.out))
         (staging / "metrics.json").write_text(jsonfile.dumps(result.metrics, indent=2))
         (staging / "manifest.json").write_text(jsonfile.dumps(data.manifest, indent=2))
         (staging / "history.json").write_text(jsonfile.dumps([e.to_dict() for e in result.epochs], indent=2))

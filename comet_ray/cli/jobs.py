@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from comet_ray.cli.credentials import SUBMIT_NOTICE, strip_arguments, strip_value
+from comet_ray.data.s3 import public_s3_uri
 from comet_ray.distributed import submit
 from comet_ray.errors import CometError
 
@@ -24,7 +26,11 @@ def _address_flag(args: argparse.Namespace) -> str:
 def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
-    command = submit.command_args(args.command, getattr(args, "commands", None))
+    command, found = strip_arguments(submit.command_args(args.command, getattr(args, "commands", None)))
+    results_uri, results_keys = strip_value(args.results_uri) if args.results_uri else (None, None)
+    if found or results_keys:
+        print(f"[comet-ray] {SUBMIT_NOTICE}", file=err, flush=True)
+    args.results_uri = results_uri
     if args.results_uri and not args.results_uri.startswith("s3://"):
         raise CometError(f"--results-uri must be s3://bucket/prefix, got {args.results_uri}")
     if args.results_uri and submit.option_value(command, "--out") is None:
@@ -44,7 +50,7 @@ def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
     metadata = {"comet_ray_command": command[0]}
     out_dir = submit.option_value(command, "--out")
     if out_dir:
-        metadata["out"] = out_dir
+        metadata["out"] = public_s3_uri(out_dir)
     shipped = runtime_env.get("working_dir") or ", ".join(runtime_env.get("py_modules") or [])
     print(f"[comet-ray] uploading {shipped} to {url} (without {', '.join(submit.DEFAULT_EXCLUDES[:3])}, ...)",
           file=err, flush=True)
@@ -173,7 +179,7 @@ def register(subparsers) -> None:
     submit_parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
                                help="the comet-ray command line to run, e.g. -- train s3://bucket/mvtec --category bottle "
                                     "--out runs/bottle")
-    submit_parser.set_defaults(func=cmd_submit)
+    submit_parser.set_defaults(func=cmd_submit, remote_command=True)  # see comet_ray.cli.credentials
 
     status = subparsers.add_parser("status", help="status of a cluster job")
     status.add_argument("job_id", help="submission id printed by comet-ray submit")

@@ -8,8 +8,10 @@ Listing and reading (``pyarrow.fs.S3FileSystem``), the Ray Data pipeline and ``c
 * **region**: ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else the SDK's own default (profile config);
   on AWS itself, with no region configured, the bucket's region is looked up;
 * **credentials**: the standard AWS chain (environment variables, ``AWS_PROFILE`` / shared
-  credentials file, ...), never command-line arguments. ``s3://KEY:SECRET@bucket/prefix`` works as
-  pyarrow accepts it, but such a URI is never written anywhere (see :func:`public_s3_uri`);
+  credentials file, ...), never command-line arguments. ``s3://KEY:SECRET@bucket/prefix`` works: the
+  CLI takes the keys out of it once (``comet_ray.cli.credentials``) into ``AWS_ACCESS_KEY_ID`` /
+  ``AWS_SECRET_ACCESS_KEY`` and hands on the URI without them; whatever is stored, printed or given to
+  Ray goes through :func:`public_s3_uri`;
 * **retries**: transient failures (5xx, throttling, connection refused or reset) are retried with
   exponential backoff, ``COMET_RAY_S3_MAX_ATTEMPTS`` attempts in all (default 4);
 * **errors**: missing bucket, denied credentials and an unreachable endpoint become one
@@ -70,15 +72,40 @@ def is_s3_uri(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def split_userinfo(uri: str) -> tuple[str, str]:
+    """``(uri without its user info, the user info)``; ``""`` when it has none. Query and path are kept.
+
+    Any ``scheme://user[:secret]@host/...``. For ``s3://`` a raw ``/`` inside the secret (AWS secrets may
+    hold one) still counts as user info: no bucket name holds ``:``, so ``s3://KEY:ab/cd@bucket`` is
+    ``KEY:ab/cd`` at ``bucket``.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep or len(scheme) < 2 or not scheme.replace("+", "").replace(".", "").replace("-", "").isalnum():
+        return uri, ""
+    end = min([i for i in (rest.find("?"), rest.find("#")) if i >= 0], default=len(rest))
+    authority = rest.find("/", 0, end)
+    authority = end if authority < 0 else authority
+    at = rest.rfind("@", 0, authority)
+    if at < 0 and scheme.lower() == "s3" and ":" in rest[:authority]:
+        at = rest.find("@", authority, end)
+    if at < 0:
+        return uri, ""
+    return f"{scheme}://{rest[at + 1:]}", rest[:at]
+
+
+def uri_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """``(uri without user info, access key, secret key)``; the keys URL-decoded, None when absent."""
+    stripped, userinfo = split_userinfo(uri)
+    access_key, _, secret_key = userinfo.partition(":")
+    return stripped, unquote(access_key) or None, unquote(secret_key) or None
+
+
 def parse_s3_uri(uri: str) -> S3Location:
     if not is_s3_uri(uri):
         raise StorageError(f"not an s3:// URI: {public_s3_uri(uri)}")
-    parts = urlsplit(uri)
-    userinfo, _, bucket = parts.netloc.rpartition("@")
-    access_key = secret_key = None
-    if userinfo:
-        access_key, _, secret_key = userinfo.partition(":")
-        access_key, secret_key = unquote(access_key) or None, unquote(secret_key) or None
+    stripped, access_key, secret_key = uri_credentials(uri)
+    parts = urlsplit(stripped)
+    bucket = parts.netloc
     if not bucket:
         raise StorageError(f"no bucket in {public_s3_uri(uri)}: expected s3://bucket/prefix")
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
@@ -89,12 +116,16 @@ def parse_s3_uri(uri: str) -> S3Location:
 
 
 def public_s3_uri(uri: str) -> str:
-    """``uri`` without user info or query string (which may carry credentials)."""
-    parts = urlsplit(uri)
+    """``uri`` safe to store, print, log or hand to Ray: without user info (credentials) or query string.
+
+    The one place that makes a URI public, for ``s3://`` and any other ``scheme://user:secret@host``;
+    local paths come back as they are.
+    """
+    stripped, _ = split_userinfo(uri)
+    parts = urlsplit(stripped)
     if not parts.scheme or len(parts.scheme) == 1:
         return uri
-    host = parts.netloc.rpartition("@")[2]
-    return f"{parts.scheme}://{host}{parts.path}"
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
 def resolve_endpoint(endpoint: str | None = None) -> str | None:

@@ -1,0 +1,78 @@
+"""Credentials in ``s3://KEY:SECRET@bucket/...`` arguments, taken out once, where the command line is read.
+
+Nothing after this point sees them in a URI: the keys go into this process's environment as the
+standard ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (which the S3 clients here, and the Ray
+workers a local Ray starts, read), and every command gets the URI without them. Run folders,
+checkpoints, Tune's ``param_space`` and printed lines then cannot carry them.
+
+``submit`` is different: its command runs elsewhere, and a job's entrypoint, metadata and runtime env
+are stored by the cluster and shown to anyone who can list jobs. Credentials in its command are removed
+and not sent; the cluster's nodes use their own (instance role, environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from comet_ray.data.s3 import uri_credentials
+from comet_ray.errors import CometError
+
+S3 = "s3://"
+SUBMIT_NOTICE = ("credentials in s3:// URIs are not sent with a job (the cluster stores its command line): "
+                 "they were removed; the cluster's nodes need their own (instance role or environment)")
+
+
+def strip_value(value: str) -> tuple[str, tuple[str | None, str | None] | None]:
+    """``value`` (a URI, or an argument such as ``--out=s3://...`` / ``knob=s3://...``) without the user
+    info of the ``s3://`` URI in it, and ``(access key, secret key)`` when there was some."""
+    head, scheme, tail = value.partition(S3)
+    if not scheme:
+        return value, None
+    stripped, access_key, secret_key = uri_credentials(scheme + tail)
+    if stripped == scheme + tail:
+        return value, None
+    return head + stripped, (access_key, secret_key)
+
+
+def strip_arguments(values: list[str]) -> tuple[list[str], set[tuple[str | None, str | None]]]:
+    """Every value without credentials, and the distinct credentials found."""
+    found: set[tuple[str | None, str | None]] = set()
+    stripped = []
+    for value in values:
+        clean, keys = strip_value(value)
+        stripped.append(clean)
+        if keys:
+            found.add(keys)
+    return stripped, found
+
+
+def take_uri_credentials(args: argparse.Namespace) -> bool:
+    """Remove credentials from every ``s3://`` value of ``args`` (in place) into ``os.environ``.
+
+    One set of keys per command: different keys in two URIs, or a key without its secret, is one line.
+    Returns whether any were found.
+    """
+    found: set[tuple[str | None, str | None]] = set()
+    for name, value in vars(args).items():
+        if isinstance(value, str):
+            clean, keys = strip_value(value)
+            setattr(args, name, clean)
+            found |= {keys} if keys else set()
+        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+            clean_list, keys_found = strip_arguments(value)
+            setattr(args, name, clean_list)
+            found |= keys_found
+    if not found:
+        return False
+    if len(found) > 1:
+        raise CometError("the s3:// URIs carry different credentials; give one set, or none and use "
+                         "AWS_PROFILE / AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    access_key, secret_key = found.pop()
+    if not (access_key and secret_key):
+        raise CometError("an s3://KEY:SECRET@bucket URI needs both the access key and the secret "
+                         "(or neither: AWS_PROFILE / AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+    os.environ["AWS_ACCESS_KEY_ID"] = access_key
+    os.environ["AWS_SECRET_ACCESS_KEY"] = secret_key
+    os.environ.pop("AWS_SESSION_TOKEN", None)  # belongs to other keys
+    return True
