@@ -1,9 +1,10 @@
 """Credentials in ``s3://KEY:SECRET@bucket/...`` arguments, taken out once, where the command line is read.
 
-Nothing after this point sees them in a URI: the keys go into this process's environment as the
-standard ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (which the S3 clients here, and the Ray
-workers a local Ray starts, read), and every command gets the URI without them. Run folders,
-checkpoints, Tune's ``param_space`` and printed lines then cannot carry them.
+Nothing after this point sees them in a URI: the keys go into a private AWS shared-credentials file
+named by this process's environment (``AWS_SHARED_CREDENTIALS_FILE``, ``AWS_PROFILE``: the standard chain
+that the S3 clients here, and the workers of a local Ray it starts, read), and every command gets the
+URI without them. Run folders, checkpoints, Tune's ``param_space`` and printed lines then cannot carry
+them. The file (mode 0600 in a 0700 folder) is removed when the process exits; a killed process leaves it.
 
 ``submit`` is different: its command runs elsewhere, and a job's entrypoint, metadata and runtime env
 are stored by the cluster and shown to anyone who can list jobs. Credentials in its command are removed
@@ -13,12 +14,16 @@ and not sent; the cluster's nodes use their own (instance role, environment).
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
+import tempfile
 
 from comet_ray.data.s3 import uri_credentials
 from comet_ray.errors import CometError
 
 S3 = "s3://"
+PROFILE = "comet-ray-uri"
 SUBMIT_NOTICE = ("credentials in s3:// URIs are not sent with a job (the cluster stores its command line): "
                  "they were removed; the cluster's nodes need their own (instance role or environment)")
 
@@ -72,7 +77,25 @@ def take_uri_credentials(args: argparse.Namespace) -> bool:
     if not (access_key and secret_key):
         raise CometError("an s3://KEY:SECRET@bucket URI needs both the access key and the secret "
                          "(or neither: AWS_PROFILE / AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
-    os.environ["AWS_ACCESS_KEY_ID"] = access_key
-    os.environ["AWS_SECRET_ACCESS_KEY"] = secret_key
-    os.environ.pop("AWS_SESSION_TOKEN", None)  # belongs to other keys
+    use_credentials_file(access_key, secret_key)
     return True
+
+
+def use_credentials_file(access_key: str, secret_key: str) -> str:
+    """Point this process (and the local Ray workers it starts, which inherit its environment) at a private
+    AWS shared-credentials file holding the keys; removed when the process exits. Returns its path.
+
+    Not ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` themselves: Ray Tune copies those from the
+    driver's environment into every trial's runtime env, which Ray's runtime-env agent logs in full
+    (``logs/runtime_env_agent.log``) and sends to a remote cluster. A file path means nothing there.
+    """
+    folder = tempfile.mkdtemp(prefix="comet-ray-aws-")  # mode 0700
+    path = os.path.join(folder, "credentials")
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(f"[{PROFILE}]\naws_access_key_id = {access_key}\naws_secret_access_key = {secret_key}\n")
+    atexit.register(shutil.rmtree, folder, True)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        os.environ.pop(name, None)  # they would win over the profile
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = path
+    os.environ["AWS_PROFILE"] = PROFILE
+    return path

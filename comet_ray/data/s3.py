@@ -9,8 +9,8 @@ Listing and reading (``pyarrow.fs.S3FileSystem``), the Ray Data pipeline and ``c
   on AWS itself, with no region configured, the bucket's region is looked up;
 * **credentials**: the standard AWS chain (environment variables, ``AWS_PROFILE`` / shared
   credentials file, ...), never command-line arguments. ``s3://KEY:SECRET@bucket/prefix`` works: the
-  CLI takes the keys out of it once (``comet_ray.cli.credentials``) into ``AWS_ACCESS_KEY_ID`` /
-  ``AWS_SECRET_ACCESS_KEY`` and hands on the URI without them; whatever is stored, printed or given to
+  CLI takes the keys out of it once (``comet_ray.cli.credentials``: a private shared-credentials file
+  for the standard chain) and hands on the URI without them; whatever is stored, printed or given to
   Ray goes through :func:`public_s3_uri`;
 * **retries**: transient failures (5xx, throttling, connection refused or reset) are retried with
   exponential backoff, ``COMET_RAY_S3_MAX_ATTEMPTS`` attempts in all (default 4);
