@@ -10,6 +10,7 @@ searched for the secret.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -20,8 +21,9 @@ from urllib.parse import quote
 import pytest
 
 from comet_ray.cli import main
-from comet_ray.cli.credentials import SUBMIT_NOTICE, strip_value
+from comet_ray.cli.credentials import SUBMIT_NOTICE, strip_value, uri_credentials_taken
 from comet_ray.data.s3 import public_s3_uri
+from comet_ray.errors import CometError
 from comet_ray.testing import TINY_TRAIN_ARGS
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
@@ -40,6 +42,20 @@ def test_public_s3_uri_removes_user_info_of_any_scheme() -> None:
     assert public_s3_uri("s3://bucket/a@b") == "s3://bucket/a@b" and public_s3_uri("/data/a@b") == "/data/a@b"
     assert strip_value("--out=s3://AK:se%2Fcret@bucket/x?scheme=http") == (
         "--out=s3://bucket/x?scheme=http", ("AK", "se/cret"))
+
+
+def test_uri_keys_reach_the_standard_chain_through_a_private_file(keys_only_in_uris) -> None:
+    """Not through AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, which Ray Tune copies into trial runtime envs."""
+    args = argparse.Namespace(data_root="s3://AK:se%2Fcret@bucket/d", set=["x=1"], out="/tmp/x")
+    with uri_credentials_taken(args) as found:
+        keys_file = Path(os.environ["AWS_SHARED_CREDENTIALS_FILE"])
+        assert found and args.data_root == "s3://bucket/d" and "AWS_SECRET_ACCESS_KEY" not in os.environ
+        assert "aws_secret_access_key = se/cret" in keys_file.read_text()
+        assert keys_file.stat().st_mode & 0o777 == 0o600 and keys_file.parent.stat().st_mode & 0o777 == 0o700
+    assert "AWS_SHARED_CREDENTIALS_FILE" not in os.environ and "AWS_PROFILE" not in os.environ
+    two = argparse.Namespace(data_root="s3://AK:one@bucket/d", out="s3://AK:two@bucket/o")
+    with pytest.raises(CometError, match="different credentials"), uri_credentials_taken(two):
+        pass
 
 
 def files_under(*roots: Path) -> list[Path]:
@@ -73,16 +89,13 @@ def test_no_secret_from_a_uri_reaches_any_output(s3_server, keys_only_in_uris, t
     secret = s3_server.secret_key
     needles = {secret, quote(secret, safe=""), secret.split("/")[0]}
     s3_server.make_bucket(BUCKET)
-    client = s3_server.client()  # before AWS_PROFILE names a profile boto3's default session has not read
+    client = s3_server.client()
     base = f"s3://{s3_server.access_key}:{quote(secret, safe='')}@{BUCKET}/{RUN}"
     data = [str(tiny_category), "--category", "weave"]
     monkeypatch.chdir(tmp_path)
 
     assert main(["train", *data, "--out", f"{base}/run", "--cache-dir", f"{base}/cache", *TINY]) == 0
-    # The keys went to the standard chain through a private file, not to variables Ray Tune copies and logs.
-    keys_file = Path(os.environ["AWS_SHARED_CREDENTIALS_FILE"])
-    assert "AWS_SECRET_ACCESS_KEY" not in os.environ and secret in keys_file.read_text()
-    assert keys_file.stat().st_mode & 0o777 == 0o600 and keys_file.parent.stat().st_mode & 0o777 == 0o700
+    assert not {"AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_SECRET_ACCESS_KEY"} & set(os.environ)  # restored
     assert main(["tune", *data, "--contamination", "0", "--trials", "1", "--seeds", "0", "--cpus-per-trial", "0.5",
                  "--storage-path", f"{base}/ray", "--out", f"{base}/tune", *TINY]) == 0
     node = ray._private.worker._global_node

@@ -14,7 +14,7 @@ import sys
 import time
 
 from comet_ray.cli import audit, export, inference, jobs, report, train, tune, upload
-from comet_ray.cli.credentials import strip_arguments, take_uri_credentials
+from comet_ray.cli.credentials import strip_arguments, uri_credentials_taken
 from comet_ray.distributed import submit
 from comet_ray.errors import CometError
 
@@ -48,11 +48,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     try:
-        if not getattr(args, "remote_command", False):  # submit strips its command's itself
-            take_uri_credentials(args)
-        if argv is None:  # what this process shows of its arguments (Ray records the command line)
+        if argv is None:  # what this process shows of its arguments
             sys.argv[1:] = strip_arguments(sys.argv[1:])[0]
-        code = args.func(args)
+        if getattr(args, "remote_command", False):  # submit strips its command's itself
+            code = args.func(args)
+        else:
+            with uri_credentials_taken(args):
+                code = args.func(args)
     except CometError as exc:
         if args.verbose:
             raise

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 from comet_ray.data.s3 import uri_credentials
 from comet_ray.errors import CometError
 
 S3 = "s3://"
 PROFILE = "comet-ray-uri"
+ENV_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+             "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE")
 SUBMIT_NOTICE = ("credentials in s3:// URIs are not sent with a job (the cluster stores its command line): "
                  "they were removed; the cluster's nodes need their own (instance role or environment)")
 
@@ -52,8 +56,24 @@ def strip_arguments(values: list[str]) -> tuple[list[str], set[tuple[str | None,
     return stripped, found
 
 
+@contextlib.contextmanager
+def uri_credentials_taken(args: argparse.Namespace) -> Iterator[bool]:
+    """:func:`take_uri_credentials` for one command; the AWS variables it set are restored afterwards
+    (``main`` may run several commands in one process). Yields whether any were found."""
+    saved = {name: os.environ.get(name) for name in ENV_NAMES}
+    try:
+        yield take_uri_credentials(args)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def take_uri_credentials(args: argparse.Namespace) -> bool:
-    """Remove credentials from every ``s3://`` value of ``args`` (in place) into ``os.environ``.
+    """Remove credentials from every ``s3://`` value of ``args`` (in place) into a private credentials file
+    (:func:`use_credentials_file`).
 
     One set of keys per command: different keys in two URIs, or a key without its secret, is one line.
     Returns whether any were found.
@@ -94,7 +114,7 @@ def use_credentials_file(access_key: str, secret_key: str) -> str:
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
         handle.write(f"[{PROFILE}]\naws_access_key_id = {access_key}\naws_secret_access_key = {secret_key}\n")
     atexit.register(shutil.rmtree, folder, True)
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+    for name in ENV_NAMES[:4]:
         os.environ.pop(name, None)  # they would win over the profile
     os.environ["AWS_SHARED_CREDENTIALS_FILE"] = path
     os.environ["AWS_PROFILE"] = PROFILE
