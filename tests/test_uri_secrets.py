@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -26,9 +27,8 @@ from comet_ray.data.s3 import public_s3_uri
 from comet_ray.errors import CometError
 from comet_ray.testing import TINY_TRAIN_ARGS
 
-pytestmark = [pytest.mark.ray, pytest.mark.s3]
-
 BUCKET = "comet-secrets"
+REPO = Path(__file__).resolve().parents[1]
 RUN = f"secrets-{uuid.uuid4().hex[:8]}"
 TINY = [*TINY_TRAIN_ARGS, "--epochs", "1"]
 AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
@@ -58,18 +58,26 @@ def test_uri_keys_reach_the_standard_chain_through_a_private_file(keys_only_in_u
         pass
 
 
+def test_the_process_command_line_loses_the_secret_ray_would_record() -> None:
+    """Ray stores a driver's /proc/self/cmdline as its job's entrypoint (on the cluster it joins)."""
+    code = ("import sys; from comet_ray.cli.credentials import hide_process_arguments as hide; hide(sys.argv); "
+            "print(sys.argv[1:]); print(open('/proc/self/cmdline', 'rb').read().replace(b'\\0', b' ').decode())")
+    shown = subprocess.run([sys.executable, "-c", code, "--out", "s3://AK:s3cretValue@bucket/x"], check=True,
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    assert "s3cretValue" not in shown and shown.count("s3://bucket/x") == 2, shown
+
+
 def files_under(*roots: Path) -> list[Path]:
     return [p for root in roots if root.exists() for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
 
 
 @pytest.fixture()
-def keys_only_in_uris(s3_server, monkeypatch):
-    """No AWS keys in the environment (restored afterwards, whatever the commands set); the endpoint in
-    AWS_ENDPOINT_URL as a user of another S3 store would set it (Ray Tune's own S3 client reads it)."""
+def keys_only_in_uris():
+    """No AWS keys in the environment (restored afterwards, whatever the commands set); ``python`` on PATH
+    is this interpreter (what a job runs)."""
     saved = {name: os.environ.get(name) for name in AWS_KEYS}
     for name in AWS_KEYS[:-1]:
         os.environ.pop(name, None)
-    os.environ["AWS_ENDPOINT_URL"] = s3_server.endpoint
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{saved['PATH'] or ''}"  # the job's `python`
     try:
         yield
@@ -81,11 +89,13 @@ def keys_only_in_uris(s3_server, monkeypatch):
                 os.environ[name] = value
 
 
+@pytest.mark.ray
 def test_no_secret_from_a_uri_reaches_any_output(s3_server, keys_only_in_uris, tiny_category, tmp_path,
                                                  capfd, monkeypatch) -> None:
     import ray
     from ray.job_submission import JobSubmissionClient
 
+    os.environ["AWS_ENDPOINT_URL"] = s3_server.endpoint  # as a user of another store would (Ray Tune reads it)
     secret = s3_server.secret_key
     needles = {secret, quote(secret, safe=""), secret.split("/")[0]}
     s3_server.make_bucket(BUCKET)

@@ -14,7 +14,7 @@ import sys
 import time
 
 from comet_ray.cli import audit, export, inference, jobs, report, train, tune, upload
-from comet_ray.cli.credentials import strip_arguments, uri_credentials_taken
+from comet_ray.cli.credentials import hide_process_arguments, uri_credentials_taken
 from comet_ray.distributed import submit
 from comet_ray.errors import CometError
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if argv is None:  # what this process shows of its arguments
-            sys.argv[1:] = strip_arguments(sys.argv[1:])[0]
+            hide_process_arguments(sys.argv)
         if getattr(args, "remote_command", False):  # submit strips its command's itself
             code = args.func(args)
         else:

@@ -17,7 +17,9 @@ import argparse
 import atexit
 import contextlib
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -119,3 +121,17 @@ def use_credentials_file(access_key: str, secret_key: str) -> str:
     os.environ["AWS_SHARED_CREDENTIALS_FILE"] = path
     os.environ["AWS_PROFILE"] = PROFILE
     return path
+
+
+def hide_process_arguments(argv: list[str]) -> list[str]:
+    """Strip credentials from this process's own arguments (``sys.argv`` and what ``/proc/self/cmdline``
+    shows: Ray records that as the entrypoint of every driver it connects, on the cluster it joins)."""
+    clean, found = strip_arguments(argv)
+    if found:
+        argv[:] = clean
+        try:
+            from ray._raylet import setproctitle
+        except ImportError:  # without Ray nothing records it
+            return argv
+        setproctitle(shlex.join([sys.executable, *clean]))
+    return argv
