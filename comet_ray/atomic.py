@@ -51,10 +51,22 @@ def write_bytes(target: str | os.PathLike, data: bytes) -> Path:
     return Path(target)
 
 
-def publish_folder(staging: Path, target: Path) -> None:
-    """Move every item of ``staging`` into ``target`` (a folder already there under the same name is replaced)."""
+COMPLETION_MARKER = "metrics.json"
+
+
+def publish_folder(staging: Path, target: Path, marker: str = COMPLETION_MARKER) -> None:
+    """Move every item of ``staging`` into ``target`` (a folder already there under the same name is replaced).
+
+    ``marker`` (the file a reader takes as "this folder is complete") is withdrawn from ``target`` first
+    and moved in last, so a kill between two moves leaves a folder without it, never a new marker beside
+    old files or an old marker beside new ones.
+    """
     target.mkdir(parents=True, exist_ok=True)
-    for item in staging.iterdir():
-        if (target / item.name).is_dir():
+    items = sorted(staging.iterdir(), key=lambda item: item.name == marker)  # the marker last
+    if any(item.name == marker for item in items):
+        (target / marker).unlink(missing_ok=True)
+    for item in items:
+        if (target / item.name).is_dir() and not (target / item.name).is_symlink():
             shutil.rmtree(target / item.name)
         os.replace(item, target / item.name)
+
