@@ -7,6 +7,7 @@ predictions) goes through here: written beside its target under a temporary name
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -70,3 +71,34 @@ def publish_folder(staging: Path, target: Path, marker: str = COMPLETION_MARKER)
             shutil.rmtree(target / item.name)
         os.replace(item, target / item.name)
 
+
+
+def owned_staging(parent: str | os.PathLike | None, prefix: str) -> Path:
+    """A private (0700) folder ``<prefix><pid>-<random>`` under ``parent`` (default: the temp directory)."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def orphaned_staging(parent: str | os.PathLike | None, prefix: str) -> list[Path]:
+    """:func:`owned_staging` folders under ``parent`` whose owning process has exited (never a live writer's)."""
+    base = Path(parent or tempfile.gettempdir())
+    owned = re.compile(rf"^{re.escape(prefix)}(\d+)-")
+    try:
+        entries = sorted(base.iterdir())
+    except OSError:
+        return []
+    orphans = []
+    for entry in entries:
+        match = owned.match(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(1))):
+            orphans.append(entry)
+    return orphans
