@@ -7,6 +7,7 @@ predictions) goes through here: written beside its target under a temporary name
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -51,10 +52,53 @@ def write_bytes(target: str | os.PathLike, data: bytes) -> Path:
     return Path(target)
 
 
-def publish_folder(staging: Path, target: Path) -> None:
-    """Move every item of ``staging`` into ``target`` (a folder already there under the same name is replaced)."""
+COMPLETION_MARKER = "metrics.json"
+
+
+def publish_folder(staging: Path, target: Path, marker: str = COMPLETION_MARKER) -> None:
+    """Move every item of ``staging`` into ``target`` (a folder already there under the same name is replaced).
+
+    ``marker`` (the file a reader takes as "this folder is complete") is withdrawn from ``target`` first
+    and moved in last, so a kill between two moves leaves a folder without it, never a new marker beside
+    old files or an old marker beside new ones.
+    """
     target.mkdir(parents=True, exist_ok=True)
-    for item in staging.iterdir():
-        if (target / item.name).is_dir():
+    items = sorted(staging.iterdir(), key=lambda item: item.name == marker)  # the marker last
+    if any(item.name == marker for item in items):
+        (target / marker).unlink(missing_ok=True)
+    for item in items:
+        if (target / item.name).is_dir() and not (target / item.name).is_symlink():
             shutil.rmtree(target / item.name)
         os.replace(item, target / item.name)
+
+
+
+def owned_staging(parent: str | os.PathLike | None, prefix: str) -> Path:
+    """A private (0700) folder ``<prefix><pid>-<random>`` under ``parent`` (default: the temp directory)."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def orphaned_staging(parent: str | os.PathLike | None, prefix: str) -> list[Path]:
+    """:func:`owned_staging` folders under ``parent`` whose owning process has exited (never a live writer's)."""
+    base = Path(parent or tempfile.gettempdir())
+    owned = re.compile(rf"^{re.escape(prefix)}(\d+)-")
+    try:
+        entries = sorted(base.iterdir())
+    except OSError:
+        return []
+    orphans = []
+    for entry in entries:
+        match = owned.match(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(1))):
+            orphans.append(entry)
+    return orphans

@@ -84,10 +84,10 @@ class EpochResume:
                 return None, []
             state, _ = load_epoch_state(self.path)
             logs = [EpochLog(**record) for record in saved["epochs"]]
+            epoch = int(state["epoch"])  # a state without it (or not a dict) is malformed: start fresh
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            log.warning("cannot resume from %s (%s); starting from epoch 0", self.path, exc)
+            log.warning("cannot resume from %s (%r); starting from epoch 0", self.path, exc)
             return None, []
-        epoch = int(state["epoch"])
         if epoch > len(logs):  # cannot happen with save()'s order; refuse rather than guess
             return None, []
         return state, logs[:epoch]  # a kill between the two writes leaves one log too many

@@ -12,7 +12,6 @@ import csv
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from comet_ray import jsonfile
-from comet_ray.atomic import atomic_path, publish_folder
+from comet_ray.atomic import atomic_path, orphaned_staging, owned_staging, publish_folder
 from comet_ray.data.s3 import public_s3_uri
 from comet_ray.errors import CometError
 from comet_ray.jsonfile import read_run_file
@@ -76,9 +75,10 @@ def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResu
 
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.staging-*"):  # left by a process killed mid-write
+    prefix = f".{target.name}.staging-"
+    for stale in orphaned_staging(target.parent, prefix):  # left by a killed process; a live writer's stays
         shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    staging = owned_staging(target.parent, prefix)
     try:
         config_dict = config.to_dict()
         config_dict.update(data_root=public_s3_uri(config.data_root), out=public_s3_uri(config.out))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -148,11 +149,18 @@ def upload(local_dir: str | os.PathLike, location: str, last: Sequence[str] = ()
 def staging_folder(destination: str) -> Path:
     """The local folder where results bound for ``destination`` (``s3://...``) are put together.
 
-    The same path for the same destination on this machine, so a command killed and run again finds
-    what it had saved (``comet-ray train`` resumes from its per-epoch state there).
+    The same path for the same destination and user on this machine, so a command killed and run again
+    finds what it had saved (``comet-ray train`` resumes from its per-epoch state there). It lives in a
+    folder of this user's only (mode 0700, owner checked): another user cannot plant or read files there.
     """
-    digest = hashlib.sha256(destination.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / STAGING_DIR / digest
+    root = Path(tempfile.gettempdir()) / f"{STAGING_DIR}-{os.getuid()}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    info = root.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) != 0o700:
+        raise CometError(f"{root} is not a private folder of this user (mode 0700); remove it and run again")
+    local = root / hashlib.sha256(destination.encode()).hexdigest()[:16]
+    local.mkdir(mode=0o700, exist_ok=True)
+    return local
 
 
 @contextmanager
@@ -163,7 +171,6 @@ def staged(destination: str, last: Sequence[str] = ("metrics.json",), s3_endpoin
         yield Path(destination)  # created by whoever writes into it: a failed command leaves nothing
         return
     local = staging_folder(destination)
-    local.mkdir(parents=True, exist_ok=True)
     try:
         yield local
     except BaseException:

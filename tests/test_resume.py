@@ -53,3 +53,12 @@ def test_unreadable_state_starts_fresh(tmp_path) -> None:
     resume.save({"epoch": 1}, [_log(0)])
     (tmp_path / ".resume" / "trainer_state.pt").write_bytes(b"cut off")
     assert resume.load() == (None, [])
+
+
+def test_a_state_without_an_epoch_starts_fresh_with_one_warning(tmp_path, caplog) -> None:
+    resume = EpochResume(tmp_path, "fp")
+    resume.save({"weights": torch.ones(2)}, [_log(0)])  # malformed: no "epoch"
+    with caplog.at_level("WARNING", logger="comet_ray.resume"):
+        assert resume.load() == (None, [])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "starting from epoch 0" in warnings[0] and "\n" not in warnings[0]

@@ -42,3 +42,29 @@ def test_a_staging_folder_carries_this_process_id_and_is_not_an_orphan(tmp_path:
 
 def test_a_missing_temp_dir_is_nothing_to_sweep(tmp_path: Path) -> None:
     assert remove_orphaned_staging(tmp_path / "absent") == []
+
+
+def test_s3_staging_is_private_to_this_user_and_stable_for_resume() -> None:
+    from comet_ray import storage
+
+    local = storage.staging_folder("s3://bucket/runs/private-test")
+    try:
+        for folder in (local, local.parent):
+            info = folder.lstat()
+            assert info.st_uid == os.getuid() and (info.st_mode & 0o777) == 0o700, oct(info.st_mode)
+        assert storage.staging_folder("s3://bucket/runs/private-test") == local  # a rerun finds its state
+    finally:
+        local.rmdir()
+
+
+def test_a_run_folder_write_sweeps_only_dead_writers_staging(tmp_path: Path) -> None:
+    from comet_ray.atomic import orphaned_staging, owned_staging
+
+    prefix = ".run.staging-"
+    mine = owned_staging(tmp_path, prefix)
+    assert (mine.stat().st_mode & 0o777) == 0o700
+    dead = tmp_path / f"{prefix}{_exited_pid()}-x"
+    dead.mkdir()
+    live_other = tmp_path / f"{prefix}{os.getppid()}-y"  # another live writer beside the same out
+    live_other.mkdir()
+    assert orphaned_staging(tmp_path, prefix) == [dead]

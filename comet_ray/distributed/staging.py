@@ -11,13 +11,13 @@ owner is gone. A folder of a live process is never touched; a reused PID only de
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
+from comet_ray import atomic
+
 PREFIX = "comet-ckpt-"
-_OWNED = re.compile(rf"^{re.escape(PREFIX)}(\d+)-")
 
 
 def checkpoint_staging(root: str | os.PathLike | None = None) -> tempfile.TemporaryDirectory:
@@ -25,29 +25,9 @@ def checkpoint_staging(root: str | os.PathLike | None = None) -> tempfile.Tempor
     return tempfile.TemporaryDirectory(prefix=f"{PREFIX}{os.getpid()}-", dir=root)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def orphaned_staging(root: str | os.PathLike | None = None) -> list[Path]:
     """Staging folders under ``root`` (default: the temp directory) whose owning process has exited."""
-    base = Path(root or tempfile.gettempdir())
-    try:
-        entries = sorted(base.iterdir())
-    except OSError:
-        return []
-    orphans = []
-    for entry in entries:
-        match = _OWNED.match(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(1))):
-            orphans.append(entry)
-    return orphans
+    return atomic.orphaned_staging(root, PREFIX)
 
 
 def remove_orphaned_staging(root: str | os.PathLike | None = None) -> list[Path]:
