@@ -18,8 +18,12 @@ TINY = TINY_TRAIN_ARGS
 def test_train_writes_results(tiny_run: Path) -> None:
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "strategy", "contamination",
-                "achieved_contamination", "seed", "n_train", "n_test", "train_seconds"):
+                "achieved_contamination", "seed", "n_train", "n_test", "train_seconds", "f1_at_threshold",
+                "precision_at_threshold", "recall_at_threshold"):
         assert key in metrics
+    # at the validation threshold: a real operating point, never above the report split's own best F1
+    f1, p, r = (metrics[k] for k in ("f1_at_threshold", "precision_at_threshold", "recall_at_threshold"))
+    assert 0.0 <= f1 <= metrics["f1_max"] + 1e-9 and f1 == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
     manifest = json.loads((tiny_run / "manifest.json").read_text())
     moved = {m["sample_id"] for m in manifest["contamination"]["moved"]}
     assert len(moved) == 4  # round(0.2 * 16 / 0.8)
