@@ -28,6 +28,7 @@ from comet_ray.evaluate import evaluate_split, split_labels
 from comet_ray.features.extractor import extract_features_cached
 from comet_ray.model import AnomalyModel
 from comet_ray.pipeline import subset_split
+from comet_ray.runfolder import held_out_ids
 
 
 def evaluate_checkpoint(
@@ -44,12 +45,7 @@ def evaluate_checkpoint(
     filesystem, _ = open_dataset_filesystem(data_root, s3_endpoint)
     scan = scan_category(data_root, category, filesystem)
     samples = [s for s in scan.samples if s.split == "test"]
-    manifest_path = Path(checkpoint) / "manifest.json" if Path(checkpoint).is_dir() else Path(checkpoint).parent / "manifest.json"
-    excluded: set[str] = set()
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        excluded = set(manifest.get("validation_ids", []))
-        excluded |= {m["sample_id"] for m in manifest.get("contamination", {}).get("moved", [])}
+    excluded = set(_held_out(checkpoint, model.meta))
     samples = [s for s in samples if s.sample_id not in excluded]
     if not samples:
         raise CometError(f"no test images to evaluate in category {category!r}")
@@ -68,6 +64,17 @@ def evaluate_checkpoint(
     if with_scores:
         return result.metrics, dict(zip(split.store.ids, result.image_scores.tolist()))
     return result.metrics
+
+
+def _held_out(checkpoint: str, meta: dict) -> list[str]:
+    """The checkpoint's validation and training-moved test images: from model.pt, else manifest.json beside it."""
+    if "held_out_ids" in meta.get("extra", {}):
+        return list(meta["extra"]["held_out_ids"])
+    path = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    if (path / "manifest.json").exists():
+        return held_out_ids(json.loads((path / "manifest.json").read_text()))
+    raise CometError(f"{checkpoint}: cannot tell which test images the run used for validation or training "
+                     "(no held-out list in model.pt, no manifest.json beside it); evaluate its run folder")
 
 
 def expand_inputs(inputs: list[str], s3_endpoint: str | None = None) -> tuple[list[str], list[dict]]:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["ArrayLike", "anomaly_metrics", "aupro", "auroc", "f1_max", "pixel_auroc"]
+__all__ = ["ArrayLike", "anomaly_metrics", "aupro", "auroc", "f1_at_threshold", "f1_max", "pixel_auroc"]
 
 ArrayLike: TypeAlias = torch.Tensor | np.ndarray
 
@@ -289,6 +289,15 @@ def f1_max(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float]:
     f1 = (2.0 * tp) / (predicted + n_pos)
     best = int(torch.argmax(f1).item())  # first maximum = highest threshold
     return float(f1[best].item()), float(values[best].item())
+
+
+def f1_at_threshold(scores: ArrayLike, labels: ArrayLike, threshold: float) -> tuple[float, float, float]:
+    """``(F1, precision, recall)`` calling ``score >= threshold`` anomalous, at a threshold chosen elsewhere."""
+    s, y = _paired(scores, labels, "scores", "labels")
+    hit = s >= threshold
+    tp, predicted, n_pos = int((hit & y).sum().item()), int(hit.sum().item()), int(y.sum().item())
+    precision = tp / predicted if predicted else 0.0
+    return (2.0 * tp / (predicted + n_pos) if n_pos else float("nan")), precision, tp / n_pos if n_pos else float("nan")
 
 
 def _pixels(maps: ArrayLike, masks: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:

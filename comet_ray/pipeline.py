@@ -34,7 +34,7 @@ from comet_ray.features.extractor import (
     read_split,
 )
 from comet_ray.features.store import place_store
-from comet_ray.metrics import f1_max
+from comet_ray.metrics import f1_at_threshold, f1_max
 from comet_ray.models import build_detector
 from comet_ray.models.protocol import Detector
 
@@ -342,6 +342,8 @@ def train_category(
         "pixel_auroc": report.metrics.get("pixel_auroc", float("nan")),
         "aupro": report.metrics.get("aupro", float("nan")),
         "f1_max": report.metrics.get("f1_max"),
+        **dict(zip(("f1_at_threshold", "precision_at_threshold", "recall_at_threshold"),
+                   f1_at_threshold(report.image_scores, report.labels, threshold))),
         "validation_image_auroc": validation.metrics.get("image_auroc"),
         "validation_aupro": validation.metrics.get("aupro", float("nan")),
         "final_loss": epochs[-1].loss if epochs else float("nan"),

@@ -46,7 +46,8 @@ TABLE_METRICS = (
     ("image_auroc", "image AUROC"),
     ("pixel_auroc", "pixel AUROC"),
     ("aupro", "AUPRO@0.3"),
-    ("f1_max", "F1-max"),
+    ("f1_at_threshold", "F1 at validation threshold"),
+    ("f1_max", "F1-max (oracle threshold)"),
     ("mean_weight_injected", "mean w injected"),
     ("mean_weight_nominal", "mean w nominal"),
     ("train_seconds", "train s"),
@@ -546,8 +547,8 @@ def _run_html(record: RunRecord, open_: bool) -> str:
     summary = (
         f"<p class='muted'><code>{html.escape(str(record.path))}</code> — image AUROC "
         f"{_fmt(mean_std([metrics.get('image_auroc')]))}, pixel AUROC {_fmt(mean_std([metrics.get('pixel_auroc')]))}, "
-        f"{metrics.get('n_train', '?')} train / {metrics.get('n_test', '?')} report images, "
-        f"{metrics.get('epochs', len(record.history))} epochs</p>"
+        + html.escape(f"{metrics.get('n_train', '?')} train / {metrics.get('n_test', '?')} report images, "
+                      f"{metrics.get('epochs', len(record.history))} epochs") + "</p>"
     )
     head = [f"<details class='run'{' open' if open_ else ''}><summary>{html.escape(title)}</summary>", summary]
     figures = []

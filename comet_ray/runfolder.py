@@ -65,6 +65,12 @@ def finite_number(value: Any) -> float | None:
     return float(value) if math.isfinite(float(value)) else None
 
 
+def held_out_ids(manifest: dict) -> list[str]:
+    """Test images a run used (validation, or moved into training): never scored as unseen test images."""
+    moved = [m["sample_id"] for m in manifest.get("contamination", {}).get("moved", [])]
+    return sorted({*manifest.get("validation_ids", []), *moved})
+
+
 def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResult) -> Path:
     """Write metrics.json, manifest.json, history.json, weights.json (see :mod:`comet_ray.weights_file`),
     config.json, scores.csv and model.pt into ``out`` at once.
@@ -101,7 +107,8 @@ def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResu
             config_dict,
             result.threshold,
             result.nominal_score,
-            extra={"metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))}},
+            extra={"metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))},
+                   "held_out_ids": held_out_ids(data.manifest)},  # evaluate needs them without manifest.json
             pixel_threshold=result.pixel_threshold,
         )
         write_scores(staging, data.report.store.ids, result.report_scores, data.report_labels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,12 @@ TINY = TINY_TRAIN_ARGS
 def test_train_writes_results(tiny_run: Path) -> None:
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "strategy", "contamination",
-                "achieved_contamination", "seed", "n_train", "n_test", "train_seconds"):
+                "achieved_contamination", "seed", "n_train", "n_test", "train_seconds", "f1_at_threshold",
+                "precision_at_threshold", "recall_at_threshold"):
         assert key in metrics
+    # at the validation threshold: a real operating point, never above the report split's own best F1
+    f1, p, r = (metrics[k] for k in ("f1_at_threshold", "precision_at_threshold", "recall_at_threshold"))
+    assert 0.0 <= f1 <= metrics["f1_max"] + 1e-9 and f1 == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
     manifest = json.loads((tiny_run / "manifest.json").read_text())
     moved = {m["sample_id"] for m in manifest["contamination"]["moved"]}
     assert len(moved) == 4  # round(0.2 * 16 / 0.8)
@@ -38,6 +43,33 @@ def test_evaluate_reproduces_the_report_split(tiny_run: Path, tiny_category: Pat
     assert evaluated["n_images"] == trained["n_test"]
     assert evaluated["image_auroc"] == pytest.approx(trained["image_auroc"], abs=1e-6)
 
+
+
+def test_evaluate_of_a_lone_checkpoint_never_scores_held_out_images(tiny_run: Path, tiny_category: Path,
+                                                                    tmp_path: Path, capsys) -> None:
+    """model.pt carries the run's validation and training-moved ids; one without them and no manifest is refused."""
+    import torch
+
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(tiny_run / "model.pt", lone / "model.pt")
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(lone / "model.pt"), str(tiny_category), "--category", "weave", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    trained = json.loads((tiny_run / "metrics.json").read_text())
+    assert json.loads(out.read_text())["n_images"] == trained["n_test"]
+    payload = torch.load(lone / "model.pt", weights_only=True)
+    manifest = json.loads((tiny_run / "manifest.json").read_text())
+    assert set(payload["extra"]["held_out_ids"]) == set(manifest["validation_ids"]) | {
+        m["sample_id"] for m in manifest["contamination"]["moved"]}
+    del payload["extra"]["held_out_ids"]
+    torch.save(payload, lone / "model.pt")
+    capsys.readouterr()
+    assert main(["evaluate", str(lone / "model.pt"), str(tiny_category), "--category", "weave", "--device", "cpu",
+                 "--out", str(tmp_path / "refused.json")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot tell which test images" in err[0]
+    assert not (tmp_path / "refused.json").exists()
 
 def test_predict_scores_images_and_reports_unreadable_ones(tiny_run: Path, tiny_category: Path, tmp_path: Path) -> None:
     images = tmp_path / "inbox"

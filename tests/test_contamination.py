@@ -12,8 +12,6 @@ from comet_ray.data.contamination import inject_contamination
 from comet_ray.data.layout import Sample, build_sample_table
 from comet_ray.data.splits import validation_split
 
-REAL_BOTTLE = Path(__file__).resolve().parents[2] / "shared/data/mvtec_bottle"
-
 
 def make_table(n_train: int, defects: dict[str, int], n_good: int = 4) -> list[Sample]:
     """A sample table without files: contamination and splits only read the table."""
@@ -163,10 +161,9 @@ def test_validation_split_fraction_zero_and_errors(mvtec_tree: Path) -> None:
 # --- real data -----------------------------------------------------------------------------------
 
 
-def test_real_bottle_injection() -> None:
-    if not REAL_BOTTLE.is_dir():
-        pytest.skip(f"real MVTec bottle sample not present at {REAL_BOTTLE}")
-    table = build_sample_table(str(REAL_BOTTLE.parent), "mvtec_bottle")
+def test_real_bottle_injection(bottle_root: Path) -> None:  # honours COMET_RAY_TEST_SHARED, skips without ../shared
+    real_bottle = bottle_root / "mvtec_bottle"
+    table = build_sample_table(str(real_bottle.parent), "mvtec_bottle")
     result, manifest = inject_contamination(table, 0.15, seed=0)
     assert manifest.n_moved == 37 == round(0.15 * 209 / 0.85) and not manifest.capped
     assert sum(s.split == "train" for s in result) == 209 + 37

@@ -24,9 +24,6 @@ from comet_ray.data.layout import build_sample_table
 from comet_ray.errors import ImageDecodeError
 from comet_ray.testing.corpus import encode, png_header_only
 
-REAL_BOTTLE = Path(__file__).resolve().parents[2] / "shared/data/mvtec_bottle"
-
-
 # --- decode_image: modes -------------------------------------------------------------------------
 
 
@@ -231,10 +228,9 @@ def test_load_samples_empty_input() -> None:
     assert loaded.images.shape == (0, 3, 16, 16) and loaded.sample_ids == []
 
 
-def test_load_real_bottle_images() -> None:
-    if not REAL_BOTTLE.is_dir():
-        pytest.skip(f"real MVTec bottle sample not present at {REAL_BOTTLE}")
-    table = build_sample_table(str(REAL_BOTTLE.parent), "mvtec_bottle")
+def test_load_real_bottle_images(bottle_root: Path) -> None:  # honours COMET_RAY_TEST_SHARED, skips without ../shared
+    real_bottle = bottle_root / "mvtec_bottle"
+    table = build_sample_table(str(real_bottle.parent), "mvtec_bottle")
     picked = [s for s in table if s.split == "test" and s.defect == "broken_large"][:2]
     picked += [s for s in table if s.split == "test" and s.defect == "good"][:1]
     loaded = load_samples(picked, 64, None, with_masks=True)

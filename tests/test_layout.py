@@ -17,8 +17,6 @@ from comet_ray.data.layout import (
 )
 from comet_ray.errors import DatasetLayoutError, ImageDecodeError
 
-REAL_BOTTLE = Path(__file__).resolve().parents[2] / "shared/data/mvtec_bottle"
-
 
 def test_table_counts_labels_and_masks(mvtec_tree: Path) -> None:
     table = build_sample_table(str(mvtec_tree), "widget")
@@ -158,13 +156,12 @@ def test_is_anomalous_rules() -> None:
 # --- real data -----------------------------------------------------------------------------------
 
 
-def test_real_mvtec_bottle() -> None:
-    if not REAL_BOTTLE.is_dir():
-        pytest.skip(f"real MVTec bottle sample not present at {REAL_BOTTLE}")
-    table = build_sample_table(str(REAL_BOTTLE.parent), "mvtec_bottle")
+def test_real_mvtec_bottle(bottle_root: Path) -> None:  # honours COMET_RAY_TEST_SHARED, skips without ../shared
+    real_bottle = bottle_root / "mvtec_bottle"
+    table = build_sample_table(str(real_bottle.parent), "mvtec_bottle")
     train = [s for s in table if s.split == "train"]
     test = [s for s in table if s.split == "test"]
     defects = [s for s in test if s.is_anomalous]
     assert (len(train), len(test), len(defects)) == (209, 83, 63)
     assert all(s.mask_uri is not None and Path(s.mask_uri).is_file() for s in defects)
-    assert build_sample_table(str(REAL_BOTTLE)) == table
+    assert build_sample_table(str(real_bottle)) == table

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from comet_ray.metrics import anomaly_metrics, aupro, auroc, f1_max, pixel_auroc
+from comet_ray.metrics import anomaly_metrics, aupro, auroc, f1_at_threshold, f1_max, pixel_auroc
 
 SEEDS = list(range(8))
 
@@ -199,6 +199,17 @@ def test_f1_max_threshold_never_splits_ties() -> None:
     # splitting the 0.5 tie would give F1 = 1.0; legal thresholds give 2/3 (t=0.9) or 4/6 (t=0.5)
     assert f1 == pytest.approx(2 / 3)
     assert t == 0.9  # the highest threshold among equal F1s
+
+
+def test_f1_at_a_fixed_threshold() -> None:
+    scores = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.5])
+    labels = np.array([0, 0, 1, 1, 1, 0])
+    # >= 0.4 flags 0.4, 0.5, 0.8, 0.9: two of the three anomalies among four alarms
+    assert f1_at_threshold(scores, labels, 0.4) == pytest.approx((4 / 7, 0.5, 2 / 3), abs=1e-12)
+    assert f1_at_threshold(scores, labels, 0.35) == pytest.approx((0.75, 0.6, 1.0), abs=1e-12)
+    assert f1_at_threshold(scores, labels, 2.0) == (0.0, 0.0, 0.0)  # no alarm at all
+    best, cut = f1_max(scores, labels)
+    assert f1_at_threshold(scores, labels, cut)[0] == pytest.approx(best)
 
 
 def test_perfect_and_inverted_detector() -> None:

@@ -287,3 +287,17 @@ def test_write_tensorboard_takes_one_epoch_log(tmp_path: Path) -> None:
     scalars = _scalars(tmp_path / "tb")
     assert scalars["scl/mean_weight_injected"] == [(5, pytest.approx(0.4))]
     assert scalars["comet/det_sigma"] == [(5, pytest.approx(2e-6))]
+
+
+def test_run_folder_values_are_escaped(runs, tmp_path: Path) -> None:
+    run = tmp_path / "crafted"
+    shutil.copytree(runs["c10s0"], run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    attack = "<script>alert(1)</script>"
+    metrics.update(category=attack, strategy=attack, n_train=attack, n_test="<img src=x onerror=alert(2)>",
+                   epochs="<b>3</b>")
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    page = build_report([run], tmp_path / "r.html", device="cpu").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    for raw in (attack, "<img src=x", "<b>3</b>"):
+        assert raw not in page

@@ -7,8 +7,6 @@ comparison whose figures are in the README. Skips without ../shared (real data a
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from comet_ray.testing import use_local_env
@@ -19,13 +17,11 @@ ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 
-def test_two_workers_match_one_on_bottle(bottle_root, tmp_path) -> None:
+def test_two_workers_match_one_on_bottle(bottle_root, imagenet_torch_home, tmp_path) -> None:
     from comet_ray.demo import demo_config
     from comet_ray.distributed.train import fit_distributed
 
-    weights = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2-b0353104.pth"
-    if not weights.is_file():
-        pytest.skip(f"ImageNet MobileNetV2 weights not present at {weights}")
+    weights = imagenet_torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"  # COMET_RAY_TEST_SHARED's
     # bench/scale_quality.py's configuration: the demo's settings on bottle at 15 % contamination
     config = demo_config(str(bottle_root), epochs=8, seed=0)
     config.category, config.contamination, config.device = "mvtec_bottle", 0.15, "cpu"

@@ -59,8 +59,12 @@ STRATEGIES = ("baseline", "comet")
 SELECTION_COLUMNS = ("objective", "validation_aupro", "final_loss")
 RESULT_COLUMNS = [
     "level", "strategy", "trial_id", "objective", "validation_aupro", "final_loss", "split_seed",
-    "epochs_run", "test_image_auroc", "test_pixel_auroc", "test_aupro", "test_f1_max", "seconds",
+    "epochs_run", "test_image_auroc", "test_pixel_auroc", "test_aupro", "test_f1_at_threshold",
+    "test_precision_at_threshold", "test_recall_at_threshold", "test_f1_max_oracle", "seconds",
 ]
+# report-split metrics as results.csv names them; F1-max uses the best threshold on the report split itself
+TEST_METRICS = {f"test_{k}": k for k in ("image_auroc", "pixel_auroc", "aupro", "f1_at_threshold",
+                                         "precision_at_threshold", "recall_at_threshold")} | {"test_f1_max_oracle": "f1_max"}
 
 
 # --------------------------------------------------------------------------- search space
@@ -146,12 +150,7 @@ def _selection_metrics(metrics: dict, supervised: bool) -> dict:
 
 
 def _test_metrics(metrics: dict) -> dict:
-    return {
-        "test_image_auroc": metrics.get("image_auroc"),
-        "test_pixel_auroc": metrics.get("pixel_auroc"),
-        "test_aupro": metrics.get("aupro"),
-        "test_f1_max": metrics.get("f1_max"),
-    }
+    return {column: metrics.get(key) for column, key in TEST_METRICS.items()}
 
 
 def run_trial(params: dict[str, Any]) -> None:
@@ -474,7 +473,7 @@ def tune_level(base: TrainConfig, level: float, settings: SweepSettings, strateg
             "split_seed": config.data_seed,  # every trial of a level, stopped early or not, uses this split
             "epochs_run": metrics.get("training_iteration"),
             "seconds": metrics.get("seconds", metrics.get("time_total_s")),
-            **{k: metrics.get(k) for k in ("test_image_auroc", "test_pixel_auroc", "test_aupro", "test_f1_max")},
+            **{k: metrics.get(k) for k in TEST_METRICS},
             **{f"knob_{k}": v for k, v in {**(fixed or {}), **knobs}.items()},
         }
         if not finished:
