@@ -148,10 +148,11 @@ def submit(cluster: LocalCluster, argv: list[str], tmp_path: Path) -> tuple[int,
     return code, run.output, run.job_id
 
 
-def driver_node(cluster: LocalCluster, job_id: str) -> str:
+def driver_node(cluster: LocalCluster, job_id: str, finished: bool = True) -> str:
     """The worker node that ran the job's driver (its name), from Ray's job record and the nodes' disks:
     Ray's driver_node_id is a worker node's, and the command's own output ("results in ...") is in the
-    driver log on that node's disk, not in the head's (where the job manager logs only its own lines)."""
+    driver log on that node's disk, not in the head's (where the job manager logs only its own lines);
+    while the job runs (``finished=False``), that the driver log is on that node's disk."""
     assert job_id, "no job id in the output of comet-ray submit"
     node_id = cluster.api(f"/api/jobs/{job_id}")["driver_node_id"]
     names = [name for name, node in cluster.nodes.items() if node.node_id == node_id]
@@ -160,9 +161,10 @@ def driver_node(cluster: LocalCluster, job_id: str) -> str:
     assert names, f"the driver ran on {node_id}, none of the worker nodes {[n.node_id for n in cluster.nodes.values()]}"
     def printed(ray_dir: Path) -> list[Path]:
         return [p for p in ray_dir.glob(f"session_*/logs/job-driver-{job_id}.log")
-                if "results in " in p.read_text(errors="replace")]
+                if not finished or "results in " in p.read_text(errors="replace")]
 
-    assert printed(cluster.nodes[names[0]].disk / "tmp" / "ray") and not printed(cluster.ray_temp)
+    assert printed(cluster.nodes[names[0]].disk / "tmp" / "ray")
+    assert not finished or not printed(cluster.ray_temp)
     return names[0]
 
 
@@ -368,7 +370,8 @@ def test_a_killed_worker_and_a_replaced_node_resume_from_s3_checkpoints(cluster:
         resumed = second[0]["start_epoch"]
         at_stop = wait_for(lambda: max(epochs_checkpointed() - resumed, 0), "a checkpoint of the restarted group",
                            run) + resumed
-        reclaimed = next(n for n in cluster.nodes if n != driver_node(cluster, run.job_id))
+        driver = driver_node(cluster, run.job_id, finished=False)
+        reclaimed = next(n for n in cluster.nodes if n != driver)
         gone = cluster.stop_node(reclaimed)
         fresh = cluster.add_node(reclaimed, num_cpus=1)
         code = run.wait()
@@ -377,6 +380,7 @@ def test_a_killed_worker_and_a_replaced_node_resume_from_s3_checkpoints(cluster:
             run.process.kill()
     output = run.output
     assert code == 0, output[-6000:]
+    assert driver_node(cluster, run.job_id) == driver  # the driver stayed on its node all along
 
     attempts = [json.loads(line) for line in read(s3, "runs/faults/attempts.jsonl").splitlines()]
     groups = [sorted((a["start_epoch"], a["rank"]) for a in attempts[i:i + 2]) for i in range(0, len(attempts), 2)]
