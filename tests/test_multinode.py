@@ -1,7 +1,8 @@
 """The multi-node tier: comet-ray jobs on a Ray cluster that behaves like several machines.
 
-One cluster for the module (:class:`comet_ray.testing.cluster.LocalCluster`): a head with no CPUs
-(job drivers, Train controllers, Tune's driver; no training) and two worker nodes with one CPU each,
+One cluster for the module (:class:`comet_ray.testing.cluster.LocalCluster`): a head with no CPUs and
+no job-driver resource (no training, no job driver) and two worker nodes with one CPU each, offering
+the job-driver resource that ``comet-ray submit`` asks for by default (so the drivers run there),
 every worker node in its own mount namespace with a private disk (temp, Ray and home folders; where
 ``unshare`` is not allowed, private through TMPDIR, HOME and Ray's temp dir instead, with a warning), all
 of them on a Python that has the dependencies but not comet-ray, token authentication on, and the
@@ -120,6 +121,14 @@ class Submit:
             self.handle.flush()
         return self.log.read_text(errors="replace")
 
+    @property
+    def job_id(self) -> str:
+        """The submission id ``comet-ray submit`` printed ("[comet-ray] submitted job ID: ...")."""
+        for line in self.output.splitlines():
+            if line.startswith("[comet-ray] submitted job "):
+                return line.split()[3].rstrip(":")
+        return ""
+
     def wait(self, timeout: float = JOB_TIMEOUT_S) -> int:
         try:
             code = self.process.wait(timeout=max(1.0, timeout - (time.monotonic() - self.started)))
@@ -132,10 +141,31 @@ class Submit:
         return code
 
 
-def submit(cluster: LocalCluster, argv: list[str], tmp_path: Path) -> tuple[int, str]:
+def submit(cluster: LocalCluster, argv: list[str], tmp_path: Path) -> tuple[int, str, str]:
+    """Run ``comet-ray submit ARGV`` to its end: exit code, output, and the job's id."""
     run = Submit(cluster, argv, tmp_path / "submit.log")
     code = run.wait()
-    return code, run.output
+    return code, run.output, run.job_id
+
+
+def driver_node(cluster: LocalCluster, job_id: str, finished: bool = True) -> str:
+    """The worker node that ran the job's driver (its name), from Ray's job record and the nodes' disks:
+    Ray's driver_node_id is a worker node's, and the command's own output ("results in ...") is in the
+    driver log on that node's disk, not in the head's (where the job manager logs only its own lines);
+    while the job runs (``finished=False``), that the driver log is on that node's disk."""
+    assert job_id, "no job id in the output of comet-ray submit"
+    node_id = cluster.api(f"/api/jobs/{job_id}")["driver_node_id"]
+    names = [name for name, node in cluster.nodes.items() if node.node_id == node_id]
+    head = cluster.alive_node_ids() - {node.node_id for node in cluster.nodes.values()}
+    assert len(head) == 1 and node_id not in head, (node_id, head)  # the head is the one other alive node
+    assert names, f"the driver ran on {node_id}, none of the worker nodes {[n.node_id for n in cluster.nodes.values()]}"
+    def printed(ray_dir: Path) -> list[Path]:
+        return [p for p in ray_dir.glob(f"session_*/logs/job-driver-{job_id}.log")
+                if not finished or "results in " in p.read_text(errors="replace")]
+
+    assert printed(cluster.nodes[names[0]].disk / "tmp" / "ray")
+    assert not finished or not printed(cluster.ray_temp)
+    return names[0]
 
 
 def keys(s3, prefix: str) -> list[str]:
@@ -207,9 +237,10 @@ def test_submit_train_with_both_workers_on_private_disk_nodes(cluster: LocalClus
     features are embedded on both nodes at once into the S3 cache, and each worker, one per node, holds
     and trains on its half."""
     budget = 20 * ROW_BYTES
-    code, output = submit(cluster, readme_commands()["train"] + TINY_TRAIN_ARGS + ["--worker-feature-memory",
-                                                                                   str(budget)], tmp_path)
+    code, output, job_id = submit(cluster, readme_commands()["train"] + TINY_TRAIN_ARGS + [
+        "--worker-feature-memory", str(budget)], tmp_path)
     assert code == 0, output[-6000:]
+    assert driver_node(cluster, job_id) in cluster.nodes  # with the README's (default) options: not the head
     assert f"results in s3://{BUCKET}/runs/bottle" in output
     assert "State API" not in output and "Traceback" not in output  # no log floods, no swallowed errors
 
@@ -255,7 +286,7 @@ def test_submit_train_with_both_workers_on_private_disk_nodes(cluster: LocalClus
 def test_a_local_storage_path_is_refused_before_any_worker_starts(cluster: LocalCluster, s3, tmp_path: Path) -> None:
     argv = readme_commands()["train"] + TINY_TRAIN_ARGS + ["--storage-path", "/tmp/checkpoints",
                                                           "--out", f"s3://{BUCKET}/refused"]
-    code, output = submit(cluster, argv, tmp_path)
+    code, output, _ = submit(cluster, argv, tmp_path)
     assert code == 1, output[-4000:]
     errors = [line for line in output.splitlines() if line.startswith("comet-ray: error: ")]
     assert len(errors) == 1 and "--storage-path /tmp/checkpoints is a local folder" in errors[0]
@@ -266,8 +297,9 @@ def test_a_local_storage_path_is_refused_before_any_worker_starts(cluster: Local
 
 # --------------------------------------------------------------------------- tune
 def test_submit_tune_runs_trials_and_repeats_on_worker_nodes(cluster: LocalCluster, s3, tmp_path: Path) -> None:
-    code, output = submit(cluster, readme_commands()["tune"] + TINY_TRAIN_ARGS, tmp_path)
+    code, output, job_id = submit(cluster, readme_commands()["tune"] + TINY_TRAIN_ARGS, tmp_path)
     assert code == 0, output[-6000:]
+    assert driver_node(cluster, job_id) in cluster.nodes  # Tune's driver too: not the head
     names = set(keys(s3, "sweeps/bottle/"))
     assert {"results.csv", "rho_0.1/best.json", "seeds.csv", "contamination.png", "summary.json"} <= names
     trials = list(csv.DictReader(io.StringIO(read(s3, "sweeps/bottle/results.csv"))))
@@ -280,7 +312,7 @@ def test_submit_tune_runs_trials_and_repeats_on_worker_nodes(cluster: LocalClust
     assert json.loads(read(s3, "sweeps/bottle/rho_0.1/best.json"))["trial_id"] in {t["trial_id"] for t in trials}
 
     # One task filled the shared cache before the trials; 4 trials + 4 repeats read it, on the worker
-    # nodes only: nothing trained or extracted on the head, where the driver runs.
+    # nodes only: nothing trained or extracted on the head.
     cache = f"s3://{BUCKET}/sweeps/bottle/.ray/feature_cache/"
     extracted, hits = log_lines(cluster, EXTRACTED, cache), log_lines(cluster, CACHE_HIT, cache)
     assert sum(extracted.values()) == 1 and sum(hits.values()) == len(trials) + 4, (extracted, hits)
@@ -305,9 +337,9 @@ def wait_for(condition, what: str, run: Submit, timeout: float = 300.0, poll: fl
 def test_a_killed_worker_and_a_replaced_node_resume_from_s3_checkpoints(cluster: LocalCluster, s3,
                                                                          tmp_path: Path) -> None:
     """The README's train command, 10 epochs: once the first checkpoint is in S3 one Ray Train worker
-    process is SIGKILLed; once the restarted group has checkpointed, worker node ``worker-b`` is taken
-    away (every process SIGKILLed, as a reclaimed spot instance) and a fresh node with an empty disk
-    joins. The run resumes both times from its newest S3 checkpoint and finishes with every epoch
+    process is SIGKILLed; once the restarted group has checkpointed, the worker node that does not run
+    the job's driver is taken away (every process SIGKILLed, as a reclaimed spot instance) and a fresh
+    node with an empty disk joins. The run resumes both times from its newest S3 checkpoint and finishes with every epoch
     once; the fresh node reads its shard from the S3 cache instead of extracting anything."""
     epochs = 10
     run = Submit(cluster, readme_commands()["train"] + TINY_TRAIN_ARGS + [
@@ -332,19 +364,23 @@ def test_a_killed_worker_and_a_replaced_node_resume_from_s3_checkpoints(cluster:
         victims = {name: cluster.processes_named(node, "RayTrainWorker") for name, node in cluster.nodes.items()}
         name, pids = next((n, p) for n, p in victims.items() if p)
         os.kill(pids[0], signal.SIGKILL)
-        # 2. The group restarted from a checkpoint; once it registered one of its own, worker-b goes away.
+        # 2. The group restarted from a checkpoint; once it registered one of its own, the node without the
+        # driver goes away (on AWS the drivers' node type is on demand, never reclaimed; the spot GPU nodes are).
         second = wait_for(lambda: starts()[2:4] if len(starts()) >= 4 else None, "a restarted worker group", run)
         resumed = second[0]["start_epoch"]
         at_stop = wait_for(lambda: max(epochs_checkpointed() - resumed, 0), "a checkpoint of the restarted group",
                            run) + resumed
-        gone = cluster.stop_node("worker-b")
-        fresh = cluster.add_node("worker-b", num_cpus=1)
+        driver = driver_node(cluster, run.job_id, finished=False)
+        reclaimed = next(n for n in cluster.nodes if n != driver)
+        gone = cluster.stop_node(reclaimed)
+        fresh = cluster.add_node(reclaimed, num_cpus=1)
         code = run.wait()
     finally:
         if run.process.poll() is None:
             run.process.kill()
     output = run.output
     assert code == 0, output[-6000:]
+    assert driver_node(cluster, run.job_id) == driver  # the driver stayed on its node all along
 
     attempts = [json.loads(line) for line in read(s3, "runs/faults/attempts.jsonl").splitlines()]
     groups = [sorted((a["start_epoch"], a["rank"]) for a in attempts[i:i + 2]) for i in range(0, len(attempts), 2)]
@@ -369,4 +405,4 @@ def test_a_killed_worker_and_a_replaced_node_resume_from_s3_checkpoints(cluster:
     parts = json.loads(read(s3, "runs/faults/.ray/feature_cache/" + index_key))["parts"]
     assert sum(log_lines(cluster, EMBEDDED, cache).values()) == len(parts)
     assert fresh.disk != gone.disk
-    assert name in cluster.nodes or name == "worker-b"
+    assert name in cluster.nodes and reclaimed in cluster.nodes

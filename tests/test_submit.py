@@ -31,6 +31,7 @@ import comet_ray.cli
 from comet_ray.cli import jobs as cli_jobs
 from comet_ray.data.synthetic import make_texture_category
 from comet_ray.distributed import submit
+from comet_ray.distributed.placement import DRIVER_RESOURCE, DRIVER_SHARE, driver_resources
 from comet_ray.errors import CometError
 from comet_ray.testing.cluster import free_port_range, stop_processes
 from comet_ray.testing.s3server import free_ports
@@ -60,7 +61,7 @@ def run_cli(argv: list[str]) -> int:
 class RayHead:
     """``ray start --head --block`` on 127.0.0.1 with private ports and temp dir; ``close`` ends only it."""
 
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, resources: dict | None = None) -> None:
         self.temp = Path(tempfile.mkdtemp(prefix="crs", dir="/tmp"))  # short: Ray puts Unix sockets under it
         (gcs, dashboard, client, node_manager, object_manager, agent_listen, agent_grpc, runtime_env_agent,
          metrics) = free_ports(9)
@@ -87,6 +88,7 @@ class RayHead:
             f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}",
             f"--min-worker-port={low}", f"--max-worker-port={high}", "--num-cpus=2", "--num-gpus=0",
             "--object-store-memory=100000000", "--disable-usage-stats",
+            *([f"--resources={json.dumps(resources)}"] if resources else []),
         ]
         self.log = open(self.temp / "ray-start.log", "wb")  # noqa: SIM115 - closed with the head
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env,
@@ -141,10 +143,11 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def heads():
-    """Two private heads started side by side: auth disabled, and RAY_AUTH_MODE=token."""
+    """Two private heads started side by side: auth disabled, offering the job drivers' resource as the
+    worker nodes of clusters/ do; and RAY_AUTH_MODE=token, offering none (as a head should)."""
     started: list[RayHead] = []
     try:
-        started.append(RayHead())
+        started.append(RayHead(resources={DRIVER_RESOURCE: 1}))
         started.append(RayHead(token=secrets.token_hex(32)))
         for cluster in started:
             cluster.wait_ready()
@@ -251,6 +254,21 @@ def test_entrypoint_runtime_env_and_results_line(tmp_path) -> None:
         submit.load_runtime_env(str(tmp_path / "env.yaml"))
 
 
+def test_the_driver_asks_for_a_worker_node_unless_told_otherwise(capsys) -> None:
+    assert driver_resources(None) == {DRIVER_RESOURCE: DRIVER_SHARE} and 0 < DRIVER_SHARE < 1
+    assert driver_resources(None, num_gpus=1) == {} and driver_resources(None, num_cpus=2) == {}  # not on a head
+    assert driver_resources('{"job-driver": 1, "big": 2}') == {"job-driver": 1.0, "big": 2.0}
+    assert driver_resources("{}") == {}
+    for bad in ("[1]", '{"job-driver": 0}', '{"job-driver": true}', "job-driver"):
+        with pytest.raises(CometError, match="--entrypoint-resources expects a JSON object of positive numbers"):
+            driver_resources(bad)
+    with pytest.raises(SystemExit):
+        run_cli(["submit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f'"{DRIVER_RESOURCE}" is offered by the worker node types of clusters/' in help_text
+    assert "never by the head" in help_text and "'{}' lets Ray place it anywhere" in help_text
+
+
 def test_the_job_package_holds_every_module_and_imports_without_an_install(tmp_path) -> None:
     """Build the job's package the way ``ray job submit`` does (Ray's own packaging code, Ray's default
     excludes plus ours, the project's .gitignore), unpack it, and import every ``comet_ray`` module from
@@ -337,7 +355,9 @@ def test_submit_train_succeeds_and_a_bad_path_fails(heads, dataset, tmp_path, cl
     clean_env.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))  # sent to both; the auth-less head ignores it
 
     bad_out, bad_err, bad_result = io.StringIO(), io.StringIO(), {}
-    bad_args = _parse(["submit", "--address", token_head.url, "--submission-id", "comet-test-bad", "--",
+    # '{}': a driver that may run anywhere, here on the one node, which offers no job-driver resource
+    bad_args = _parse(["submit", "--address", token_head.url, "--submission-id", "comet-test-bad",
+                       "--entrypoint-resources", "{}", "--",
                        "train", str(tmp_path / "no-such-data"), "--category", "weave",
                        "--out", str(tmp_path / "bad-run"), *TINY])
 
@@ -361,6 +381,8 @@ def test_submit_train_succeeds_and_a_bad_path_fails(heads, dataset, tmp_path, cl
     assert "epoch   1/1" in captured.out  # the job's own output, streamed
     assert "[comet-ray] job comet-test-ok | SUCCEEDED |" in captured.err
     assert f"results: {out} on the cluster's filesystem" in captured.out
+    assert f"driver: on a worker node offering {DRIVER_RESOURCE!r}" in captured.err
+    assert "driver: wherever Ray places it" in bad_err.getvalue()
 
     assert not worker.is_alive() and "error" not in bad_result, bad_result
     assert bad_result["code"] == 1, bad_err.getvalue()[-3000:]
@@ -369,6 +391,19 @@ def test_submit_train_succeeds_and_a_bad_path_fails(heads, dataset, tmp_path, cl
     assert "exit code 2" in bad_err.getvalue()
     assert not (tmp_path / "bad-run").exists()
     assert token_head.token not in bad_out.getvalue() + bad_err.getvalue() + captured.out + captured.err
+
+    # With the defaults, a driver never starts on a head that offers no job-driver resource: it waits.
+    assert run_cli(["submit", "--no-wait", "--address", token_head.url, "--submission-id", "comet-test-pending",
+                    "--", "train", str(dataset), "--category", "weave", "--out", str(tmp_path / "pending")]) == 0
+    capsys.readouterr()
+    jobs = submit.connect(token_head.url)
+    statuses = set()
+    for _ in range(10):
+        statuses.add(str(jobs.get_job_status("comet-test-pending")))
+        time.sleep(1.0)
+    assert statuses == {"PENDING"}, statuses
+    assert run_cli(["stop", "comet-test-pending", "--address", token_head.url]) == 0
+    capsys.readouterr()
 
     # looking after finished jobs
     assert run_cli(["status", "comet-test-ok", "--address", head.url]) == 0

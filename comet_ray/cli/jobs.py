@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from comet_ray.cli.credentials import SUBMIT_NOTICE, strip_arguments, strip_value
 from comet_ray.data.s3 import public_s3_uri
-from comet_ray.distributed import submit
+from comet_ray.distributed import placement, submit
 from comet_ray.errors import CometError
 
 
@@ -45,13 +45,16 @@ def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         options["entrypoint_num_cpus"] = args.entrypoint_num_cpus
     if args.entrypoint_num_gpus:
         options["entrypoint_num_gpus"] = args.entrypoint_num_gpus
-    if args.entrypoint_resources:
-        options["submit.entrypoint_resources"] = submit.entrypoint_resources(args.entrypoint_resources)
+    resources = placement.driver_resources(args.entrypoint_resources, args.entrypoint_num_cpus,
+                                           args.entrypoint_num_gpus)
+    if resources:
+        options["entrypoint_resources"] = resources
     metadata = {"comet_ray_command": command[0]}
     out_dir = submit.option_value(command, "--out")
     if out_dir:
         metadata["out"] = public_s3_uri(out_dir)
     shipped = runtime_env.get("working_dir") or ", ".join(runtime_env.get("py_modules") or [])
+    print(f"[comet-ray] {placement.placement_line(resources)}", file=err, flush=True)
     print(f"[comet-ray] uploading {shipped} to {url} (without {', '.join(submit.DEFAULT_EXCLUDES[:3])}, ...)",
           file=err, flush=True)
     started = time.time()
@@ -171,8 +174,7 @@ def register(subparsers) -> None:
     submit_parser.add_argument("--entrypoint-num-cpus", type=float, default=0.0,
                                help="CPUs reserved for the command's process (default 0)")
     submit_parser.add_argument("--entrypoint-resources", default=None, metavar="JSON",
-                               help="custom resources the command's process needs, e.g. '{\"job-driver\": 1}' to run "
-                                    "it on the node types that offer them rather than on the head (clusters/aws-gpu.yaml)")
+                               help=placement.DRIVER_HELP)
     submit_parser.add_argument("--results-uri", default=None, metavar="S3_URI",
                                help="after success, copy the --out folder to S3_URI/<name of --out> (from the cluster, "
                                     "with the nodes' IAM role)")

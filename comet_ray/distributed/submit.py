@@ -353,19 +353,6 @@ def where_results_go(args: list[str], results_uri: str | None = None) -> str | N
             "unless absolute), not on this machine; pass --results-uri s3://... to copy them out")
 
 
-def entrypoint_resources(text: str) -> dict[str, float]:
-    """``--entrypoint-resources '{"job-driver": 1}'``: custom resources the command's process needs."""
-    import json
-
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in value.values()):
-        raise CometError(f"--entrypoint-resources expects a JSON object of positive numbers, got {text!r}")
-    return {str(k): float(v) for k, v in value.items()}
-
-
 def new_submission_id(command: str) -> str:
     return f"comet-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 

@@ -17,7 +17,7 @@ A trial runs the plain core in-process (``workers=0``) or builds and fits a ``To
 ``workers`` Ray Train workers (the Ray 2.60 pattern: Train V2 forbids ``Tuner(trainer)``), with the
 workers' per-epoch reports forwarded to Tune by ``TuneReportCallback``.
 
-On a cluster the driver runs on the head, which trains nothing: the trials, the one task that fills
+On a cluster the driver runs on a worker node (``comet-ray submit``'s default): the trials, the one task that fills
 the feature cache before them and the seed repeats after them are Ray work with the trials'
 resources (GPUs when the cluster has or can autoscale GPU nodes), placed wherever those are.
 Concurrency is ``--max-concurrent-trials`` or what the cluster can hold at its largest. Tune's

@@ -2,8 +2,9 @@
 
 What makes it behave like a real cluster rather than Ray's usual single-machine test setups:
 
-* **a head that trains nothing**: ``ray start --head --num-cpus=0`` (as ``clusters/aws-gpu.yaml`` starts
-  it), dashboard and job API on 127.0.0.1, token authentication on (``RAY_AUTH_MODE=token``);
+* **a head that trains and runs nothing**: ``ray start --head --num-cpus=0`` (as ``clusters/aws-gpu.yaml``
+  starts it), dashboard and job API on 127.0.0.1, token authentication on (``RAY_AUTH_MODE=token``);
+  the worker nodes offer the job drivers' resource (``comet_ray.distributed.placement``), the head not;
 * **worker nodes with their own disks**: each worker node runs inside its own mount namespace
   (``unshare -m``) where bind mounts put private folders over the cluster's temp folder (``TMPDIR``,
   which holds Ray's ``<tmp>/ray``: sessions, runtime envs, working dirs) and over ``HOME``. What a
@@ -46,6 +47,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from comet_ray.distributed.placement import DRIVER_RESOURCE
 from comet_ray.testing import LOCAL_ENV
 from comet_ray.testing.s3server import free_ports
 
@@ -291,8 +293,11 @@ class LocalCluster:
             binds += [str(private), str(target)]
         low = free_port_range()
         agent, env_agent, metrics = free_ports(3)
+        # Every worker node offers the job drivers' resource, as the worker node types of clusters/ do
+        # (comet-ray submit's default placement; the head offers none).
+        resources = {DRIVER_RESOURCE: 1, **(resources or {})}
         spec = {"gcs_address": self.gcs_address, "name": name, "num_cpus": num_cpus, "num_gpus": num_gpus,
-                "resources": resources or {}, "object_store_memory": 100_000_000, "min_worker_port": low,
+                "resources": resources, "object_store_memory": 100_000_000, "min_worker_port": low,
                 "max_worker_port": low + 99, "dashboard_agent_listen_port": agent,
                 "runtime_env_agent_port": env_agent, "metrics_export_port": metrics}
         node_env = None
@@ -305,7 +310,7 @@ class LocalCluster:
             command = [str(self.python), str(NODE_SCRIPT), json.dumps(spec)]
         log = disk.parent / f"{disk.name}.log"
         node = ClusterNode(name, self._spawn(command, log, node_env), disk, log,
-                           resources={"CPU": num_cpus, "GPU": num_gpus})
+                           resources={"CPU": num_cpus, "GPU": num_gpus, **resources})
         self.nodes[name] = node
         if wait:
             self.wait_for_node(node)
