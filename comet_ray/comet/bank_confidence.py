@@ -8,7 +8,8 @@ patch scores being its leave-one-out kNN distances (its own patches are never it
 image scores get SCL's weights (:func:`confidence_weights`: the same fence and weight form), and every
 image with weight < 1, the images SCL flags, is left out of the bank. With ``patch_weighting`` the same
 fence rule on the leave-one-out distances of every training patch also leaves out single patches (a
-small defect in an otherwise typical image). The coreset is then chosen from the patches that are left.
+small defect in an otherwise typical image). The coreset is then chosen from the patches that are left,
+as many entries as ``knn_bank_fraction`` of every training patch would give.
 """
 
 from __future__ import annotations
@@ -78,5 +79,6 @@ def fit_confident_bank(model: PatchKNN, store: FeatureStore, comet: CometConfig,
     if comet.patch_weighting:
         patch_weights, patch_fence = confidence_weights(patch_scores, *fence_args)
         kept &= patch_weights >= 1
-    model.fit(features.reshape(-1, features.shape[-1])[kept.flatten()], generator)
+    # The bank keeps the size it would have had from every training patch: leaving images out costs no coverage.
+    model.fit(features.reshape(-1, features.shape[-1])[kept.flatten()], generator, model.bank_size_for(kept.numel()))
     return ConfidentBank(weights, scores.float(), fence, kept, patch_fence)
