@@ -13,11 +13,12 @@ Sets (one category each; every set's features are extracted ONCE and cached, the
 
 Methods: ``baseline``, ``comet`` (SimpleNet with the plain baseline / CoMet strategy), ``flow``,
 ``flow+comet`` (the normalizing flow), ``knn`` (the training-free PatchCore-style reference on the same
-features), and the ablations ``scl``, ``meta``, ``flow+scl``, ``flow+meta``. ``METHOD@knob=value,...``
-runs a method with extra settings (e.g. ``comet@confidence_signal=knn``). Contamination follows the
-SoftPatch no-overlap protocol (``--contamination`` of ``comet-ray train``); every figure is the mean
-+- sd over seeds on each run's report split. Nothing is selected with test labels: every run uses the
-defaults and the schedule below, evaluated once after its last epoch.
+features), ``knn+scl`` (the images SCL's fence flags on leave-one-out scores left out of knn's memory bank),
+and the ablations ``scl``, ``meta``, ``flow+scl``, ``flow+meta``. ``METHOD@knob=value,...`` runs a method
+with extra settings (e.g. ``comet@confidence_signal=knn``). Contamination follows the SoftPatch
+no-overlap protocol (``--contamination`` of ``comet-ray train``); every figure is the mean +- sd over
+seeds on each run's report split. Nothing is selected with test labels: every run uses the defaults
+and the schedule below, evaluated once after its last epoch.
 
 Output: one line per figure, a markdown table (image AUROC / pixel AUROC, and the mean final SCL
 weight of injected vs nominal training images), and ``OUT/quality.json`` with every run, including its
@@ -64,6 +65,7 @@ METHODS = {  # name -> (model, strategy)
     "flow+meta": ("flow", "meta"),
     "flow+comet": ("flow", "comet"),
     "knn": ("knn", "baseline"),
+    "knn+scl": ("knn", "scl"),  # SCL's fence on leave-one-out scores chooses which images enter the memory bank
 }
 DEFAULT_METHODS = "baseline,comet,flow,flow+comet,knn"
 ALL_SETS = ("bottle", "elpv_mono", "elpv_poly", "weave")

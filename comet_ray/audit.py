@@ -224,10 +224,8 @@ def audit_from_documents(run: str, weights_doc: dict, history: list[dict], manif
     if weights.per_epoch is None or weights.scores is None:
         raise CometError(f"{run} was written by an older comet-ray: weights.json has no per-epoch weights and "
                          "scores; train it again with this version to audit it")
-    fence = None
-    if history:
-        value = history[-1].get("fence")
-        fence = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    value = history[-1].get("fence") if history else metrics.get("fence")  # knn + scl: no epochs, one fence
+    fence = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
     strategy = str(metrics.get("strategy") or config.get("comet", {}).get("strategy") or "comet")
     result = audit_metrics(weights.ids, weights.final, weights.scores, weights.injected)
     return TrainingAudit(

@@ -16,6 +16,18 @@ if TYPE_CHECKING:
     import torch
 
 STRATEGIES: tuple[str, ...] = ("baseline", "scl", "meta", "comet")
+# The training-free knn reference takes no gradient step: SCL can choose its memory bank (comet/bank_confidence.py),
+# the meta phase has nothing to adapt.
+TRAINING_FREE = {"knn": ("baseline", "scl")}
+
+
+def check_strategy(model: str, strategy: str) -> None:
+    """One line when ``strategy`` does not apply to ``model``."""
+    allowed = TRAINING_FREE.get(model)
+    if allowed is not None and strategy not in allowed:
+        raise CometError(f"--model {model} is training-free: --strategy {strategy} needs a trained model; use "
+                         "baseline (every training patch may enter the memory bank) or scl (the images SCL's "
+                         "fence flags are left out of it)")
 
 
 @dataclass
@@ -71,6 +83,8 @@ class CometConfig:
     temperature_scale: float = 1.0  # T = temperature_scale * IQR (exponential form)
     weight_floor: float = 0.0
     warmup_epochs: int = 1
+    # Weigh single patches too, by the same fence over every training patch's score: a trained model's loss
+    # weighs each patch; --model knn --strategy scl also leaves the patches beyond it out of the memory bank.
     patch_weighting: bool = False
     # What SCL scores the training images with: "model" (the current detector, the paper's definition) or
     # "knn" (each image's leave-one-out nearest-neighbour patch distance to the other training images).

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from comet_ray.comet.bank_confidence import fit_confident_bank
 from comet_ray.comet.collective import Collective
 from comet_ray.comet.trainer import CometTrainer, EpochLog, EpochReporter
-from comet_ray.config import TrainConfig
+from comet_ray.config import TrainConfig, check_strategy
 from comet_ray.data.contamination import inject_contamination
 from comet_ray.data.layout import NOMINAL, CategoryScan, Sample, open_dataset_filesystem, scan_category
 from comet_ray.data.s3 import public_s3_uri
@@ -256,6 +257,7 @@ class RunResult:
     # each training image [N], both in the training store's id order.
     weight_history: torch.Tensor | None = None
     train_scores: list[float] = field(default_factory=list)
+    train_score_description: str | None = None  # what train_scores are, when not the final model's SCL score
 
 
 def decision_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -303,9 +305,13 @@ def train_category(
     hold the same model and their results are never written; they still score their shards of the
     evaluation splits for the one that evaluates.
     """
+    check_strategy(config.model.model, config.comet.strategy)
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    model = build_detector(config.model.model, data.feature_dim, config.model, data.grid, data.train.store)
+    bank_scl = config.model.model == "knn" and config.comet.uses_scl
+    model = build_detector(config.model.model, data.feature_dim, config.model, data.grid, data.train.store,
+                           fit_bank=not bank_scl)
+    bank_metrics: dict = {}
     if getattr(model, "trainable", True):
         store = place_store(data.train.store, device)
         trainer = CometTrainer(model, store, config, device, collective, data.injected_ids)
@@ -317,11 +323,17 @@ def train_category(
         # uses every epoch (every rank joins it when distributed: it gathers across workers).
         train_scores = trainer.score_training_set()[0].tolist()
         audit_record = {"weight_history": trainer.weight_history_tensor(), "train_scores": train_scores}
-    else:  # a training-free reference (knn): built from the training features, no epochs, no strategy
-        model = model.to(device)
+    else:  # training-free (knn): no epochs; with scl, SCL's fence on leave-one-out scores chooses the bank's images
         epochs = []
         final_weights = dict.fromkeys(data.train.store.ids, 1.0)
         audit_record = {}
+        if bank_scl:
+            generator = torch.Generator().manual_seed(int(torch.randint(1 << 62, (1,))))
+            bank = fit_confident_bank(model, data.train.store, config.comet, generator)
+            final_weights = dict(zip(data.train.store.ids, bank.weights.tolist()))
+            audit_record = bank.audit_record()
+            bank_metrics = bank.metrics(data.train.store.ids, data.injected_ids)
+        model = model.to(device)
     train_seconds = time.perf_counter() - start
     size = config.features.image_size
     precision = config.precision
@@ -347,7 +359,7 @@ def train_category(
         "validation_image_auroc": validation.metrics.get("image_auroc"),
         "validation_aupro": validation.metrics.get("aupro", float("nan")),
         "final_loss": epochs[-1].loss if epochs else float("nan"),
-        "strategy": config.comet.strategy if getattr(model, "trainable", True) else "none",
+        "strategy": config.comet.strategy if getattr(model, "trainable", True) or bank_scl else "none",
         "model": config.model.model,
         "category": config.category,
         "contamination": config.contamination,
@@ -366,6 +378,7 @@ def train_category(
         last = epochs[-1]
         metrics["mean_weight_injected"] = last.mean_weight_injected
         metrics["mean_weight_nominal"] = last.mean_weight_nominal
+    metrics.update(bank_metrics)
     return RunResult(metrics, validation.metrics, epochs, model, threshold, nominal, final_weights, pixel_cut,
                      report.image_scores.tolist(), **audit_record)
 

@@ -95,7 +95,7 @@ def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResu
         weights = weights_document(
             ids, list(result.final_weights.values()), data.injected_ids,
             None if result.weight_history is None else result.weight_history.numpy(),
-            result.train_scores or None,
+            result.train_scores or None, result.train_score_description,
         )
         (staging / "weights.json").write_text(jsonfile.dumps(weights, indent=2))
         (staging / "config.json").write_text(jsonfile.dumps(config_dict, indent=2))

@@ -47,12 +47,13 @@ def weights_document(
     injected: set[str] | Sequence[str],
     weight_history: np.ndarray | None = None,
     scores: Sequence[float] | None = None,
+    score_description: str | None = None,
 ) -> dict:
     """The ``weights.json`` content. ``weight_history``: ``[epochs, N]`` in ``ids`` order (NaN = unknown)."""
     document: dict = {"weights": dict(zip(ids, (float(w) for w in final_weights))), "injected": sorted(injected)}
     if scores is not None:
         document["scores"] = dict(zip(ids, (float(s) for s in scores)))
-        document["score"] = SCORE_DESCRIPTION
+        document["score"] = score_description or SCORE_DESCRIPTION
     if weight_history is not None:
         history = np.asarray(weight_history, dtype=np.float64).reshape(-1, len(ids))
         unknown = np.isnan(history).all(axis=1)

@@ -6,7 +6,14 @@ import argparse
 import os
 import sys
 
-from comet_ray.config import STRATEGIES, FeatureConfig, TrainConfig, apply_overrides
+from comet_ray.config import (
+    STRATEGIES,
+    TRAINING_FREE,
+    FeatureConfig,
+    TrainConfig,
+    apply_overrides,
+    check_strategy,
+)
 from comet_ray.errors import CometError
 from comet_ray.models import MODELS
 from comet_ray.table import format_table
@@ -29,11 +36,13 @@ def add_training_options(parser: argparse.ArgumentParser, contamination_list: bo
     parser.add_argument("data_root", help="dataset root holding <category>/{train,test,ground_truth} (or a category folder)")
     parser.add_argument("--category", required=True,
                         help="category folder under DATA_ROOT; for train also 'all' or a comma-separated list")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="comet",
-                        help="baseline: plain detector; scl: confidence weights only; meta: meta-learning + lambda(Sigma) only; comet: both (default)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default=None,
+                        help="baseline: plain detector; scl: confidence weights only; meta: meta-learning + lambda(Sigma) "
+                             "only; comet: both (default; baseline for --model knn, where scl leaves the images SCL "
+                             "flags out of the memory bank)")
     parser.add_argument("--model", choices=MODELS, default="simplenet",
                         help="detector on the cached features: SimpleNet, a normalizing flow, or knn (the "
-                             "training-free PatchCore-style reference: no epochs, no strategy)")
+                             "training-free PatchCore-style reference: no epochs; strategy baseline or scl)")
     if contamination_list:
         parser.add_argument("--contamination", default="0,0.05,0.1,0.2",
                             help="comma-separated contamination levels (experimental conditions, never searched)")
@@ -76,7 +85,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     config.features.image_size = args.image_size
     config.features.feature_dim = args.feature_dim
     config.model.model = args.model
-    config.comet.strategy = args.strategy
+    config.comet.strategy = args.strategy or ("baseline" if args.model in TRAINING_FREE else "comet")
     overrides = {}
     for item in args.set:
         if "=" not in item:
@@ -84,9 +93,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         key, value = item.split("=", 1)
         overrides[key.strip()] = parse_value(value.strip())
     try:
-        return apply_overrides(config, overrides) if overrides else config
+        config = apply_overrides(config, overrides) if overrides else config
     except KeyError as exc:
         raise CometError(f"--set: {exc.args[0]}") from None
+    check_strategy(config.model.model, config.comet.strategy)
+    return config
 
 
 def print_epoch(total: int):

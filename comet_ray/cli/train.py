@@ -87,8 +87,8 @@ def _train_into(args: argparse.Namespace, out: str) -> None:
     device = resolve_device(config.device)
     print(f"comet-ray train: {config.category} | strategy {config.comet.strategy} | device {device}", flush=True)
     if config.model.model == "knn":
-        print("note: --model knn is training-free (a memory bank of training patches): --epochs, --passes and "
-              "--strategy do not apply", flush=True)
+        print("note: --model knn is training-free (a memory bank of training patches): --epochs and --passes do "
+              "not apply; --strategy scl leaves the images SCL's fence flags out of the bank", flush=True)
     data = prepare_data(config, device, cache_dir=args.cache_dir, progress=True, s3_endpoint=args.s3_endpoint,
                         engine=args.engine)
     if data.feature_origin:

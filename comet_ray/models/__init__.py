@@ -13,13 +13,15 @@ MODELS = ("simplenet", "flow", "knn")
 
 
 def build_detector(
-    name: str, feature_dim: int, model_config, grid: tuple[int, int] | None = None, train_store=None
+    name: str, feature_dim: int, model_config, grid: tuple[int, int] | None = None, train_store=None,
+    fit_bank: bool = True,
 ) -> Detector:
     """Build a detector from ``ModelConfig``; the only place that knows the concrete classes.
 
     ``train_store`` (the training features) sets what the detector measures on its data before
     training: SimpleNet's feature scale (without it, 1: ``noise_std`` is then in raw feature units) and
     the knn reference's memory bank (its whole fit; a coreset seeded from torch's global generator).
+    ``fit_bank=False``: an empty knn bank, for a caller that chooses what it is filled from.
     """
     if name == "simplenet":
         from comet_ray.models.simplenet import SimpleNet
@@ -54,6 +56,8 @@ def build_detector(
         if train_store is None:
             raise CometError("the knn reference is built from training features; none were given")
         model = PatchKNN(feature_dim, bank_fraction=model_config.knn_bank_fraction, coreset=model_config.knn_coreset)
+        if not fit_bank:
+            return model
         generator = torch.Generator().manual_seed(int(torch.randint(1 << 62, (1,))))
         return model.fit(train_store.features, generator)
     raise CometError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

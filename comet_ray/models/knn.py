@@ -119,18 +119,20 @@ class PatchKNN(nn.Module):
     def bank_size_for(self, n_patches: int) -> int:
         return max(1, round(self._hparams["bank_fraction"] * n_patches))
 
-    def select(self, patches: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Coreset row indices of ``patches`` [N, D] with this model's settings."""
+    def select(self, patches: torch.Tensor, generator: torch.Generator, size: int | None = None) -> torch.Tensor:
+        """Coreset row indices of ``patches`` [N, D] with this model's settings (``size`` rows: default
+        ``bank_fraction`` of them)."""
         hp = self._hparams
-        return coreset_rows(patches, self.bank_size_for(patches.shape[0]), hp["coreset"], generator,
-                            hp["projection_dim"])
+        size = self.bank_size_for(patches.shape[0]) if size is None else size
+        return coreset_rows(patches, size, hp["coreset"], generator, hp["projection_dim"])
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor, generator: torch.Generator | None = None) -> PatchKNN:
-        """Fill the bank from training patch features [N, P, D] (or [N*P, D])."""
+    def fit(self, features: torch.Tensor, generator: torch.Generator | None = None,
+            size: int | None = None) -> PatchKNN:
+        """Fill the bank from training patch features [N, P, D] (or [N*P, D]); ``size``: as in ``select``."""
         generator = generator or torch.Generator().manual_seed(0)
         patches = features.reshape(-1, features.shape[-1]).float()
-        self.bank = patches[self.select(patches, generator)].clone()
+        self.bank = patches[self.select(patches, generator, size)].clone()
         self._hparams["bank_size"] = int(self.bank.shape[0])
         return self
 
