@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from comet_ray.comet.schedule import check_experiment_knobs
 from comet_ray.config import STRATEGIES, FeatureConfig, TrainConfig, apply_overrides
 from comet_ray.errors import CometError
 from comet_ray.models import MODELS
@@ -84,9 +85,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         key, value = item.split("=", 1)
         overrides[key.strip()] = parse_value(value.strip())
     try:
-        return apply_overrides(config, overrides) if overrides else config
+        config = apply_overrides(config, overrides) if overrides else config
     except KeyError as exc:
         raise CometError(f"--set: {exc.args[0]}") from None
+    check_experiment_knobs(config)  # before any feature is extracted or worker started
+    return config
 
 
 def print_epoch(total: int):
