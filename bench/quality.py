@@ -332,7 +332,7 @@ def main() -> int:
                              "present; otherwise torchvision's hub cache, else a loudly random backbone)")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--feature-dim", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--passes", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
                         help="override a knob for every method (like comet-ray train --set)")

@@ -128,7 +128,7 @@ class TrainConfig:
     min_steps: int = 0
     # Before the final scoring, re-estimate BatchNorm's running statistics with the final model over one
     # pass of the training set (instead of the momentum average that lags the discriminator).
-    bn_recalibrate: bool = False
+    bn_recalibrate: bool = True
     batch_size: int = 8
     # Data parallel: batch_size is per worker, so N workers make a global batch of N * batch_size and the
     # learning rates are scaled by this rule ("sqrt", "linear" or "none"; comet/trainer.py lr_scale).

@@ -397,7 +397,7 @@ class CometTrainer:
             logs.append(log)
             if on_epoch_end is not None:
                 on_epoch_end(self, log)
-        if self.config.bn_recalibrate:  # the final model's statistics over one pass of the training set
+        if self.config.bn_recalibrate and self.epoch >= self.config.epochs:  # the final model's, on one pass
             batches = ((self.store.batch(b, self.device), self._sample_seeds(b, 17))
                        for b in self._batches(self._generator(17)))
             schedule.recalibrate_batchnorm(self.model, batches, self.collective)
