@@ -14,8 +14,9 @@ Sets (one category each; every set's features are extracted ONCE and cached, the
 Methods: ``baseline``, ``comet`` (SimpleNet with the plain baseline / CoMet strategy), ``flow``,
 ``flow+comet`` (the normalizing flow), ``knn`` (the training-free PatchCore-style reference on the same
 features), ``knn+scl`` (the images SCL's fence flags on leave-one-out scores left out of knn's memory bank),
-and the ablations ``scl``, ``meta``, ``flow+scl``, ``flow+meta``. ``METHOD@knob=value,...`` runs a method
-with extra settings (e.g. ``comet@confidence_signal=knn``). Contamination follows the SoftPatch
+the ablations ``scl``, ``meta``, ``flow+scl``, ``flow+meta``, and the oracle bounds ``oracle`` and
+``flow+oracle`` (CoMet with SCL's weights replaced by the truth: 0 for injected images, 1 for the rest).
+``METHOD@knob=value,...`` runs a method with extra settings (e.g. ``comet@confidence_signal=knn``). Contamination follows the SoftPatch
 no-overlap protocol (``--contamination`` of ``comet-ray train``); every figure is the mean +- sd over
 seeds on each run's report split. Nothing is selected with test labels: every run uses the defaults
 and the schedule below, evaluated once after its last epoch.
@@ -67,6 +68,10 @@ METHODS = {  # name -> (model, strategy)
     "knn": ("knn", "baseline"),
     "knn+scl": ("knn", "scl"),  # SCL's fence on leave-one-out scores chooses which images enter the memory bank
 }
+# Rows that are a method with fixed settings. ``oracle``: CoMet whose SCL weights are replaced by the truth
+# (0 for every injected image, 1 for the rest): the bound a perfect ranking and fence would reach. At
+# rho = 0 there is nothing to weigh out, so it trains as ``meta`` (every weight 1).
+ALIASES = {"oracle": "comet@oracle_weights=true", "flow+oracle": "flow+comet@oracle_weights=true"}
 DEFAULT_METHODS = "baseline,comet,flow,flow+comet,knn"
 ALL_SETS = ("bottle", "elpv_mono", "elpv_poly", "weave")
 # ELPV cells per category: train/good, test/good, test/defect (seeded draw from each pool).
@@ -134,8 +139,11 @@ def data_sets(names: list[str], out: Path) -> list[DataSet]:
 def parse_method(spec: str) -> tuple[str, str, str, dict]:
     """``NAME[@knob=value,...]`` -> (label, model, strategy, overrides)."""
     name, _, settings = spec.partition("@")
+    if name in ALIASES:
+        name, _, fixed = ALIASES[name].partition("@")
+        settings = ",".join(filter(None, (fixed, settings)))
     if name not in METHODS:
-        raise SystemExit(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        raise SystemExit(f"unknown method {name!r}; choose from {', '.join([*METHODS, *ALIASES])}")
     overrides = {}
     for item in filter(None, settings.split(",")):
         key, _, value = item.partition("=")
@@ -156,6 +164,9 @@ def one_run(args, data_set: DataSet, data, method: str, rho: float, seed: int) -
     config = base_config(args, data_set, rho, seed)
     config.model.model = model
     config.comet.strategy = strategy
+    if rho <= 0 and overrides.get("oracle_weights"):  # nothing injected: the oracle weighs every image 1
+        overrides = {k: v for k, v in overrides.items() if k != "oracle_weights"}
+        config.comet.strategy = "meta"
     config = apply_overrides(config, overrides)
     result = train_category(config, data, torch.device("cpu"))
     metrics = result.metrics
@@ -323,7 +334,7 @@ def main() -> int:
                              "present; otherwise torchvision's hub cache, else a loudly random backbone)")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--feature-dim", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--passes", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
                         help="override a knob for every method (like comet-ray train --set)")

@@ -89,6 +89,9 @@ class CometConfig:
     # What SCL scores the training images with: "model" (the current detector, the paper's definition) or
     # "knn" (each image's leave-one-out nearest-neighbour patch distance to the other training images).
     confidence_signal: str = "model"
+    # Experiments only (needs contamination): the oracle bound of SCL. Every injected training image gets
+    # weight 0 and every other one 1, from the first epoch, instead of the confidence weights.
+    oracle_weights: bool = False
     # Meta phase
     meta_tasks: int = 4
     task_size: int = 8
@@ -133,6 +136,13 @@ class TrainConfig:
     split_seed: int | None = None
     epochs: int = 40
     passes: int = 4
+    # A floor on the main phase's optimizer steps over the run: when epochs x passes x steps per pass falls
+    # short (a 60-image set takes a tenth of a 600-image set's steps), every epoch takes more passes, so a
+    # small category trains as long as a large one (comet/schedule.py). 0 = no floor.
+    min_steps: int = 0
+    # Before the final scoring, re-estimate BatchNorm's running statistics with the final model over one
+    # pass of the training set (instead of the momentum average that lags the discriminator).
+    bn_recalibrate: bool = True
     batch_size: int = 8
     # Data parallel: batch_size is per worker, so N workers make a global batch of N * batch_size and the
     # learning rates are scaled by this rule ("sqrt", "linear" or "none"; comet/trainer.py lr_scale).

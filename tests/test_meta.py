@@ -162,3 +162,11 @@ def test_fan_in_l2_is_width_independent_at_init() -> None:
         penalties.append(float(l2_penalty([layer.weight], "fan_in")))
         assert float(l2_penalty([layer.weight], "sum")) == pytest.approx(width, rel=0.1)
     assert penalties[0] == pytest.approx(1.0, rel=0.2) and penalties[1] == pytest.approx(1.0, rel=0.05)
+
+
+def test_lambda_moves_on_a_small_contaminated_comet_run() -> None:
+    """The issue-22 check at test scale: CoMet with its defaults on a contaminated set (8 of 48 images
+    carry off-pattern patches); lambda's range over the run is at least 5 % of its first value."""
+    logs, _ = lambda_run(12, outliers=8, strategy="comet")
+    lambdas = [log.lam for log in logs]
+    assert (max(lambdas) - min(lambdas)) / lambdas[0] >= 0.05, lambdas

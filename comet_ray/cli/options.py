@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from comet_ray.comet.schedule import check_experiment_knobs
 from comet_ray.config import (
     STRATEGIES,
     TRAINING_FREE,
@@ -97,6 +98,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     except KeyError as exc:
         raise CometError(f"--set: {exc.args[0]}") from None
     check_strategy(config.model.model, config.comet.strategy)
+    check_experiment_knobs(config)  # before any feature is extracted or worker started
     return config
 
 

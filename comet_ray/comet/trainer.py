@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from comet_ray.comet import schedule
 from comet_ray.comet.collective import Collective
 from comet_ray.comet.confidence import confidence_weights, weight_histogram
 from comet_ray.comet.meta import (
@@ -128,6 +129,7 @@ class CometTrainer:
         collective: Collective | None = None,
         injected_ids: set[str] | None = None,
     ) -> None:
+        schedule.check_experiment_knobs(config)
         self.config = config
         self.comet = config.comet
         self.device = torch.device(device)
@@ -148,6 +150,7 @@ class CometTrainer:
             raise ValueError("the training store holds another shard than this worker's")
         # Every worker takes the same number of steps per pass; the global batch of each is the sum of theirs.
         self.global_batch = [sum(sizes) for sizes in zip(*(self._batch_sizes(r) for r in range(world)))]
+        self.passes = schedule.passes_per_epoch(config.passes, config.min_steps, config.epochs, len(self.global_batch))
         self.sample_weights = torch.ones(n)
         self.patch_weights: torch.Tensor | None = None
         # Every epoch's weights, one [N] row per epoch in store order: what ``comet-ray audit`` reads
@@ -245,6 +248,9 @@ class CometTrainer:
     def update_weights(self, image_scores: torch.Tensor, patch_scores: torch.Tensor) -> float:
         """Refresh SCL weights from this epoch's scores; returns the fence (nan while unweighted)."""
         c = self.comet
+        if c.oracle_weights:
+            self.sample_weights, self.patch_weights = schedule.oracle_weights(self.injected), None
+            return float("nan")
         if not c.uses_scl or self.epoch < c.warmup_epochs:
             self.sample_weights = torch.ones(len(self.store))
             self.patch_weights = None
@@ -317,7 +323,7 @@ class CometTrainer:
         total = torch.zeros((), device=self.device)
         count = 0
         self.model.train()
-        for pass_index in range(self.config.passes):
+        for pass_index in range(self.passes):
             generator = self._generator(3, pass_index)
             for step, batch in enumerate(self._batches(generator)):
                 for optimiser in self.optimizers:
@@ -391,6 +397,10 @@ class CometTrainer:
             logs.append(log)
             if on_epoch_end is not None:
                 on_epoch_end(self, log)
+        if self.config.bn_recalibrate and self.epoch >= self.config.epochs:  # the final model's, on one pass
+            batches = ((self.store.batch(b, self.device), self._sample_seeds(b, 17))
+                       for b in self._batches(self._generator(17)))
+            schedule.recalibrate_batchnorm(self.model, batches, self.collective)
         return logs
 
     # ------------------------------------------------------------------ state
