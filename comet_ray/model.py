@@ -3,7 +3,7 @@
 frozen backbone + patch aggregation (:class:`~comet_ray.features.extractor.PatchFeatureExtractor`)
 -> features rounded to the cache dtype (float16 by default: what the detector was trained and
 thresholded on, :func:`~comet_ray.features.store.as_stored`) -> the detector's patch scores in eval mode
-at the run's precision (:func:`~comet_ray.evaluate.detector_patch_scores`) -> image score (the patch
+at the run's precision (:func:`~comet_ray.models.scoring.detector_patch_scores`) -> image score (the patch
 maximum) and anomaly map (upsampled, blurred).
 
 Validation and ``evaluate`` run the second half of this path on cached features (``score_patches``);
@@ -21,11 +21,12 @@ import torch
 from comet_ray.checkpoint import load_detector
 from comet_ray.config import FeatureConfig
 from comet_ray.errors import CometError
-from comet_ray.evaluate import checkpoint_precision, detector_patch_scores
+from comet_ray.evaluate import checkpoint_precision
 from comet_ray.features.extractor import PatchFeatureExtractor
 from comet_ray.features.store import as_stored
 from comet_ray.models.anomaly_map import anomaly_maps, image_scores
 from comet_ray.models.protocol import Detector
+from comet_ray.models.scoring import detector_patch_scores
 
 
 def extractor_for(meta: dict, device: torch.device) -> PatchFeatureExtractor:

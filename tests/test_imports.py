@@ -110,6 +110,43 @@ def test_no_import_cycle_in_comet_ray():
     assert not cycles, "import cycles in comet_ray/:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The import graph between folders: every module of a subpackage (``comet_ray.comet.trainer``)
+    becomes its subpackage (``comet_ray.comet``); the top-level modules stay themselves, as they are
+    rooms of their own (``comet_ray.evaluate``). An edge is any import from one to another."""
+    subpackages = {".".join(m.split(".")[:2]) for m in graph if m.count(".") >= 2}
+
+    def room(module: str) -> str:
+        top = ".".join(module.split(".")[:2])
+        return top if top in subpackages else module
+
+    rooms: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        rooms.setdefault(room(module), set()).update(room(t) for t in targets)
+    return {r: targets - {r} for r, targets in rooms.items()}
+
+
+def test_no_import_loop_between_folders():
+    """comet/ -> evaluate -> comet/ is a loop a file-level walk misses (each file imports another file)."""
+    cycles = find_cycles(package_graph(import_graph()))
+    assert not cycles, "import loops between folders of comet_ray/:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_folder_walk_finds_a_loop_the_file_walk_misses(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "a.py").write_text("from pkg.top import f\n")
+    (package / "sub" / "b.py").write_text("")
+    (package / "top.py").write_text("from pkg.sub.b import g\n")
+    graph = import_graph(package)
+    assert find_cycles(graph) == []
+    rooms = package_graph(graph)
+    assert rooms["pkg.sub"] == {"pkg.top"} and rooms["pkg.top"] == {"pkg.sub"}
+    assert find_cycles(rooms) == [["pkg.sub", "pkg.top", "pkg.sub"]]
+
+
 def test_the_walk_finds_a_cycle_and_relative_imports(tmp_path):
     package = tmp_path / "pkg"
     (package / "sub").mkdir(parents=True)

@@ -41,10 +41,10 @@ from comet_ray.comet.meta import (
     split_task,
 )
 from comet_ray.config import TrainConfig, use_bf16
-from comet_ray.evaluate import score_rows
 from comet_ray.features.store import FeatureStore
 from comet_ray.models.anomaly_map import topk_mean
 from comet_ray.models.protocol import Detector
+from comet_ray.models.scoring import score_rows
 
 _MASK = (1 << 62) - 1
 logger = logging.getLogger(__name__)
