@@ -313,3 +313,33 @@ def test_cli_trains_every_category_through_ray_train(ray_local, tmp_path: Path) 
     for name in ("felt", "weave"):
         metrics = json.loads((out / name / "metrics.json").read_text())
         assert metrics["category"] == name and metrics["model"] == "flow"
+
+
+def test_two_workers_print_one_line_per_epoch_and_no_raw_reports(tiny_category: Path, tmp_path: Path) -> None:
+    """`comet-ray train --workers 2` as a user runs it (its own process, its own local Ray): rank 0 prints one
+    line per epoch, once; no raw ``TrainingReport(...)``, no Ray Train INFO chatter, no botocore notices;
+    ``--verbose`` brings Ray Train's lines back."""
+    import os
+    import subprocess
+    import sys
+
+    from comet_ray.testing import LOCAL_ENV, TINY_TRAIN_ARGS
+
+    env = {**os.environ, **LOCAL_ENV, "RAY_ADDRESS": ""}
+
+    def run(*extra: str) -> str:
+        command = [sys.executable, "-m", "comet_ray", *extra, "train", str(tiny_category), "--category",
+                   "weave", "--workers", "2", "--cpus-per-worker", "0.5", "--out",
+                   str(tmp_path / f"run{len(extra)}"), *TINY_TRAIN_ARGS]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+                              check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    output = run()
+    epoch_lines = [line for line in output.splitlines() if "| loss " in line]
+    assert [line.split("epoch", 1)[1].split("|")[0].strip() for line in epoch_lines] == ["1/2", "2/2"], output
+    for chatter in ("TrainingReport(", "Reporting training result", "Checkpoint successfully created",
+                    "Setting up process group", "Found credentials"):
+        assert chatter not in output, chatter
+    assert "TrainingReport(" in run("--verbose")  # the lines are Ray's, held back only at the default verbosity

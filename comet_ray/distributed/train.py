@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -102,6 +104,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from comet_ray.pipeline import prepare_data, train_category
 
     torch.set_num_threads(int(loop_config["torch_threads"]))
+    quiet_worker_logs(loop_config["verbose"])
     remove_orphaned_staging()  # left on this node by a worker killed mid-checkpoint
     config = TrainConfig.from_dict(loop_config["train_config"])
     rank = ray.train.get_context().get_world_rank()
@@ -117,7 +120,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     data = prepare_data(config, device, features=loop_config["features"], collective=collective)
     say_feature_origin(data, f"rank {rank}")
     _record_attempt(loop_config["attempts"], {**start, "feature_bytes": data.feature_bytes})
-    reporter = RayTrainReporter(data, config.precision, device, collective, history, loop_config["epoch_callbacks"])
+    reporter = RayTrainReporter(data, config.precision, device, collective, history, loop_config["epoch_callbacks"],
+                                epochs=config.epochs)
     # Every rank ends with the same model: only rank 0, which writes the results, evaluates it.
     result = train_category(config, data, device, collective, reporter, trainer_state, evaluate=rank == 0)
     if rank == 0:
@@ -129,11 +133,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
 class RayTrainReporter:
     """The per-epoch ``on_epoch_end(trainer, log)`` of a Ray Train worker: the global batch loss, the
     validation AUROC (every worker scores its shard), and one ``ray.train.report`` per epoch, rank 0's
-    with the checkpoint (:func:`comet_ray.resume.save_epoch_state`); then ``epoch_callbacks``."""
+    with the checkpoint (:func:`comet_ray.resume.save_epoch_state`); then ``epoch_callbacks``. Rank 0 prints
+    the epoch's one line (as a plain run does); the other ranks print nothing."""
 
     def __init__(self, data, precision: str, device: torch.device, collective: Collective, history: list[dict],
-                 epoch_callbacks: list[Callable] | None = None) -> None:
+                 epoch_callbacks: list[Callable] | None = None, epochs: int | None = None) -> None:
         self.data, self.precision, self.device, self.collective = data, precision, device, collective
+        self.epochs = epochs
         self.history = history  # rank 0: every epoch so far, restored ones included
         self.epoch_callbacks = list(epoch_callbacks or [])
 
@@ -151,6 +157,8 @@ class RayTrainReporter:
         if self.collective.rank == 0:
             metrics["validation_image_auroc"] = log.extra["validation_image_auroc"] = auroc
             self.history.append({**log.to_dict(), "finished_at": time.time(), "process_cpu_s": time.process_time()})
+            if self.epochs is not None:
+                say(log.line(self.epochs))
             with checkpoint_staging() as tmp:
                 save_epoch_state(tmp, trainer.state_dict(), self.history)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -195,10 +203,36 @@ def _write_results(loop_config: dict, config: TrainConfig, data, result, history
         (local / ATTEMPTS_FILE).write_text(_gathered_attempts(loop_config["attempts"]))
 
 
+def verbose_logs() -> bool:
+    """Did the driver ask for debug logging (``comet-ray --verbose``: the root logger at DEBUG)?"""
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def quiet_worker_logs(verbose: bool) -> None:
+    """In a worker, at the default verbosity: no botocore "Found credentials in ..." notice per process, and
+    no raw ``TrainingReport(...)`` line per report (Ray Train's other INFO lines are filtered by
+    ``RunConfig(logging_config=...)``, see :func:`fit_distributed`). ``--verbose`` keeps them all.
+
+    Ray 2.60 workaround: the module that logs each report names its logger by its file path, not
+    ``ray.train.*``, so Ray's own log-level filter misses it; it is found by that path's ending."""
+    level = logging.DEBUG if verbose else logging.WARNING
+    logging.getLogger("botocore.credentials").setLevel(level)
+    for name in list(logging.root.manager.loggerDict):
+        if name.replace(os.sep, "/").endswith("ray/train/v2/_internal/execution/context.py"):
+            logging.getLogger(name).setLevel(level)
+
+
+def say(line: str) -> None:
+    """One line on the worker's stdout (and so the driver's console). Not ``print``: Ray Train patches a
+    worker's ``print`` to go both to stdout and to the root logger's console handler, which shows it twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def say_feature_origin(data, who: str) -> None:
     """One line in the worker's output (and its node's logs): did this process extract or read the features?"""
     if data.feature_origin:
-        print(f"[{who}] features: {data.feature_origin}", flush=True)
+        say(f"[{who}] features: {data.feature_origin}")
 
 
 class _EpochRecord:
@@ -244,7 +278,7 @@ def fit_distributed(
     with them, :mod:`comet_ray.testing.faults`). ``callbacks`` go to ``RunConfig`` (e.g. Tune's ``TuneReportCallback``, which
     forwards the per-epoch reports to the Tune trial that runs this).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from comet_ray.pipeline import category_samples, feature_entry, worker_feature_bytes
@@ -277,6 +311,7 @@ def fit_distributed(
         "features": storage.join(feature_cache, entry.path.rsplit("/", 1)[-1]),
         "torch_threads": torch_threads or max(1, int(cpus_per_worker)),
         "epoch_callbacks": list(epoch_callbacks or []),
+        "verbose": verbose_logs(),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -290,6 +325,9 @@ def fit_distributed(
             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
             failure_config=FailureConfig(max_failures=max_failures),
             callbacks=callbacks,
+            # Ray Train's INFO lines (every report as a raw TrainingReport, each checkpoint, the worker
+            # group's start) only with --verbose; its warnings and errors always.
+            logging_config=LoggingConfig(log_level="INFO" if loop_config["verbose"] else "WARNING"),
         ),
     )
     # Called from the main thread, TorchTrainer.fit installs a SIGINT handler (abort the run) that
