@@ -111,7 +111,8 @@ def test_no_secret_from_a_uri_reaches_any_output(s3_server, keys_only_in_uris, t
     node = ray._private.worker._global_node
     session, url = Path(node.get_session_dir_path()), f"http://{node.webui_url}"
     job = f"comet-secrets-{uuid.uuid4().hex[:6]}"
-    assert main(["submit", "--address", url, "--submission-id", job, "--",
+    # One local node, no worker node offering job-driver: '{}' lets the driver run on it.
+    assert main(["submit", "--address", url, "--submission-id", job, "--entrypoint-resources", "{}", "--",
                  "train", *data, "--out", f"{base}/job", *TINY]) == 0
     printed = capfd.readouterr()
     assert SUBMIT_NOTICE in printed.err
