@@ -6,25 +6,30 @@ predictions) goes through here: written beside its target under a temporary name
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 
 @contextmanager
-def atomic_path(target: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
     """A temporary path beside ``target``; moved onto it when the block succeeds, removed otherwise.
 
-    The file gets the permissions a plain ``open`` would give it (not ``mkstemp``'s 0600). ``fsync``:
-    flush it to disk before the rename (checkpoints: a crash right after must not leave an empty file).
+    The file gets the permissions a plain ``open`` would give it (not ``mkstemp``'s 0600) and is flushed to
+    disk before the rename (``fsync``), so a crash right after never leaves an empty file. The temporary name
+    carries the writer's pid: temporaries of a killed writer are removed by the next write of ``target``.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    prefix = f".{target.name}.tmp-"
+    for stale in _dead_owned(target.parent, prefix):
+        stale.unlink(missing_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -49,6 +54,16 @@ def write_text(target: str | os.PathLike, text: str, newline: str | None = None)
 def write_bytes(target: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
+    return Path(target)
+
+
+def write_csv(target: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[dict]) -> Path:
+    """A CSV file with a header of ``fieldnames`` and one line per row (rows are streamed: a row that fails
+    midway leaves the old file as it was)."""
+    with atomic_path(target) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(fieldnames))
+        writer.writeheader()
+        writer.writerows(rows)
     return Path(target)
 
 
@@ -88,17 +103,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def orphaned_staging(parent: str | os.PathLike | None, prefix: str) -> list[Path]:
-    """:func:`owned_staging` folders under ``parent`` whose owning process has exited (never a live writer's)."""
+def _dead_owned(parent: str | os.PathLike | None, prefix: str) -> list[Path]:
+    """Entries ``<prefix><pid>-...`` under ``parent`` whose owning process has exited."""
     base = Path(parent or tempfile.gettempdir())
     owned = re.compile(rf"^{re.escape(prefix)}(\d+)-")
     try:
         entries = sorted(base.iterdir())
     except OSError:
         return []
-    orphans = []
-    for entry in entries:
-        match = owned.match(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match.group(1))):
-            orphans.append(entry)
-    return orphans
+    return [entry for entry in entries
+            if (match := owned.match(entry.name)) and not entry.is_symlink() and not _alive(int(match.group(1)))]
+
+
+def orphaned_staging(parent: str | os.PathLike | None, prefix: str) -> list[Path]:
+    """:func:`owned_staging` folders under ``parent`` whose owning process has exited (never a live writer's)."""
+    return [entry for entry in _dead_owned(parent, prefix) if entry.is_dir()]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from comet_ray import jsonfile
+from comet_ray import atomic, jsonfile
 from comet_ray.atomic import publish_folder
 from comet_ray.config import CometConfig
 from comet_ray.errors import CometError
@@ -337,12 +337,8 @@ CSV_FIELDS = ("rank", "sample_id", "path", "weight", "score", "flagged", "first_
 
 
 def write_csv(rows: list[dict], target: Path) -> None:
-    with open(target, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row[k] is None else repr(row[k]) if isinstance(row[k], float) else row[k])
-                             for k in CSV_FIELDS})
+    atomic.write_csv(target, CSV_FIELDS, ({k: ("" if row[k] is None else repr(row[k]) if isinstance(row[k], float)
+                                               else row[k]) for k in CSV_FIELDS} for row in rows))
 
 
 def read_csv(path: str | os.PathLike) -> list[dict]:
@@ -393,7 +389,7 @@ def write_audit(audit: TrainingAudit, checkpoint: Path | None, staging: Path, ga
         "gallery": [p.name for p in panels],
         "notes": audit.notes,
     }
-    (staging / "audit.json").write_text(jsonfile.dumps(summary, indent=2))
+    jsonfile.write(staging / "audit.json", summary, indent=2)
     return panels
 
 
@@ -650,7 +646,7 @@ def export_clean(audit: TrainingAudit, scan, dest: str, copy: bool = False, s3_e
                     os.link(uri, out)
                 except OSError:  # another file system, or links not allowed: copy
                     shutil.copy2(uri, out)
-        (staging / EXPORT_MANIFEST).write_text(jsonfile.dumps(manifest, indent=2))
+        jsonfile.write(staging / EXPORT_MANIFEST, manifest, indent=2)
         if target.exists():
             target.rmdir()  # empty (checked above); the rename below needs the name free
         os.rename(staging, target)

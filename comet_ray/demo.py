@@ -47,7 +47,7 @@ def run_demo(out: str, epochs: int = 8, seed: int = 0, device: str = "auto") -> 
                                 on_epoch_end=lambda _t, e: print(e.line(config.epochs), flush=True))
         write_run(str(out_dir / strategy), config, data, result)
         rows.append(result.metrics)
-    (out_dir / "summary.json").write_text(jsonfile.dumps(rows, indent=2))
+    jsonfile.write(out_dir / "summary.json", rows, indent=2)
     return rows
 
 

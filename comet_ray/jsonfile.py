@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from comet_ray import atomic
 from comet_ray.errors import CometError
 
 
@@ -31,6 +32,11 @@ def finite_or_none(value: Any) -> Any:
 def dumps(value: Any, **kwargs: Any) -> str:
     """``json.dumps`` with undefined numbers as ``null``; raises rather than ever writing ``NaN``."""
     return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
+
+
+def write(path: str | Path, value: Any, **kwargs: Any) -> Path:
+    """:func:`dumps` of ``value`` into ``path``, atomically (:func:`comet_ray.atomic.write_text`)."""
+    return atomic.write_text(path, dumps(value, **kwargs))
 
 
 def read_run_file(path: Path, default: Any = None) -> Any:

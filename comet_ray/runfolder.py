@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from comet_ray import jsonfile
-from comet_ray.atomic import atomic_path, orphaned_staging, owned_staging, publish_folder
+from comet_ray import atomic, jsonfile
+from comet_ray.atomic import orphaned_staging, owned_staging, publish_folder
 from comet_ray.data.s3 import public_s3_uri
 from comet_ray.errors import CometError
 from comet_ray.jsonfile import read_run_file
@@ -88,17 +88,17 @@ def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResu
     try:
         config_dict = config.to_dict()
         config_dict.update(data_root=public_s3_uri(config.data_root), out=public_s3_uri(config.out))
-        (staging / "metrics.json").write_text(jsonfile.dumps(result.metrics, indent=2))
-        (staging / "manifest.json").write_text(jsonfile.dumps(data.manifest, indent=2))
-        (staging / "history.json").write_text(jsonfile.dumps([e.to_dict() for e in result.epochs], indent=2))
+        jsonfile.write(staging / "metrics.json", result.metrics, indent=2)
+        jsonfile.write(staging / "manifest.json", data.manifest, indent=2)
+        jsonfile.write(staging / "history.json", [e.to_dict() for e in result.epochs], indent=2)
         ids = list(result.final_weights)
         weights = weights_document(
             ids, list(result.final_weights.values()), data.injected_ids,
             None if result.weight_history is None else result.weight_history.numpy(),
             result.train_scores or None, result.train_score_description,
         )
-        (staging / "weights.json").write_text(jsonfile.dumps(weights, indent=2))
-        (staging / "config.json").write_text(jsonfile.dumps(config_dict, indent=2))
+        jsonfile.write(staging / "weights.json", weights, indent=2)
+        jsonfile.write(staging / "config.json", config_dict, indent=2)
         save_detector(
             staging / "model.pt",
             result.model,
@@ -138,11 +138,8 @@ def write_scores(out_dir: str | os.PathLike, ids: Sequence[str], scores: Iterabl
     if not len(ids) == len(scores) == len(labels):
         raise ValueError(f"write_scores: {len(ids)} ids, {len(scores)} scores and {len(labels)} labels")
     target = Path(out_dir) / SCORES_FILE
-    with atomic_path(target) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["sample_id", "score", "label"])
-        for sample_id, score, label in zip(ids, scores, labels):
-            writer.writerow([sample_id, repr(score), label])
+    atomic.write_csv(target, ("sample_id", "score", "label"),
+                     ({"sample_id": i, "score": repr(s), "label": v} for i, s, v in zip(ids, scores, labels)))
     return target
 
 

@@ -78,3 +78,55 @@ def test_a_kill_between_any_two_moves_never_leaves_a_mixed_folder_that_counts_as
     assert outcomes[0] == "old" and outcomes[-1] == "new"  # killed before anything / not killed at all
     assert set(outcomes[1:-1]) == {None}  # in between: the check refuses the folder
 
+
+
+# Starts writing TARGET through atomic.write_csv and is killed (os._exit) after the first rows.
+_KILLED_WRITER = """
+import os, sys
+from comet_ray import atomic
+
+def rows():
+    for i in range(1000):
+        if i == 500:
+            os._exit(9)
+        yield {"id": i}
+atomic.write_csv(sys.argv[1], ["id"], rows())
+"""
+
+
+def test_a_file_write_that_fails_midway_or_is_killed_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    from comet_ray import atomic, jsonfile
+
+    target = tmp_path / "results.csv"
+    atomic.write_csv(target, ["id"], [{"id": "old"}])
+    old = target.read_text()
+
+    def failing_rows():
+        yield {"id": 1}
+        raise RuntimeError("serialiser failed midway")
+
+    try:
+        atomic.write_csv(target, ["id"], failing_rows())
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the failing rows did not raise")
+    assert target.read_text() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]  # no temporary left behind
+
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(target)], check=False, timeout=60)
+    assert killed.returncode == 9
+    assert target.read_text() == old
+    assert len(list(tmp_path.iterdir())) == 2  # the dead writer's temporary, named with its pid
+    atomic.write_csv(target, ["id"], [{"id": "new"}])  # the next write of the file removes it
+    assert target.read_text().splitlines() == ["id", "new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
+
+    summary = tmp_path / "summary.json"
+    jsonfile.write(summary, {"version": "old"})
+    try:
+        jsonfile.write(summary, {"version": object()})  # not serialisable
+    except TypeError:
+        pass
+    assert json.loads(summary.read_text()) == {"version": "old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "summary.json"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import tempfile
@@ -11,8 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from comet_ray import jsonfile
-from comet_ray.atomic import atomic_path
+from comet_ray import atomic, jsonfile
 from comet_ray.cli.options import report_left_out
 from comet_ray.errors import CometError
 
@@ -79,10 +77,7 @@ def _predict_into(args: argparse.Namespace, checkpoint: str, out: Path, destinat
     out.mkdir(parents=True, exist_ok=True)
     target = out / "predictions.csv"
     fields = ["path", "score", "normalised_score", "anomalous", "error"]
-    with atomic_path(target) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    atomic.write_csv(target, fields, rows)
     shown = storage_join(destination, "predictions.csv")
     report_left_out([r | {"reason": r["error"]} for r in rows if r["error"]], "image(s) not scored", shown)
     n_bad = sum(1 for r in rows if r["error"])

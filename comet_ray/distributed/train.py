@@ -51,7 +51,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from comet_ray import jsonfile, storage
+from comet_ray import atomic, jsonfile, storage
 from comet_ray.comet.collective import Collective
 from comet_ray.config import TrainConfig
 from comet_ray.distributed.batchnorm import DataParallelCollective
@@ -200,7 +200,7 @@ def _write_results(loop_config: dict, config: TrainConfig, data, result, history
     result.metrics["resumed_from_epoch"] = start_epoch
     with storage.staged(loop_config["out"]) as local:
         write_run(str(local), config, data, result)
-        (local / ATTEMPTS_FILE).write_text(_gathered_attempts(loop_config["attempts"]))
+        atomic.write_text(local / ATTEMPTS_FILE, _gathered_attempts(loop_config["attempts"]))
 
 
 def verbose_logs() -> bool:

@@ -28,7 +28,6 @@ sweep is complete.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -42,8 +41,7 @@ from typing import Any
 
 import yaml
 
-from comet_ray import jsonfile
-from comet_ray.atomic import atomic_path
+from comet_ray import atomic, jsonfile
 from comet_ray.config import ModelConfig, TrainConfig, apply_overrides
 from comet_ray.errors import CometError
 from comet_ray.storage import check_location, is_remote, require_shared, staged
@@ -486,10 +484,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     columns = list(RESULT_COLUMNS)
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    atomic.write_csv(path, columns, rows)
 
 
 def repeat_configs(base: TrainConfig, level: float, knobs: dict[str, dict], seeds: int) -> list[TrainConfig]:
@@ -580,7 +575,7 @@ def repeat_over_seeds(base: TrainConfig, best: dict[str, dict[float, dict]], set
             folder = out / f"rho_{config.contamination:g}" / "repeats"
             folder.mkdir(parents=True, exist_ok=True)
             name = f"{config.comet.strategy}-seed{config.seed}.manifest.json"
-            (folder / name).write_text(jsonfile.dumps(manifest, indent=2))
+            jsonfile.write(folder / name, manifest, indent=2)
         rows.append({"level": config.contamination, "seed": config.seed, "split_seed": config.data_seed,
                      "strategy": config.comet.strategy, **_test_metrics(metrics)})
     return rows
@@ -661,10 +656,10 @@ def sweep(base: TrainConfig, settings: SweepSettings) -> dict:
         level_dir = out / f"rho_{level:g}"
         level_dir.mkdir(exist_ok=True)
         split = selection_split(level_config(base, level, "comet"))
-        (level_dir / "selection_split.json").write_text(jsonfile.dumps(split, indent=2))
+        jsonfile.write(level_dir / "selection_split.json", split, indent=2)
         for strategy, name in (("comet", "best.json"), ("baseline", "best_baseline.json")):
             if level in best[strategy]:
-                (level_dir / name).write_text(jsonfile.dumps(best[strategy][level], indent=2, default=str))
+                jsonfile.write(level_dir / name, best[strategy][level], indent=2, default=str)
     summary: dict[str, Any] = {"best": {f"{k:g}": v for k, v in best["comet"].items()},
                                "best_baseline": {f"{k:g}": v for k, v in best["baseline"].items()}}
     if settings.seeds > 0 and best["comet"]:
@@ -672,7 +667,7 @@ def sweep(base: TrainConfig, settings: SweepSettings) -> dict:
         _write_csv(out / "seeds.csv", repeats)
         plot_contamination(repeats, out / "contamination.png")
         summary["repeats"] = repeats
-    (out / "summary.json").write_text(jsonfile.dumps(summary, indent=2, default=str))
+    jsonfile.write(out / "summary.json", summary, indent=2, default=str)
     return summary
 
 
