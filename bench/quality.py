@@ -204,7 +204,7 @@ def one_run(args, data_set: DataSet, data, method: str, rho: float, seed: int) -
 def knn_loo_run(data_set: DataSet, data, config: TrainConfig, rho: float, seed: int) -> dict:
     """The audit's reference: training images ranked by their kNN leave-one-out score (no model, no fence)."""
     knn = PatchKNN(data.train.store.dim, bank_fraction=config.model.knn_bank_fraction,
-                   coreset=config.model.knn_coreset)
+                   coreset=config.model.knn_coreset, search=config.model.knn_search)
     generator = torch.Generator().manual_seed(seed)
     scores = topk_mean(leave_one_out_scores(knn, data.train.store.features, generator), config.comet.top_k)
     train_ids = list(data.train.store.ids)

@@ -69,7 +69,7 @@ def fit_confident_bank(model: PatchKNN, store: FeatureStore, comet: CometConfig,
     if store.held is not None:
         raise CometError("--model knn --strategy scl compares every training image with every other one: it needs "
                          "the whole training set in one process (use --workers 0)")
-    features = store.features.float()
+    features = store.features  # the stored dtype: searched and selected in chunks, never widened at once
     patch_scores = leave_one_out_scores(model, features, generator)
     scores = topk_mean(patch_scores, comet.top_k)
     fence_args = (comet.fence_k, comet.weight_form, comet.temperature_scale, comet.weight_floor)

@@ -240,7 +240,7 @@ class CometTrainer:
             from comet_ray.models.knn import PatchKNN, leave_one_out_scores
 
             knn = PatchKNN(self.store.dim, bank_fraction=self.config.model.knn_bank_fraction,
-                           coreset=self.config.model.knn_coreset)
+                           coreset=self.config.model.knn_coreset, search=self.config.model.knn_search)
             generator = torch.Generator().manual_seed(mix_seed(self.config.seed, 13))
             self._knn_scores = leave_one_out_scores(knn, self.store.features.cpu(), generator)
         return topk_mean(self._knn_scores, self.comet.top_k), self._knn_scores

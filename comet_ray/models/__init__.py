@@ -55,7 +55,8 @@ def build_detector(
 
         if train_store is None:
             raise CometError("the knn reference is built from training features; none were given")
-        model = PatchKNN(feature_dim, bank_fraction=model_config.knn_bank_fraction, coreset=model_config.knn_coreset)
+        model = PatchKNN(feature_dim, bank_fraction=model_config.knn_bank_fraction, coreset=model_config.knn_coreset,
+                         search=model_config.knn_search)
         if not fit_bank:
             return model
         generator = torch.Generator().manual_seed(int(torch.randint(1 << 62, (1,))))

@@ -7,11 +7,16 @@ detectors here (``anomaly_map``). It reads the same cached features as SimpleNet
 is the reference a user would pick instead: nothing is trained, there are no epochs, and the CoMet
 strategies (which reweight a gradient-descent loss) do not apply to it.
 
-The bank is a coreset of the training patches, ``bank_fraction`` of them:
-- ``greedy``: PatchCore's greedy k-center selection, run on a fixed random projection of the
-  features to ``projection_dim`` dimensions (the projection only picks the entries; the bank holds the
-  full features). It covers rare nominal patches that a random draw would miss.
-- ``random``: a seeded uniform draw; much cheaper on a CPU, a little weaker on fine structure.
+The bank is a coreset of the training patches, ``bank_fraction`` of them (:mod:`comet_ray.models.coreset`):
+- ``fast`` (default): PatchCore's greedy k-center within random parts of the patches, their selections
+  merged into the bank; seconds where the exact one takes hours, never all patches in float32.
+- ``exact``: PatchCore's greedy k-center over every patch (``greedy``, its earlier name, still loads).
+  Both select on a fixed random projection to ``projection_dim`` dimensions (the bank holds the full
+  features); they cover rare nominal patches that a random draw would miss.
+- ``random``: a seeded uniform draw.
+
+The search (:mod:`comet_ray.models.search`) is faiss's exact flat index on the CPU by default
+(``search``: ``hnsw`` or ``ivf`` for approximate ones), chunked torch matmul when the bank is on a GPU.
 
 ``leave_one_out_scores`` scores every training image against the bank entries of the *other*
 training images: the anomaly score of a training image that the model never saw, which SCL can use
@@ -20,69 +25,22 @@ as a confidence signal that does not trust a model on its own training images.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from comet_ray.errors import CometError
+from comet_ray.models.coreset import CORESETS, coreset_rows
+from comet_ray.models.search import (
+    SEARCHES,
+    _squared_norms,
+    build_index,
+    nearest,
+    nearest_excluding,
+    torch_nearest,
+)
 
-CORESETS = ("greedy", "random")
-
-
-def _squared_norms(x: torch.Tensor) -> torch.Tensor:
-    return x.pow(2).sum(dim=-1)
-
-
-def nearest_distances(
-    queries: torch.Tensor, bank: torch.Tensor, exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
-    chunk: int = 2048,
-) -> torch.Tensor:
-    """Euclidean distance from every query row [Q, D] to its nearest bank row [M, D], in float32 chunks.
-
-    ``exclude = (query_groups [Q], bank_groups [M])``: a bank row of the query's own group is never its
-    neighbour (leave-one-image-out).
-    """
-    queries = queries.float()
-    bank = bank.float()
-    bank_norms = _squared_norms(bank)
-    out = []
-    for start in range(0, queries.shape[0], chunk):
-        block = queries[start : start + chunk]
-        squared = _squared_norms(block)[:, None] - 2.0 * block @ bank.T + bank_norms[None, :]
-        if exclude is not None:
-            same = exclude[0][start : start + chunk, None] == exclude[1][None, :]
-            squared = squared.masked_fill(same, float("inf"))
-        out.append(squared.min(dim=1).values.clamp_min(0).sqrt())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-def coreset_rows(
-    patches: torch.Tensor, size: int, method: str, generator: torch.Generator, projection_dim: int = 32
-) -> torch.Tensor:
-    """Row indices of a ``size``-row coreset of ``patches`` [N, D]."""
-    n = patches.shape[0]
-    size = max(1, min(size, n))
-    if method not in CORESETS:
-        raise CometError(f"unknown coreset {method!r}; choose one of {', '.join(CORESETS)}")
-    if method == "random" or size == n:
-        return torch.randperm(n, generator=generator)[:size].sort().values
-    dim = patches.shape[1]
-    if projection_dim and projection_dim < dim:
-        projection = torch.randn(dim, projection_dim, generator=generator) / math.sqrt(projection_dim)
-        points = patches.float() @ projection
-    else:
-        points = patches.float()
-    norms = _squared_norms(points)
-    chosen = torch.empty(size, dtype=torch.long)
-    chosen[0] = int(torch.randint(n, (1,), generator=generator))
-    # Greedy k-center: always add the point farthest from everything chosen so far.
-    nearest = (norms - 2.0 * points @ points[chosen[0]] + norms[chosen[0]]).clamp_min(0)
-    for i in range(1, size):
-        chosen[i] = int(nearest.argmax())
-        distance = (norms - 2.0 * points @ points[chosen[i]] + norms[chosen[i]]).clamp_min(0)
-        nearest = torch.minimum(nearest, distance)
-    return chosen
+nearest_distances = torch_nearest  # brute force: the reference the faiss search is tested against
+__all__ = ["PatchKNN", "coreset_rows", "leave_one_out_scores", "nearest_distances"]
 
 
 class PatchKNN(nn.Module):
@@ -96,21 +54,27 @@ class PatchKNN(nn.Module):
         feature_dim: int,
         bank_size: int = 0,
         bank_fraction: float = 0.1,
-        coreset: str = "greedy",
-        projection_dim: int = 32,
+        coreset: str = "fast",
+        projection_dim: int = 128,
+        search: str = "flat",
     ) -> None:
         super().__init__()
         if not 0.0 < bank_fraction <= 1.0:
             raise CometError(f"knn_bank_fraction must be in (0, 1], got {bank_fraction}")
         if coreset not in CORESETS:
-            raise CometError(f"unknown coreset {coreset!r}; choose one of {', '.join(CORESETS)}")
+            raise CometError(f"unknown coreset {coreset!r}; choose one of {', '.join(CORESETS[:3])}")
+        if search not in SEARCHES:
+            raise CometError(f"unknown knn search {search!r}; choose one of {', '.join(SEARCHES)}")
         self._hparams = dict(
             feature_dim=int(feature_dim),
             bank_size=int(bank_size),
             bank_fraction=float(bank_fraction),
             coreset=coreset,
             projection_dim=int(projection_dim),
+            search=search,
         )
+        self.progress: bool | None = None  # a progress bar (stderr) on the bank build; None: when stderr is a terminal
+        self._index = None  # (key of the bank it was built from, faiss index)
         self.register_buffer("bank", torch.zeros(int(bank_size), int(feature_dim)))
 
     def hparams(self) -> dict:
@@ -124,17 +88,34 @@ class PatchKNN(nn.Module):
         ``bank_fraction`` of them)."""
         hp = self._hparams
         size = self.bank_size_for(patches.shape[0]) if size is None else size
-        return coreset_rows(patches, size, hp["coreset"], generator, hp["projection_dim"])
+        return coreset_rows(patches, size, hp["coreset"], generator, hp["projection_dim"], progress=self.progress)
 
     @torch.no_grad()
     def fit(self, features: torch.Tensor, generator: torch.Generator | None = None,
             size: int | None = None) -> PatchKNN:
         """Fill the bank from training patch features [N, P, D] (or [N*P, D]); ``size``: as in ``select``."""
         generator = generator or torch.Generator().manual_seed(0)
-        patches = features.reshape(-1, features.shape[-1]).float()
-        self.bank = patches[self.select(patches, generator, size)].clone()
+        patches = features.reshape(-1, features.shape[-1])  # the stored dtype: one float32 copy of the bank only
+        return self.set_bank(patches[self.select(patches, generator, size)].float())
+
+    def set_bank(self, bank: torch.Tensor) -> PatchKNN:
+        self.bank = bank.float().contiguous()
         self._hparams["bank_size"] = int(self.bank.shape[0])
+        self._index = None
         return self
+
+    def index(self):
+        """The faiss index over the (CPU) bank, built once per bank."""
+        key = (self.bank.data_ptr(), self.bank._version, tuple(self.bank.shape), self._hparams["search"])
+        if self._index is None or self._index[0] != key:
+            self._index = (key, build_index(self.bank, self._hparams["search"]))
+        return self._index[1]
+
+    def nearest(self, queries: torch.Tensor) -> torch.Tensor:
+        """Distance of every query row [Q, D] to its nearest bank row (on the bank's device)."""
+        if self.bank.is_cuda:
+            return torch_nearest(queries, self.bank)
+        return nearest(queries, self.index())
 
     # ------------------------------------------------------------------ the detector protocol
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
@@ -144,7 +125,7 @@ class PatchKNN(nn.Module):
         flat = features.reshape(-1, dim)
         if torch.jit.is_tracing():  # export: one block, so the traced graph keeps its batch size free
             return self._traced_distances(flat).reshape(batch, patches)
-        return nearest_distances(flat, self.bank).reshape(batch, patches)
+        return self.nearest(flat).to(features.device).reshape(batch, patches)
 
     def _traced_distances(self, flat: torch.Tensor) -> torch.Tensor:
         bank = self.bank.float()
@@ -168,9 +149,12 @@ class PatchKNN(nn.Module):
 @torch.no_grad()
 def leave_one_out_scores(model: PatchKNN, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Patch scores [N, P] of every training image against a bank built from all N images' patches,
-    never matching a patch to a bank entry of its own image."""
+    never matching a patch to a bank entry of its own image (the model's search: exact by default)."""
     n, p, dim = features.shape
-    patches = features.reshape(-1, dim).float()
+    patches = features.reshape(-1, dim)
     rows = model.select(patches, generator)
     owners = torch.arange(n).repeat_interleave(p)
-    return nearest_distances(patches, patches[rows], exclude=(owners, owners[rows])).reshape(n, p)
+    bank = PatchKNN(dim, search=model.hparams()["search"]).set_bank(patches[rows])
+    if patches.is_cuda:
+        return torch_nearest(patches, bank.bank, exclude=(owners, owners[rows])).reshape(n, p)
+    return nearest_excluding(patches, owners, bank.index(), owners[rows]).reshape(n, p)
