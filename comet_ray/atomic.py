@@ -67,25 +67,67 @@ def write_csv(target: str | os.PathLike, fieldnames: Sequence[str], rows: Iterab
     return Path(target)
 
 
-COMPLETION_MARKER = "metrics.json"
+def publish_folder(staging: Path, target: Path) -> None:
+    """Make ``target`` hold ``staging``'s items, plus the items of the old ``target`` that staging lacks
+    (hard-linked, else copied), in one rename: a kill at any point leaves the old complete folder or the
+    new one (see :func:`recover_folder`).
 
-
-def publish_folder(staging: Path, target: Path, marker: str = COMPLETION_MARKER) -> None:
-    """Move every item of ``staging`` into ``target`` (a folder already there under the same name is replaced).
-
-    ``marker`` (the file a reader takes as "this folder is complete") is withdrawn from ``target`` first
-    and moved in last, so a kill between two moves leaves a folder without it, never a new marker beside
-    old files or an old marker beside new ones.
+    The new folder is built as a sibling; the old one is renamed aside (``.<name>.old-<pid>-...``), the new
+    one renamed into place, then the old one removed. (An S3 run folder has no rename: uploads put the
+    completion marker ``metrics.json`` last, :func:`comet_ray.upload.upload_tree`'s ``last``.)
     """
-    target.mkdir(parents=True, exist_ok=True)
-    items = sorted(staging.iterdir(), key=lambda item: item.name == marker)  # the marker last
-    if any(item.name == marker for item in items):
-        (target / marker).unlink(missing_ok=True)
-    for item in items:
-        if (target / item.name).is_dir() and not (target / item.name).is_symlink():
-            shutil.rmtree(target / item.name)
-        os.replace(item, target / item.name)
+    target = Path(target)
+    recover_folder(target)
+    for stale in _dead_owned(target.parent, f".{target.name}.new-"):
+        shutil.rmtree(stale, ignore_errors=True)
+    new = owned_staging(target.parent, f".{target.name}.new-")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(new, 0o777 & ~umask)  # mkdtemp's 0700 is for the staging, not the published folder
+        for item in staging.iterdir():
+            shutil.move(item, new / item.name)  # a rename when staging is on the same filesystem
+        if target.is_dir():
+            for item in target.iterdir():
+                if not (new / item.name).exists() and not (new / item.name).is_symlink():
+                    _link_copy(item, new / item.name)
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
+            os.replace(target, aside)  # aside is an empty folder: a rename onto it replaces it
+            os.replace(new, target)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(new, target)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
 
+
+def _link_copy(source: Path, dest: Path) -> None:
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, dest, symlinks=True, copy_function=link)
+    elif source.is_symlink():
+        os.symlink(os.readlink(source), dest)
+    else:
+        link(str(source), str(dest))
+
+
+def recover_folder(target: str | os.PathLike) -> None:
+    """Undo a :func:`publish_folder` killed between its two renames: a missing ``target`` gets back the old
+    folder a dead writer set aside; once ``target`` is there, dead writers' leftovers are removed. Every
+    reader of a local run folder calls this first."""
+    target = Path(target)
+    asides = _dead_owned(target.parent, f".{target.name}.old-")
+    if not target.exists() and asides:
+        os.replace(asides[-1], target)
+        asides = asides[:-1]
+    if target.exists():
+        for stale in asides:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def owned_staging(parent: str | os.PathLike | None, prefix: str) -> Path:

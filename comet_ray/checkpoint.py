@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from comet_ray.atomic import atomic_path
+from comet_ray.atomic import atomic_path, recover_folder
 from comet_ray.errors import CheckpointError
 from comet_ray.models.protocol import Detector
 
@@ -63,6 +63,7 @@ def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu") -
     from comet_ray.models import detector_from_hparams
 
     path = Path(path)
+    recover_folder(path.parent if path.suffix == ".pt" else path)  # a run folder a killed publish set aside
     if path.is_dir():
         path = path / "model.pt"
     if not path.exists():

@@ -73,6 +73,7 @@ class EpochResume:
 
     def load(self) -> tuple[dict | None, list[EpochLog]]:
         """``(trainer state, earlier epoch logs)`` of a matching interrupted run, else ``(None, [])``."""
+        atomic.recover_folder(self.path.parent)  # a publish killed between its renames
         state_file, history_file = self.path / STATE_FILE, self.path / HISTORY_FILE
         if not (state_file.exists() and history_file.exists()):
             return None, []

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from comet_ray import atomic, jsonfile
-from comet_ray.atomic import orphaned_staging, owned_staging, publish_folder
+from comet_ray.atomic import orphaned_staging, owned_staging, publish_folder, recover_folder
 from comet_ray.data.s3 import public_s3_uri
 from comet_ray.errors import CometError
 from comet_ray.jsonfile import read_run_file
@@ -49,6 +49,7 @@ def read_documents(folder: str | os.PathLike, weights_required: bool = False) ->
     """A local run folder's documents; one :class:`CometError` line when it is not one (no metrics.json, or no
     weights.json when ``weights_required``) or a file is unreadable. Older folders lack some: defaults."""
     folder = Path(folder)
+    recover_folder(folder)  # a publish killed between its renames leaves the old folder aside
     metrics = read_run_file(folder / "metrics.json")
     if weights_required:
         weights = read_run_file(folder / "weights.json")

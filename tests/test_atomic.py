@@ -1,5 +1,5 @@
-"""comet_ray.atomic: a process killed at any step of publishing a run folder leaves the old complete folder,
-the new complete one, or one the completeness check refuses; never a mix that it accepts."""
+"""comet_ray.atomic: a process killed at any step of publishing a run folder leaves the old complete folder
+or the new complete one, as the next reader sees it; a file write that fails or is killed leaves the old file."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def step(real):
         steps[0] += 1
         return real(*args, **kwargs)
     return wrapped
-os.replace, os.unlink, os.rmdir = step(os.replace), step(os.unlink), step(os.rmdir)
+for name in ("replace", "rename", "unlink", "rmdir", "link", "mkdir", "symlink"):
+    setattr(os, name, step(getattr(os, name)))
 atomic.publish_folder(Path(sys.argv[1]), Path(sys.argv[2]))
 print(steps[0])
 """
@@ -39,13 +40,16 @@ def _run_folder(folder: Path, version: str) -> None:
     (folder / "tensorboard").mkdir()
     (folder / "tensorboard" / "events").write_text(version)
     (folder / "metrics.json").write_text(json.dumps({"version": version}))
+    if version == "old":  # an item only the old folder has (a rerun keeps it, as it keeps .resume/)
+        (folder / ".resume").mkdir()
+        (folder / ".resume" / "state").write_text("old")
 
 
 def _versions(folder: Path) -> set[str]:
     """The versions the folder's files come from (one element for a consistent folder)."""
     found = set()
     for path in folder.rglob("*"):
-        if path.is_file():
+        if path.is_file() and path.parent.name != ".resume":
             text = path.read_text()
             found.add(json.loads(text)["version"] if path.name == "metrics.json" else
                       json.loads(text)[0]["version"] if path.name == "history.json" else text)
@@ -60,24 +64,37 @@ def _publish(tmp: Path, kill_at: int) -> subprocess.CompletedProcess:
                           check=False, capture_output=True, text=True, timeout=60)
 
 
-def test_a_kill_between_any_two_moves_never_leaves_a_mixed_folder_that_counts_as_complete(tmp_path: Path) -> None:
+def test_a_kill_at_any_step_of_publishing_leaves_the_old_complete_folder_or_the_new_one(tmp_path: Path) -> None:
     whole = _publish(tmp_path / "whole", -1)
     assert whole.returncode == 0, whole.stderr
     steps = int(whole.stdout)
-    assert steps >= 5  # the marker withdrawn, four items moved
-    assert _versions(tmp_path / "whole" / "run") == {"new"}
+    assert steps >= 8  # folders made, five items moved, the old one renamed aside, the new one in, cleanup
     outcomes = []
     for kill_at in range(steps + 1):
         done = _publish(tmp_path / str(kill_at), kill_at)
         target = tmp_path / str(kill_at) / "run"
         assert done.returncode == (9 if kill_at < steps else 0), done.stderr
-        metrics = _complete_outputs(str(target), EPOCHS)
-        if metrics is not None:
-            assert _versions(target) == {metrics["version"]}, (kill_at, _versions(target))
-        outcomes.append(None if metrics is None else metrics["version"])
+        metrics = _complete_outputs(str(target), EPOCHS)  # a reader: recovers a folder set aside first
+        assert metrics is not None, (kill_at, sorted(p.name for p in target.parent.iterdir()))
+        assert _versions(target) == {metrics["version"]}, (kill_at, _versions(target))
+        # the old folder's item the new one lacks is kept in the new folder too
+        assert (target / ".resume" / "state").read_text() == "old"
+        outcomes.append(metrics["version"])
+        published = _publish_into(target, tmp_path / str(kill_at) / ".again")  # a later writer
+        assert _versions(target) == {"again"}
+        litter = [p.name for p in target.parent.iterdir() if p.name.startswith((".run.new-", ".run.old-"))]
+        assert litter == [], published  # a dead writer's leftovers are removed by the next one
     assert outcomes[0] == "old" and outcomes[-1] == "new"  # killed before anything / not killed at all
-    assert set(outcomes[1:-1]) == {None}  # in between: the check refuses the folder
+    assert set(outcomes) == {"old", "new"}
 
+
+def _publish_into(target: Path, staging: Path) -> list[str]:
+    from comet_ray import atomic
+
+    _run_folder(staging, "again")
+    atomic.publish_folder(staging, target)
+    staging.rmdir()
+    return sorted(p.name for p in target.iterdir())
 
 
 # Starts writing TARGET through atomic.write_csv and is killed (os._exit) after the first rows.

@@ -238,7 +238,11 @@ def test_export_clean_leaves_the_source_untouched_and_retrains(run, dataset, tmp
     kept = [r["sample_id"] for r in rows if r["sample_id"] not in flagged]
     assert {p for p in exported if p.startswith("train/")} == {in_export(i) for i in kept}
     assert all(exported[in_export(i)] == source[i] for i in kept)
-    assert any(i in moved for i in kept) or not (moved - flagged)
+    # The run moved injected test images into training: those not flagged are exported as training
+    # anomalies (train/<defect>/), and they are the export's only non-"good" training images.
+    assert moved and moved <= {r["sample_id"] for r in rows}, "the contaminated run moved nothing into training"
+    assert {p for p in exported if p.startswith("train/") and not p.startswith("train/good/")} == \
+        {in_export(i) for i in moved - flagged}
     # test/: the source's, minus what the run moved into training; masks; the licence beside them.
     expected_test = {p for p in source if p.startswith("weave/test/") and p not in moved}
     assert {"weave/" + p for p in exported if p.startswith("test/")} == expected_test

@@ -81,9 +81,13 @@ def _gathered_attempts(attempts: str) -> str:
 def _complete_outputs(out: str, epochs: int) -> dict | None:
     """The metrics in ``out`` when it holds the results of a run of ``epochs`` epochs (else None).
 
-    ``metrics.json`` is written (and uploaded) last, so with it present the rest is there too.
+    A local run folder is published in one rename (:func:`comet_ray.atomic.publish_folder`; a folder a killed
+    publish set aside is recovered first); an S3 one has ``metrics.json`` uploaded last, so with it present
+    the rest is there too.
     """
     try:
+        if not storage.is_remote(out):
+            atomic.recover_folder(out)
         metrics, history = (storage.read_text(storage.join(out, name)) for name in ("metrics.json", "history.json"))
         if metrics is not None and history is not None and len(json.loads(history)) == epochs:
             return json.loads(metrics)
