@@ -87,6 +87,10 @@ class CometConfig:
     # Weigh single patches too, by the same fence over every training patch's score: a trained model's loss
     # weighs each patch; --model knn --strategy scl also leaves the patches beyond it out of the memory bank.
     patch_weighting: bool = False
+    # --model knn --strategy scl: what an image SCL flags loses from the memory bank. "patches": its patches
+    # beyond the patch fence (the fence over every training patch's leave-one-out distance), so its nominal
+    # surface still covers the part (SoftPatch's rule); "images": the whole image.
+    bank_leave_out: str = "patches"
     # What SCL scores the training images with: "model" (the current detector, the paper's definition) or
     # "knn" (each image's leave-one-out nearest-neighbour patch distance to the other training images).
     confidence_signal: str = "model"

@@ -333,6 +333,12 @@ def train_category(
             final_weights = dict(zip(data.train.store.ids, bank.weights.tolist()))
             audit_record = bank.audit_record()
             bank_metrics = bank.metrics(data.train.store.ids, data.injected_ids)
+        elif collective is not None and collective.world_size > 1:
+            # Data-parallel: each worker chose the coreset of its own shard (bank_fraction of its patches);
+            # their union is the bank (the merge of a composable coreset), the same on every worker.
+            model.set_bank(collective.all_gather_cat(model.bank))
+            bank_metrics["bank_shards"] = collective.world_size
+        bank_metrics["bank_rows"] = int(model.bank.shape[0])
         model = model.to(device)
     train_seconds = time.perf_counter() - start
     size = config.features.image_size

@@ -37,8 +37,8 @@ def make_store() -> FeatureStore:
 def test_flagged_images_stay_out_of_a_bank_of_the_same_size(patch_weighting: bool) -> None:
     store = make_store()
     model = PatchKNN(D, bank_fraction=0.25)
-    bank = fit_confident_bank(model, store, CometConfig(strategy="scl", patch_weighting=patch_weighting),
-                              torch.Generator().manual_seed(0))
+    comet = CometConfig(strategy="scl", patch_weighting=patch_weighting, bank_leave_out="images")
+    bank = fit_confident_bank(model, store, comet, torch.Generator().manual_seed(0))
     outliers = torch.zeros(N, dtype=torch.bool)
     outliers[OUTLIER_ROWS] = True
     assert bool((bank.weights[outliers] < 1).all()) and bool((bank.weights[~outliers] == 1).all())
@@ -52,11 +52,32 @@ def test_flagged_images_stay_out_of_a_bank_of_the_same_size(patch_weighting: boo
     if not patch_weighting:  # image-level only: every patch of a kept image may enter the bank
         assert bool(bank.kept[~outliers].all())
     metrics = bank.metrics(store.ids, {store.ids[r] for r in OUTLIER_ROWS})
-    assert metrics["bank_images_left_out"] == len(OUTLIER_ROWS)
+    assert metrics["bank_images_left_out"] == metrics["bank_images_flagged"] == len(OUTLIER_ROWS)
     assert metrics["mean_weight_injected"] < metrics["mean_weight_nominal"] == 1.0
+    with pytest.raises(CometError, match="bank_leave_out must be one of patches, images"):
+        fit_confident_bank(PatchKNN(D), store, CometConfig(bank_leave_out="all"), torch.Generator())
     with pytest.raises(CometError, match="whole training set"):
         shard = FeatureStore(store.ids, store.features[:10], (4, 4), held=torch.arange(10))
         fit_confident_bank(PatchKNN(D), shard, CometConfig(), torch.Generator())
+
+
+def test_a_flagged_image_loses_its_defect_patches_and_keeps_its_nominal_surface() -> None:
+    """The default (bank_leave_out=patches): a flagged image's six far-off patches leave the bank, its ten
+    nominal ones may enter it, and no patch of an unflagged image is left out."""
+    store = make_store()
+    model = PatchKNN(D, bank_fraction=0.25)
+    bank = fit_confident_bank(model, store, CometConfig(strategy="scl"), torch.Generator().manual_seed(0))
+    outliers = torch.zeros(N, dtype=torch.bool)
+    outliers[OUTLIER_ROWS] = True
+    assert bool((bank.weights[outliers] < 1).all()) and bool((bank.weights[~outliers] == 1).all())
+    assert not bank.kept[outliers, :6].any() and bool(bank.kept[outliers, 6:].all())
+    assert bool(bank.kept[~outliers].all()) and bank.patch_fence is not None
+    assert model.bank.shape[0] == round(0.25 * N * P)
+    nominal = store.features[~outliers].reshape(-1, D)
+    assert float(nearest_distances(model.bank, nominal).max()) < 2.0  # defects lie ~7 away: none is in the bank
+    metrics = bank.metrics(store.ids, {store.ids[r] for r in OUTLIER_ROWS})
+    assert metrics["bank_images_flagged"] == len(OUTLIER_ROWS) and metrics["bank_images_left_out"] == 0
+    assert metrics["bank_patches_left_out"] == 6 * len(OUTLIER_ROWS)
 
 
 def test_knn_scl_from_the_cli_writes_weights_that_audit_and_export_read(tiny_category: Path, tmp_path: Path,
@@ -69,7 +90,7 @@ def test_knn_scl_from_the_cli_writes_weights_that_audit_and_export_read(tiny_cat
     metrics = json.loads((out / "metrics.json").read_text())
     document = json.loads((out / "weights.json").read_text())
     injected = set(document["injected"])
-    assert metrics["strategy"] == "scl" and metrics["bank_images_left_out"] > 0 and injected
+    assert metrics["strategy"] == "scl" and metrics["bank_images_flagged"] > 0 and injected
     assert metrics["mean_weight_injected"] < metrics["mean_weight_nominal"]
     assert min(document["weights"].values()) < 1 and document["per_epoch"]["epochs"] == 1
     assert "leave-one-out" in document["score"] and set(document["scores"]) == set(document["weights"])

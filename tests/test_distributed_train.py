@@ -221,6 +221,30 @@ def test_two_workers_each_hold_and_train_on_half(ray_local, workdir: Path, plain
     assert sum(held) == 30 and held[1] - held[0] <= 3  # each split's shards differ by one image at most
 
 
+def test_knn_with_two_workers_builds_one_bank_from_the_shards(ray_local, workdir: Path, two_worker_run: dict) -> None:
+    """--model knn --workers 2: each worker chooses the coreset of its half (it holds only that half), and
+    the two are merged into one bank of about the single process's size, the same on both workers."""
+    config = dataclasses.replace(_config(workdir), model=ModelConfig(model="knn"),
+                                 comet=CometConfig(strategy="baseline"))
+    device = torch.device("cpu")
+    data = prepare_data(config, device)
+    single = train_category(config, data, device).metrics
+    budget = 20 * ROW_BYTES  # 20 of the category's 30 images: the bank cannot be built in one worker
+    two = fit_distributed(config, workers=2, cpus_per_worker=0.5, storage_path=str(workdir / "ray"),
+                          run_name="knn-two", out=str(workdir / "knn-two"), worker_feature_memory=budget)
+    metrics = json.loads((workdir / "knn-two" / "metrics.json").read_text())
+    assert metrics["model"] == "knn" and metrics["bank_shards"] == 2 and "bank_shards" not in single
+    n_train, patches = single["n_train"], 8 * 8
+    shard_banks = [max(1, round(0.1 * len(range(r, n_train, 2)) * patches)) for r in (0, 1)]
+    assert metrics["bank_rows"] == sum(shard_banks) and abs(metrics["bank_rows"] - single["bank_rows"]) <= 1
+    state = torch.load(workdir / "knn-two" / "model.pt", map_location="cpu", weights_only=True)
+    assert state["model_state"]["bank"].shape[0] == state["model_hparams"]["bank_size"] == metrics["bank_rows"]
+    attempts = [a for a in _attempts(workdir / "knn-two") if "feature_bytes" in a]
+    assert sorted(a["rank"] for a in attempts) == [0, 1] and max(a["feature_bytes"] for a in attempts) <= budget
+    for key in ("image_auroc", "pixel_auroc"):
+        assert abs(two[key] - single[key]) <= 0.05, (key, two[key], single[key])
+
+
 def test_a_worker_feature_budget_below_the_category_needs_two_workers(ray_local, workdir: Path) -> None:
     from comet_ray.errors import CometError
 

@@ -59,17 +59,24 @@ def test_comet_recovers_part_of_what_contamination_costs(tmp_path_factory, image
     assert recovered >= 0.10, f"comet recovered {recovered:.0%} of {loss:.4f} (baseline {dirty:.4f}, comet {ours:.4f})"
 
 
-def test_knn_bank_without_the_images_scl_flags_is_no_worse_on_bottle(bottle_root, imagenet_torch_home,
-                                                                      tmp_path_factory):
-    """--model knn --strategy scl against plain knn on bottle at ρ = 0.2 (same seed, defaults): pixel AUROC."""
+def test_knn_bank_without_what_scl_flags_is_no_worse_on_bottle(bottle_root, imagenet_torch_home, tmp_path_factory):
+    """--model knn --strategy scl against plain knn on bottle at ρ = 0.2 (defaults, seeds 0-2): pixel AUROC.
+
+    Measured on this tree: knn 0.9827, knn + scl 0.9846 (mean of 3); leaving the flagged images out whole
+    (bank_leave_out=images) gave 0.9821, below plain knn: their nominal surface is coverage the bank needs.
+    """
     cache = tmp_path_factory.mktemp("bottle-knn-features")
-    metrics = {}
-    for strategy in ("baseline", "scl"):
-        config = demo_config(str(bottle_root), epochs=1, seed=0)
-        config.features.feature_dim = None  # as bench/quality.py measures it
-        config.category, config.contamination = "mvtec_bottle", 0.2
-        config.model.model, config.comet.strategy = "knn", strategy
-        data = prepare_data(config, torch.device("cpu"), cache_dir=str(cache))
-        metrics[strategy] = train_category(config, data, torch.device("cpu")).metrics
-    assert metrics["scl"]["mean_weight_injected"] < metrics["scl"]["mean_weight_nominal"] - 0.3
-    assert metrics["scl"]["pixel_auroc"] >= metrics["baseline"]["pixel_auroc"], metrics
+    metrics: dict[str, list] = {"baseline": [], "scl": []}
+    for seed in (0, 1, 2):
+        for strategy in metrics:
+            config = demo_config(str(bottle_root), epochs=1, seed=seed)
+            config.features.feature_dim = None  # as bench/quality.py measures it
+            config.category, config.contamination = "mvtec_bottle", 0.2
+            config.model.model, config.comet.strategy = "knn", strategy
+            data = prepare_data(config, torch.device("cpu"), cache_dir=str(cache))
+            metrics[strategy].append(train_category(config, data, torch.device("cpu")).metrics)
+    for run in metrics["scl"]:
+        assert run["mean_weight_injected"] < run["mean_weight_nominal"] - 0.3
+        assert run["bank_patches_left_out"] > 0 and run["bank_images_left_out"] == 0
+    pixel = {strategy: statistics.mean(m["pixel_auroc"] for m in runs) for strategy, runs in metrics.items()}
+    assert pixel["scl"] >= pixel["baseline"], pixel

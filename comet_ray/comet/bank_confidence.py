@@ -6,10 +6,13 @@ patches of anomalous images hiding in an uncurated training set are among the fi
 is scored as SCL scores it for a trained model (the mean of its ``top_k`` highest patch scores), its
 patch scores being its leave-one-out kNN distances (its own patches are never its neighbours); the
 image scores get SCL's weights (:func:`confidence_weights`: the same fence and weight form), and every
-image with weight < 1, the images SCL flags, is left out of the bank. With ``patch_weighting`` the same
-fence rule on the leave-one-out distances of every training patch also leaves out single patches (a
-small defect in an otherwise typical image). The coreset is then chosen from the patches that are left,
-as many entries as ``knn_bank_fraction`` of every training patch would give.
+image with weight < 1 is an image SCL flags. A flagged image loses, by default (``bank_leave_out`` =
+``patches``), its patches beyond the patch fence (the same fence rule on the leave-one-out distances of
+every training patch): its defect leaves the bank and its nominal surface stays, so the bank loses no
+coverage of the part (``images``: the whole image is left out; on bottle at ρ = 0.2 that costs about 0.002
+pixel AUROC against plain knn, where ``patches`` gains as much). With ``patch_weighting`` the patch fence
+applies to every image (a small defect in an otherwise typical image). The coreset is then chosen from
+the patches that are left, as many entries as ``knn_bank_fraction`` of every training patch would give.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from comet_ray.features.store import FeatureStore
 from comet_ray.models.anomaly_map import topk_mean
 from comet_ray.models.knn import PatchKNN, leave_one_out_scores
 
+BANK_LEAVE_OUT = ("patches", "images")
 SCORE_DESCRIPTION = ("mean of the top_k highest leave-one-out kNN patch distances of the image to the other "
                      "training images (the score SCL fences to choose the memory bank)")
 
@@ -37,7 +41,7 @@ class ConfidentBank:
     scores: torch.Tensor  # [N] leave-one-out image score
     fence: Fence  # on the image scores
     kept: torch.Tensor  # [N, P] bool: the patches the coreset was chosen from
-    patch_fence: Fence | None = None  # on the patch distances (patch_weighting)
+    patch_fence: Fence | None = None  # on the patch distances (bank_leave_out=patches or patch_weighting)
 
     def audit_record(self) -> dict:
         """``RunResult``'s audit fields: one "epoch" of weights and the leave-one-out scores."""
@@ -50,7 +54,8 @@ class ConfidentBank:
         left_out = ~self.kept
         result = {
             "fence": self.fence.tau,
-            "bank_images_left_out": int((self.weights < 1).sum()),
+            "bank_images_flagged": int((self.weights < 1).sum()),
+            "bank_images_left_out": int((~self.kept.any(dim=1)).sum()),  # not one patch in the bank
             "bank_patches_left_out": int(left_out.sum()),
             "bank_patches_left_out_of_kept_images": int(left_out[self.weights >= 1].sum()),
         }
@@ -74,11 +79,19 @@ def fit_confident_bank(model: PatchKNN, store: FeatureStore, comet: CometConfig,
     scores = topk_mean(patch_scores, comet.top_k)
     fence_args = (comet.fence_k, comet.weight_form, comet.temperature_scale, comet.weight_floor)
     weights, fence = confidence_weights(scores, *fence_args)
-    kept = (weights >= 1)[:, None].expand_as(patch_scores).clone()
+    if comet.bank_leave_out not in BANK_LEAVE_OUT:
+        raise CometError(f"bank_leave_out must be one of {', '.join(BANK_LEAVE_OUT)}, got {comet.bank_leave_out!r}")
+    flagged = (weights < 1)[:, None].expand_as(patch_scores)
     patch_fence = None
-    if comet.patch_weighting:
+    if comet.bank_leave_out == "patches" or comet.patch_weighting:
         patch_weights, patch_fence = confidence_weights(patch_scores, *fence_args)
-        kept &= patch_weights >= 1
+        beyond = patch_weights < 1
+        left_out = beyond if comet.patch_weighting else flagged & beyond
+        if comet.bank_leave_out == "images":
+            left_out = left_out | flagged
+    else:
+        left_out = flagged
+    kept = ~left_out
     # The bank keeps the size it would have had from every training patch: leaving images out costs no coverage.
     model.fit(features.reshape(-1, features.shape[-1])[kept.flatten()], generator, model.bank_size_for(kept.numel()))
     return ConfidentBank(weights, scores.float(), fence, kept, patch_fence)
