@@ -92,7 +92,8 @@ import threading
 import time
 from pathlib import Path
 
-from comet_ray.testing import use_local_env
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/support: local env, S3 server
+from support import use_local_env
 
 use_local_env()
 

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Self
 
-from comet_ray.testing import use_local_env
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/support: local env, S3 server
+from support import use_local_env
 
 use_local_env()
 
@@ -42,8 +43,9 @@ from comet_ray.features.streaming import (
     object_store_bytes,
     stream_features,
 )
-from comet_ray.testing.s3server import SeaweedServer, find_weed
 from comet_ray.upload import upload_tree
+
+from support.s3server import SeaweedServer, find_weed
 
 MIB = 1024 * 1024
 

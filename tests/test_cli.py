@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from comet_ray.cli import main
-from comet_ray.testing import TINY_TRAIN_ARGS, csv_rows
+
+from support import TINY_TRAIN_ARGS, csv_rows
 
 TINY = TINY_TRAIN_ARGS
 

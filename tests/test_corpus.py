@@ -1,4 +1,4 @@
-"""The generated bad-input corpus (comet_ray.testing.corpus) through every command that reads images.
+"""The generated bad-input corpus (tests/support/corpus.py) through every command that reads images.
 
 Each command must either use the rest and name exactly what it left out, or stop with one clear
 line and write nothing. Assertions compare against the corpus's own account of every entry, so a
@@ -17,8 +17,9 @@ import pytest
 from comet_ray.cli import main
 from comet_ray.data.images import load_samples
 from comet_ray.data.layout import scan_category
-from comet_ray.testing import TINY_TRAIN_ARGS
-from comet_ray.testing.corpus import BadInputCorpus, write_bad_input_corpus
+
+from support import TINY_TRAIN_ARGS
+from support.corpus import BadInputCorpus, write_bad_input_corpus
 
 TINY = TINY_TRAIN_ARGS
 

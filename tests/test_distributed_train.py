@@ -33,7 +33,8 @@ from comet_ray.distributed.train import (
 )
 from comet_ray.pipeline import prepare_data, train_category
 from comet_ray.runfolder import write_run
-from comet_ray.testing.faults import KillWorkerOnce
+
+from support.faults import KillWorkerOnce
 
 EPOCHS = 3
 ROW_BYTES = 8 * 8 * 64 * 2  # one image's features: an 8x8 patch grid (64 px, stride 8) of 64 fp16 values
@@ -347,7 +348,7 @@ def test_two_workers_print_one_line_per_epoch_and_no_raw_reports(tiny_category: 
     import subprocess
     import sys
 
-    from comet_ray.testing import LOCAL_ENV, TINY_TRAIN_ARGS
+    from support import LOCAL_ENV, TINY_TRAIN_ARGS
 
     env = {**os.environ, **LOCAL_ENV, "RAY_ADDRESS": ""}
 

@@ -34,7 +34,8 @@ import pytest
 
 from comet_ray.data.synthetic import make_texture_category
 from comet_ray.distributed.staging import orphaned_staging
-from comet_ray.testing import LOCAL_ENV, TINY_TRAIN_ARGS
+
+from support import LOCAL_ENV, TINY_TRAIN_ARGS
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.kill

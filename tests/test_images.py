@@ -22,7 +22,8 @@ from comet_ray.data.images import (
 )
 from comet_ray.data.layout import build_sample_table
 from comet_ray.errors import ImageDecodeError
-from comet_ray.testing.corpus import encode, png_header_only
+
+from support.corpus import encode, png_header_only
 
 # --- decode_image: modes -------------------------------------------------------------------------
 

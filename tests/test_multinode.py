@@ -1,6 +1,6 @@
 """The multi-node tier: comet-ray jobs on a Ray cluster that behaves like several machines.
 
-One cluster for the module (:class:`comet_ray.testing.cluster.LocalCluster`): a head with no CPUs and
+One cluster for the module (:class:`support.cluster.LocalCluster`): a head with no CPUs and
 no job-driver resource (no training, no job driver) and two worker nodes with one CPU each, offering
 the job-driver resource that ``comet-ray submit`` asks for by default (so the drivers run there),
 every worker node in its own mount namespace with a private disk (temp, Ray and home folders; where
@@ -10,7 +10,7 @@ SeaweedFS S3 server of the test session as the only shared storage. Jobs go thro
 ``comet-ray submit`` (Ray Jobs), so their code comes only from the uploaded package.
 
 The ``submit`` commands are read from README.md's "Clusters and jobs" section and run as they are
-there, with the options of a tiny model appended (``comet_ray.testing.TINY_TRAIN_ARGS``): the README
+there, with the options of a tiny model appended (``support.TINY_TRAIN_ARGS``): the README
 shows what this tier runs.
 
 Where work ran is read from the nodes' own disks: a Ray worker's log lines land in the session
@@ -37,8 +37,9 @@ from pathlib import Path
 import pytest
 
 from comet_ray.data.synthetic import make_texture_category
-from comet_ray.testing import TINY_TRAIN_ARGS
-from comet_ray.testing.cluster import LocalCluster
+
+from support import TINY_TRAIN_ARGS
+from support.cluster import LocalCluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.kill, pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")]
 

@@ -15,8 +15,9 @@ from PIL import Image
 from comet_ray.cli import build_parser, main
 from comet_ray.data.images import preprocess_image, resize_size
 from comet_ray.inference import predict_images
-from comet_ray.testing import TINY_TRAIN_ARGS
 from comet_ray.visualize import denormalise, map_file_names, map_panel
+
+from support import TINY_TRAIN_ARGS
 
 TINY = TINY_TRAIN_ARGS
 

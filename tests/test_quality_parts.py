@@ -171,7 +171,8 @@ def test_knn_from_the_cli_trains_nothing_and_exports(tmp_path, capsys) -> None:
     from comet_ray.export import ExportedDetector, export_detector
     from comet_ray.model import extractor_for
     from comet_ray.models.anomaly_map import image_scores
-    from comet_ray.testing import TINY_TRAIN_ARGS
+
+    from support import TINY_TRAIN_ARGS
 
     make_texture_category(tmp_path / "data", "weave", n_train=8, n_test_good=4, defects={"spot": 4}, size=64, seed=2)
     out = tmp_path / "run"

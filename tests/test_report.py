@@ -25,7 +25,8 @@ from comet_ray.errors import CheckpointError, CometError
 from comet_ray.metrics import auroc
 from comet_ray.report import build_report, collect, roc_curve, summarise
 from comet_ray.runfolder import TensorBoardLogger, read_scores, write_scores, write_tensorboard
-from comet_ray.testing import TINY_TRAIN_ARGS
+
+from support import TINY_TRAIN_ARGS
 
 TINY = TINY_TRAIN_ARGS
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

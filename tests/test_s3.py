@@ -24,9 +24,10 @@ from comet_ray.data.layout import (
 from comet_ray.data.s3 import parse_s3_uri, public_s3_uri
 from comet_ray.errors import DatasetLayoutError, StorageError
 from comet_ray.features.streaming import StorageSpec
-from comet_ray.testing import TINY_TRAIN_ARGS, csv_rows
-from comet_ray.testing.s3server import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, FlakyProxy, free_ports
 from comet_ray.upload import upload_tree
+
+from support import TINY_TRAIN_ARGS, csv_rows
+from support.s3server import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, FlakyProxy, free_ports
 
 TINY = TINY_TRAIN_ARGS
 WRONG_SECRET = "wrongWrongWrongWrongWrongWrongWrong00001"  # 40 characters

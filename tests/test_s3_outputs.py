@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from comet_ray.cli import main
-from comet_ray.testing import TINY_TRAIN_ARGS as TINY
+
+from support import TINY_TRAIN_ARGS as TINY
 
 BUCKET = "comet-test"
 # A fresh prefix per run: nothing left from an earlier one.

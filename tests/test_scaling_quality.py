@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from comet_ray.testing import use_local_env
+from support import use_local_env
 
 use_local_env()
 ray = pytest.importorskip("ray")

@@ -36,7 +36,8 @@ from comet_ray.features.streaming import (
     extract_to_entry_streaming,
     stream_features,
 )
-from comet_ray.testing.s3server import FAKE_ACCESS_KEY
+
+from support.s3server import FAKE_ACCESS_KEY
 
 OBJECT_STORE = 80 * 1024 * 1024
 CONFIG = FeatureConfig(backbone="mobilenet_v2", pretrained=False, image_size=64, feature_dim=32, batch_size=8)

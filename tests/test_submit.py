@@ -4,7 +4,7 @@ The cluster is private to the test: its own temp dir (short, for Unix socket pat
 its dashboard on 127.0.0.1. ``ray stop`` is never used -- it kills every Ray process on the machine,
 including other people's. Teardown ends exactly the processes this cluster started: the session of
 its ``ray start --block`` process, their descendants and anything whose command line names its temp
-dir (``comet_ray.testing.cluster.stop_processes``).
+dir (``support.cluster.stop_processes``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from comet_ray.data.synthetic import make_texture_category
 from comet_ray.distributed import submit
 from comet_ray.distributed.placement import DRIVER_RESOURCE, DRIVER_SHARE, driver_resources
 from comet_ray.errors import CometError
-from comet_ray.testing.cluster import free_port_range, stop_processes
-from comet_ray.testing.s3server import free_ports
+
+from support.cluster import free_port_range, stop_processes
+from support.s3server import free_ports
 
 TINY = ["--backbone", "mobilenet_v2", "--no-pretrained", "--image-size", "64", "--feature-dim", "32",
         "--epochs", "1", "--passes", "1", "--set", "discriminator_hidden=32", "--set", "noise_std=0.1",
@@ -278,7 +279,7 @@ def test_the_job_package_holds_every_module_and_imports_without_an_install(tmp_p
     from ray._private.runtime_env.packaging import create_package
     from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
 
-    from comet_ray.testing.cluster import cluster_python
+    from support.cluster import cluster_python
 
     root = submit.project_root()
     assert root is not None

@@ -23,7 +23,8 @@ from comet_ray.distributed.tune import (
     sweep,
 )
 from comet_ray.errors import CometError
-from comet_ray.testing import csv_rows
+
+from support import csv_rows
 
 ray = pytest.importorskip("ray")
 

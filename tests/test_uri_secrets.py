@@ -25,7 +25,8 @@ from comet_ray.cli import main
 from comet_ray.cli.credentials import SUBMIT_NOTICE, strip_value, uri_credentials_taken
 from comet_ray.data.s3 import public_s3_uri
 from comet_ray.errors import CometError
-from comet_ray.testing import TINY_TRAIN_ARGS
+
+from support import TINY_TRAIN_ARGS
 
 BUCKET = "comet-secrets"
 REPO = Path(__file__).resolve().parents[1]

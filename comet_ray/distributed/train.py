@@ -279,7 +279,7 @@ def fit_distributed(
     defaults to the worker's whole CPUs. ``worker_feature_memory`` (bytes): refuse, before any worker
     starts, a run in which a worker would hold more features than that. ``epoch_callbacks``: called in
     every worker as ``callback(trainer, epoch_log)`` after each epoch's report (tests inject faults
-    with them, :mod:`comet_ray.testing.faults`). ``callbacks`` go to ``RunConfig`` (e.g. Tune's ``TuneReportCallback``, which
+    with them, ``tests/support/faults.py``). ``callbacks`` go to ``RunConfig`` (e.g. Tune's ``TuneReportCallback``, which
     forwards the per-epoch reports to the Tune trial that runs this).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig

@@ -1,4 +1,8 @@
-"""Helpers for tests and benchmarks (a local S3-compatible server, tiny settings); not used by runs themselves."""
+"""Helpers for tests and benchmarks (a local S3-compatible server, a multi-node cluster, tiny settings).
+
+Not part of the installed package: tests import it as ``support`` (pytest puts tests/ on sys.path), benches
+put tests/ on sys.path first.
+"""
 
 import csv
 import os

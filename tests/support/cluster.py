@@ -48,8 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from comet_ray.distributed.placement import DRIVER_RESOURCE
-from comet_ray.testing import LOCAL_ENV
-from comet_ray.testing.s3server import free_ports
+
+from support import LOCAL_ENV
+from support.s3server import free_ports
 
 NODE_SCRIPT = Path(__file__).with_name("ray_node.py")
 START_TIMEOUT_S = 180.0

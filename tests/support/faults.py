@@ -1,14 +1,19 @@
 """Faults that tests inject into Ray Train workers through ``fit_distributed(epoch_callbacks=...)``.
 
 Production code has no fault knobs: a test passes one of these callbacks, which runs in every worker
-after each epoch's report (it is pickled to the workers, so it lives in the package, not in tests/).
+after each epoch's report. This module is pickled by value, so a worker needs nothing from tests/.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
+
+import ray.cloudpickle
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 class KillWorkerOnce:

@@ -1,7 +1,7 @@
 """One Ray worker node, started the way ``ray.cluster_utils.Cluster.add_node`` starts one.
 
 Run by path (``python ray_node.py SPEC_JSON``) with the test cluster's Python, which has Ray but not
-comet-ray: this file imports nothing from the package. :class:`comet_ray.testing.cluster.LocalCluster`
+comet-ray: this file imports nothing from the package. :class:`support.cluster.LocalCluster`
 starts it inside the node's own mount namespace (``unshare -m``), after bind mounts have given the
 node private temp, Ray and home folders, so it behaves like a separate machine that shares only the
 network (127.0.0.1) with the head.
