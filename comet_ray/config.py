@@ -91,7 +91,6 @@ class CometConfig:
     # beyond the patch fence (the fence over every training patch's leave-one-out distance), so its nominal
     # surface still covers the part (SoftPatch's rule); "images": the whole image.
     bank_leave_out: str = "patches"
-    bank_dilate: int = 0
     # What SCL scores the training images with: "model" (the current detector, the paper's definition) or
     # "knn" (each image's leave-one-out nearest-neighbour patch distance to the other training images).
     confidence_signal: str = "model"

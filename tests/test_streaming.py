@@ -30,12 +30,8 @@ from comet_ray.features.extractor import (
     open_entry,
     read_split,
 )
-from comet_ray.features.streaming import (
-    StorageSpec,
-    StreamOptions,
-    extract_to_entry_streaming,
-    stream_features,
-)
+from comet_ray.features.stream_collect import stream_features
+from comet_ray.features.streaming import StorageSpec, StreamOptions, extract_to_entry_streaming
 
 from support.s3server import FAKE_ACCESS_KEY
 

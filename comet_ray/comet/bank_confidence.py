@@ -86,8 +86,6 @@ def fit_confident_bank(model: PatchKNN, store: FeatureStore, comet: CometConfig,
     if comet.bank_leave_out == "patches" or comet.patch_weighting:
         patch_weights, patch_fence = confidence_weights(patch_scores, *fence_args)
         beyond = patch_weights < 1
-        if comet.bank_dilate:
-            beyond = _dilate(beyond, store.grid, comet.bank_dilate)
         left_out = beyond if comet.patch_weighting else flagged & beyond
         if comet.bank_leave_out == "images":
             left_out = left_out | flagged
@@ -98,9 +96,3 @@ def fit_confident_bank(model: PatchKNN, store: FeatureStore, comet: CometConfig,
     model.fit(features.reshape(-1, features.shape[-1])[kept.flatten()], generator, model.bank_size_for(kept.numel()))
     return ConfidentBank(weights, scores.float(), fence, kept, patch_fence)
 
-
-def _dilate(mask: torch.Tensor, grid: tuple[int, int], radius: int) -> torch.Tensor:
-    """``mask`` [N, P] grown by ``radius`` patches on each image's patch grid (a defect is contiguous)."""
-    size = 2 * radius + 1
-    grown = torch.nn.functional.max_pool2d(mask.float().reshape(-1, 1, *grid), size, stride=1, padding=radius)
-    return grown.reshape(mask.shape) > 0
