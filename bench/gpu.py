@@ -51,7 +51,11 @@ def ceiling_trunk(device: torch.device, backbone: str, size: int, batch: int, st
         start = time.perf_counter()
         for _ in range(steps):
             maps = trunk(images)
-            aggregate_patches(maps, 1536 if backbone == "wide_resnet50_2" else 256, 1536 if backbone == "wide_resnet50_2" else 256)
+            aggregate_patches(
+                maps,
+                1536 if backbone == "wide_resnet50_2" else 256,
+                1536 if backbone == "wide_resnet50_2" else 256,
+            )
         sync(device)
     return batch * steps / (time.perf_counter() - start)
 
@@ -94,13 +98,35 @@ def main() -> None:
         print("CUDA is not available: running a CPU check with tiny settings; the GPU figures await a GPU")
         args.quick = True
     if args.quick:
-        n_train, n_good, n_bad, size, image, backbone, epochs, passes = 16, 8, 8, 128, 64, "mobilenet_v2", 2, 1
+        n_train, n_good, n_bad, size, image, backbone, epochs, passes = (
+            16,
+            8,
+            8,
+            128,
+            64,
+            "mobilenet_v2",
+            2,
+            1,
+        )
     else:
-        n_train, n_good, n_bad, size, image, backbone, epochs, passes = 200, 40, 40, 512, 288, "wide_resnet50_2", 40, 4
+        n_train, n_good, n_bad, size, image, backbone, epochs, passes = (
+            200,
+            40,
+            40,
+            512,
+            288,
+            "wide_resnet50_2",
+            40,
+            4,
+        )
 
     root = Path(tempfile.mkdtemp(prefix="comet-gpu-bench-"))
-    make_texture_category(root, "weave", n_train=n_train, n_test_good=n_good, defects={"spot": n_bad}, size=size)
-    config = TrainConfig(data_root=str(root), category="weave", epochs=epochs, passes=passes, validation_fraction=0.3)
+    make_texture_category(
+        root, "weave", n_train=n_train, n_test_good=n_good, defects={"spot": n_bad}, size=size
+    )
+    config = TrainConfig(
+        data_root=str(root), category="weave", epochs=epochs, passes=passes, validation_fraction=0.3
+    )
     config.features = FeatureConfig(backbone=backbone, image_size=image, pretrained=False, batch_size=64)
     if args.quick:
         config.features.feature_dim = 64
@@ -128,7 +154,9 @@ def main() -> None:
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     steps = 3 if args.quick else 20
     trunk_ceiling = ceiling_trunk(device, backbone, image, 8 if args.quick else 64, steps)
-    head_ceiling = ceiling_head(device, data.train.store.num_patches, data.feature_dim, 8 if args.quick else 64, steps)
+    head_ceiling = ceiling_head(
+        device, data.train.store.num_patches, data.feature_dim, 8 if args.quick else 64, steps
+    )
     print(f"ceiling trunk: {trunk_ceiling:.0f} img/s (bare loop, batch {8 if args.quick else 64})")
     print(f"ceiling head step: {head_ceiling:.0f} img/s (bare loop)")
     print(f"feature ratio (ours / ceiling): {feature_img_s / trunk_ceiling:.2f}")

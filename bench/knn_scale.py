@@ -40,8 +40,11 @@ def child(args) -> dict:
     runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Python + torch, before any data
     patches = features(args.images, args.patches, args.dim, args.shard, args.shards)
     size = round(args.fraction * args.images * args.patches / args.shards)
-    out = {"fp16_bytes": patches.numel() * 2, "runtime_rss": runtime,
-           "rss_before": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    out = {
+        "fp16_bytes": patches.numel() * 2,
+        "runtime_rss": runtime,
+        "rss_before": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     g = torch.Generator().manual_seed(1)
     start = time.perf_counter()
     if args.what == "exact":
@@ -66,7 +69,9 @@ def child(args) -> dict:
                 model.index()
                 out[f"{search}_index_s"] = time.perf_counter() - start
                 start = time.perf_counter()
-                found = model.patch_scores(queries.reshape(args.score_images, args.patches, args.dim)).flatten()
+                found = model.patch_scores(
+                    queries.reshape(args.score_images, args.patches, args.dim)
+                ).flatten()
                 out[f"{search}_images_per_s"] = args.score_images / (time.perf_counter() - start)
                 # how far the approximate search's distances are above the exact ones (0 for flat)
                 out[f"{search}_excess"] = float(((found - exact).clamp_min(0) / exact.clamp_min(1e-6)).mean())
@@ -74,7 +79,9 @@ def child(args) -> dict:
 
 
 def run(argv: list[str]) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", *argv], capture_output=True, text=True, check=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -94,34 +101,61 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(args)))
         return 0
-    common = ["--images", str(args.images), "--patches", str(args.patches), "--dim", str(args.dim),
-              "--fraction", str(args.fraction), "--exact-iterations", str(args.exact_iterations),
-              "--score-images", str(args.score_images)]
+    common = [
+        "--images",
+        str(args.images),
+        "--patches",
+        str(args.patches),
+        "--dim",
+        str(args.dim),
+        "--fraction",
+        str(args.fraction),
+        "--exact-iterations",
+        str(args.exact_iterations),
+        "--score-images",
+        str(args.score_images),
+    ]
     n = args.images * args.patches
-    print(f"knn_scale: {args.images} images x {args.patches} patches x {args.dim} = {n} patches, "
-          f"{args.fraction:.0%} bank ({round(args.fraction * n)} rows), {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"knn_scale: {args.images} images x {args.patches} patches x {args.dim} = {n} patches, "
+        f"{args.fraction:.0%} bank ({round(args.fraction * n)} rows), {torch.get_num_threads()} threads",
+        flush=True,
+    )
     exact = run([*common, "--what", "exact"])
-    print(f"exact greedy build (today's; extrapolated from {args.exact_iterations} rows): {exact['build_s']:.0f} s",
-          flush=True)
+    print(
+        f"exact greedy build (today's; extrapolated from {args.exact_iterations} rows): {exact['build_s']:.0f} s",
+        flush=True,
+    )
     one = run([*common, "--what", "score"])
-    print(f"fast coreset build, N=1: {one['build_s']:.1f} s ({exact['build_s'] / one['build_s']:.0f}x faster)",
-          flush=True)
+    print(
+        f"fast coreset build, N=1: {one['build_s']:.1f} s ({exact['build_s'] / one['build_s']:.0f}x faster)",
+        flush=True,
+    )
     data = one["peak_rss"] - one["runtime_rss"]
-    print(f"fast coreset peak RSS, N=1: {one['peak_rss'] / 2**30:.2f} GiB; above the Python + torch runtime "
-          f"({one['runtime_rss'] / 2**30:.2f} GiB, no data): {data / 2**30:.2f} GiB = "
-          f"{data / one['fp16_bytes']:.2f}x the fp16 features ({one['fp16_bytes'] / 2**30:.2f} GiB; the build's own "
-          f"memory {(one['peak_rss'] - one['rss_before']) / one['fp16_bytes']:.2f}x)", flush=True)
+    print(
+        f"fast coreset peak RSS, N=1: {one['peak_rss'] / 2**30:.2f} GiB; above the Python + torch runtime "
+        f"({one['runtime_rss'] / 2**30:.2f} GiB, no data): {data / 2**30:.2f} GiB = "
+        f"{data / one['fp16_bytes']:.2f}x the fp16 features ({one['fp16_bytes'] / 2**30:.2f} GiB; the build's own "
+        f"memory {(one['peak_rss'] - one['rss_before']) / one['fp16_bytes']:.2f}x)",
+        flush=True,
+    )
     for search in ("flat", "hnsw", "ivf"):
         rate = one[f"{search}_images_per_s"]
-        print(f"scoring at the same bank, faiss {search}: {rate:.2f} images/s vs today's matmul "
-              f"{one['matmul_images_per_s']:.2f} ({rate / one['matmul_images_per_s']:.1f}x; index {one[f'{search}_index_s']:.1f} s, "
-              f"distances {one[f'{search}_excess']:.1%} above exact on average)", flush=True)
+        print(
+            f"scoring at the same bank, faiss {search}: {rate:.2f} images/s vs today's matmul "
+            f"{one['matmul_images_per_s']:.2f} ({rate / one['matmul_images_per_s']:.1f}x; index {one[f'{search}_index_s']:.1f} s, "
+            f"distances {one[f'{search}_excess']:.1%} above exact on average)",
+            flush=True,
+        )
     shards = [run([*common, "--what", "build", "--shards", "2", "--shard", str(s)]) for s in range(2)]
     worst = max(s["peak_rss"] for s in shards)
     worst_data = max(s["peak_rss"] - s["runtime_rss"] for s in shards)
-    print(f"fast coreset build, N=2: {max(s['build_s'] for s in shards):.1f} s per shard (slowest), "
-          f"peak RSS {worst / 2**30:.2f} GiB per worker = {worst / one['peak_rss']:.2f}x N=1; above the runtime "
-          f"{worst_data / 2**30:.2f} GiB = {worst_data / data:.2f}x N=1", flush=True)
+    print(
+        f"fast coreset build, N=2: {max(s['build_s'] for s in shards):.1f} s per shard (slowest), "
+        f"peak RSS {worst / 2**30:.2f} GiB per worker = {worst / one['peak_rss']:.2f}x N=1; above the runtime "
+        f"{worst_data / 2**30:.2f} GiB = {worst_data / data:.2f}x N=1",
+        flush=True,
+    )
     return 0
 
 

@@ -66,7 +66,10 @@ METHODS = {  # name -> (model, strategy)
     "flow+meta": ("flow", "meta"),
     "flow+comet": ("flow", "comet"),
     "knn": ("knn", "baseline"),
-    "knn+scl": ("knn", "scl"),  # SCL's fence on leave-one-out scores chooses which images enter the memory bank
+    "knn+scl": (
+        "knn",
+        "scl",
+    ),  # SCL's fence on leave-one-out scores chooses which images enter the memory bank
 }
 # Rows that are a method with fixed settings. ``oracle``: CoMet whose SCL weights are replaced by the truth
 # (0 for every injected image, 1 for the rest): the bound a perfect ranking and fence would reach. At
@@ -128,8 +131,9 @@ def data_sets(names: list[str], out: Path) -> list[DataSet]:
         elif name == "weave":
             root = out / "data" / "synthetic"
             if not (root / "weave").exists():
-                make_texture_category(root, "weave", n_train=60, n_test_good=24,
-                                      defects={"spot": 40, "scratch": 16}, seed=0)
+                make_texture_category(
+                    root, "weave", n_train=60, n_test_good=24, defects={"spot": 40, "scratch": 16}, seed=0
+                )
             chosen.append(DataSet("weave", root, "weave", masks=True))
         else:
             raise SystemExit(f"unknown set {name!r}; choose from {', '.join(ALL_SETS)}")
@@ -152,10 +156,22 @@ def parse_method(spec: str) -> tuple[str, str, str, dict]:
 
 
 def base_config(args, data_set: DataSet, rho: float, seed: int) -> TrainConfig:
-    config = TrainConfig(data_root=str(data_set.root), category=data_set.category, contamination=rho, seed=seed,
-                         epochs=args.epochs, passes=args.passes, device="cpu")
-    config.features = FeatureConfig(backbone=args.backbone, image_size=args.image_size, feature_dim=args.feature_dim,
-                                    weights=args.weights, batch_size=32)
+    config = TrainConfig(
+        data_root=str(data_set.root),
+        category=data_set.category,
+        contamination=rho,
+        seed=seed,
+        epochs=args.epochs,
+        passes=args.passes,
+        device="cpu",
+    )
+    config.features = FeatureConfig(
+        backbone=args.backbone,
+        image_size=args.image_size,
+        feature_dim=args.feature_dim,
+        weights=args.weights,
+        batch_size=32,
+    )
     return apply_overrides(config, args.set)
 
 
@@ -196,21 +212,37 @@ def one_run(args, data_set: DataSet, data, method: str, rho: float, seed: int) -
         "injected": sorted(data.injected_ids),
         "final_weights": [result.final_weights[i] for i in train_ids],
         "train_scores": result.train_scores,
-        "audit": audit_metrics(train_ids, [result.final_weights[i] for i in train_ids], result.train_scores or None,
-                               data.injected_ids) if data.injected_ids else None,
+        "audit": audit_metrics(
+            train_ids,
+            [result.final_weights[i] for i in train_ids],
+            result.train_scores or None,
+            data.injected_ids,
+        )
+        if data.injected_ids
+        else None,
     }
 
 
 def knn_loo_run(data_set: DataSet, data, config: TrainConfig, rho: float, seed: int) -> dict:
     """The audit's reference: training images ranked by their kNN leave-one-out score (no model, no fence)."""
-    knn = PatchKNN(data.train.store.dim, bank_fraction=config.model.knn_bank_fraction,
-                   coreset=config.model.knn_coreset, search=config.model.knn_search)
+    knn = PatchKNN(
+        data.train.store.dim,
+        bank_fraction=config.model.knn_bank_fraction,
+        coreset=config.model.knn_coreset,
+        search=config.model.knn_search,
+    )
     generator = torch.Generator().manual_seed(seed)
     scores = topk_mean(leave_one_out_scores(knn, data.train.store.features, generator), config.comet.top_k)
     train_ids = list(data.train.store.ids)
     metrics = audit_metrics(train_ids, np.ones(len(train_ids)), scores.tolist(), data.injected_ids)
-    return {"set": data_set.name, "method": "knn-loo ranking", "contamination": rho, "seed": seed,
-            "achieved_contamination": None, "audit": metrics}
+    return {
+        "set": data_set.name,
+        "method": "knn-loo ranking",
+        "contamination": rho,
+        "seed": seed,
+        "achieved_contamination": None,
+        "audit": metrics,
+    }
 
 
 def run_group(args, methods: list[str], data_set: DataSet, rho: float, seed: int) -> list[dict]:
@@ -222,11 +254,17 @@ def run_group(args, methods: list[str], data_set: DataSet, rho: float, seed: int
     for method in methods:
         run = one_run(args, data_set, data, method, rho, seed)
         runs.append(run)
-        print(f"  {data_set.name} rho={rho:g} seed={seed} {method}: image AUROC {run['image_auroc']:.4f}"
-              + ("" if run["pixel_auroc"] is None else f", pixel AUROC {run['pixel_auroc']:.4f}")
-              + ("" if not _uses_scl(method) or run["mean_weight_injected"] is None else
-                 f", w injected {run['mean_weight_injected']:.3f} vs {run['mean_weight_nominal']:.3f}")
-              + f" [{run['train_seconds']:.0f} s]", flush=True)
+        print(
+            f"  {data_set.name} rho={rho:g} seed={seed} {method}: image AUROC {run['image_auroc']:.4f}"
+            + ("" if run["pixel_auroc"] is None else f", pixel AUROC {run['pixel_auroc']:.4f}")
+            + (
+                ""
+                if not _uses_scl(method) or run["mean_weight_injected"] is None
+                else f", w injected {run['mean_weight_injected']:.3f} vs {run['mean_weight_nominal']:.3f}"
+            )
+            + f" [{run['train_seconds']:.0f} s]",
+            flush=True,
+        )
     return runs
 
 
@@ -245,13 +283,19 @@ def summarise(runs: list[dict], sets: list[str], methods: list[str], rhos: list[
     """One line per figure on stdout; returns the markdown table."""
     header = "| set | ρ | " + " | ".join(methods) + " |"
     lines = [header, "|" + "---|" * (len(methods) + 2)]
-    weight_lines = ["| set | ρ | " + " | ".join(m for m in methods if _uses_scl(m)) + " |",
-                    "|" + "---|" * (sum(_uses_scl(m) for m in methods) + 2)]
+    weight_lines = [
+        "| set | ρ | " + " | ".join(m for m in methods if _uses_scl(m)) + " |",
+        "|" + "---|" * (sum(_uses_scl(m) for m in methods) + 2),
+    ]
     for name in sets:
         for rho in rhos:
             cells, weight_cells = [], []
             for method in methods:
-                chosen = [r for r in runs if r["set"] == name and r["method"] == method and r["contamination"] == rho]
+                chosen = [
+                    r
+                    for r in runs
+                    if r["set"] == name and r["method"] == method and r["contamination"] == rho
+                ]
                 if not chosen:
                     cells.append("-")
                     if _uses_scl(method):
@@ -268,23 +312,36 @@ def summarise(runs: list[dict], sets: list[str], methods: list[str], rhos: list[
                     injected = mean_sd([r["mean_weight_injected"] for r in chosen])
                     nominal = mean_sd([r["mean_weight_nominal"] for r in chosen])
                     if injected is not None:
-                        print(f"{tag}: mean SCL weight injected {fmt(injected)} vs nominal {fmt(nominal)}", flush=True)
+                        print(
+                            f"{tag}: mean SCL weight injected {fmt(injected)} vs nominal {fmt(nominal)}",
+                            flush=True,
+                        )
                         weight_cells.append(f"{injected[0]:.3f} vs {nominal[0]:.3f}")
                     else:
                         weight_cells.append("-")
-            achieved = mean_sd([r["achieved_contamination"] for r in runs if r["set"] == name and r["contamination"] == rho])
-            rho_cell = f"{rho:g}" if achieved is None or abs(achieved[0] - rho) < 0.005 else f"{rho:g} ({achieved[0]:.3f})"
+            achieved = mean_sd(
+                [r["achieved_contamination"] for r in runs if r["set"] == name and r["contamination"] == rho]
+            )
+            rho_cell = (
+                f"{rho:g}"
+                if achieved is None or abs(achieved[0] - rho) < 0.005
+                else f"{rho:g} ({achieved[0]:.3f})"
+            )
             lines.append(f"| {name} | {rho_cell} | " + " | ".join(cells) + " |")
             if rho > 0:
                 weight_lines.append(f"| {name} | {rho_cell} | " + " | ".join(weight_cells) + " |")
     table = "\n".join(lines)
     if len(weight_lines) > 2:
-        table += "\n\nMean final SCL weight, injected vs nominal training images:\n\n" + "\n".join(weight_lines)
+        table += "\n\nMean final SCL weight, injected vs nominal training images:\n\n" + "\n".join(
+            weight_lines
+        )
     audit_table = audit_summary(runs, sets, methods, rhos)
     if audit_table:
-        table += ("\n\nTraining-set audit (`comet-ray audit`): precision@k of the ranking (k = images injected) "
-                  "and precision / recall of the flagged set (weight < 1), against the kNN leave-one-out "
-                  "score ranking:\n\n" + audit_table)
+        table += (
+            "\n\nTraining-set audit (`comet-ray audit`): precision@k of the ranking (k = images injected) "
+            "and precision / recall of the flagged set (weight < 1), against the kNN leave-one-out "
+            "score ranking:\n\n" + audit_table
+        )
     return table
 
 
@@ -296,8 +353,14 @@ def audit_summary(runs: list[dict], sets: list[str], methods: list[str], rhos: l
         for rho in [r for r in rhos if r > 0]:
             cells = []
             for method in audited:
-                chosen = [r["audit"] for r in runs if r["set"] == name and r["method"] == method
-                          and r["contamination"] == rho and r.get("audit")]
+                chosen = [
+                    r["audit"]
+                    for r in runs
+                    if r["set"] == name
+                    and r["method"] == method
+                    and r["contamination"] == rho
+                    and r.get("audit")
+                ]
                 if not chosen:
                     cells.append("-")
                     continue
@@ -323,25 +386,44 @@ def _uses_scl(method: str) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder for the data sets, feature cache and quality.json")
+    parser.add_argument(
+        "--out", required=True, help="folder for the data sets, feature cache and quality.json"
+    )
     parser.add_argument("--sets", default=",".join(ALL_SETS))
     parser.add_argument("--methods", default=DEFAULT_METHODS)
     parser.add_argument("--contamination", default="0,0.1,0.2")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--backbone", default="mobilenet_v2")
-    parser.add_argument("--weights", default=None,
-                        help="backbone weights file (default for mobilenet_v2: ../shared's ImageNet file when "
-                             "present; otherwise torchvision's hub cache, else a loudly random backbone)")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="backbone weights file (default for mobilenet_v2: ../shared's ImageNet file when "
+        "present; otherwise torchvision's hub cache, else a loudly random backbone)",
+    )
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--feature-dim", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--passes", type=int, default=1)
-    parser.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
-                        help="override a knob for every method (like comet-ray train --set)")
-    parser.add_argument("--merge", action="append", default=[], metavar="QUALITY_JSON",
-                        help="also show the runs of an earlier invocation's quality.json in the table")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="processes training at once (each gets cores / jobs threads); 2 on two cores")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="override a knob for every method (like comet-ray train --set)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        metavar="QUALITY_JSON",
+        help="also show the runs of an earlier invocation's quality.json in the table",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="processes training at once (each gets cores / jobs threads); 2 on two cores",
+    )
     args = parser.parse_args()
     args.set = dict(parse_method("baseline@" + ",".join(args.set))[3]) if args.set else {}
     if args.weights is None and args.backbone == "mobilenet_v2" and MOBILENET_WEIGHTS.is_file():
@@ -356,23 +438,34 @@ def main() -> int:
     rhos = [float(r) for r in args.contamination.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     sets = data_sets([s for s in args.sets.split(",") if s], out)
-    schedule = (f"{args.backbone} {args.image_size} px, feature_dim {args.feature_dim or 'default'}, "
-                f"{args.epochs} epochs x {args.passes} pass(es), seeds {seeds}, overrides {args.set or 'none'}")
+    schedule = (
+        f"{args.backbone} {args.image_size} px, feature_dim {args.feature_dim or 'default'}, "
+        f"{args.epochs} epochs x {args.passes} pass(es), seeds {seeds}, overrides {args.set or 'none'}"
+    )
     print(f"schedule: {schedule}", flush=True)
     runs: list[dict] = []
     start = time.perf_counter()
     for data_set in sets:  # every set's features once, here, before any head trains
-        scale = prepare_data(base_config(args, data_set, 0.0, 0), torch.device("cpu"), cache_dir=args.cache).train
-        print(f"{data_set.name}: features cached ({len(scale.store)} training images, "
-              f"feature scale {scale.store.scale():.3f})", flush=True)
+        scale = prepare_data(
+            base_config(args, data_set, 0.0, 0), torch.device("cpu"), cache_dir=args.cache
+        ).train
+        print(
+            f"{data_set.name}: features cached ({len(scale.store)} training images, "
+            f"feature scale {scale.store.scale():.3f})",
+            flush=True,
+        )
     groups = [(data_set, rho, seed) for data_set in sets for rho in rhos for seed in seeds]
     if args.jobs > 1:  # one process per group of runs; the cores are split between them
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         spawn = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads are running
-        with ProcessPoolExecutor(args.jobs, mp_context=spawn, initializer=torch.set_num_threads,
-                                 initargs=(max(1, torch.get_num_threads() // args.jobs),)) as pool:
+        with ProcessPoolExecutor(
+            args.jobs,
+            mp_context=spawn,
+            initializer=torch.set_num_threads,
+            initargs=(max(1, torch.get_num_threads() // args.jobs),),
+        ) as pool:
             futures = [pool.submit(run_group, args, methods, *group) for group in groups]
             for future in futures:
                 runs.extend(future.result())
@@ -392,7 +485,9 @@ def main() -> int:
     print()
     print(table)
     (out / "quality.md").write_text(f"{schedule}\n\n{table}\n")
-    (out / "quality.json").write_text(jsonfile.dumps({"schedule": schedule, "seconds": elapsed, "runs": runs}))
+    (out / "quality.json").write_text(
+        jsonfile.dumps({"schedule": schedule, "seconds": elapsed, "runs": runs})
+    )
     return 0
 
 

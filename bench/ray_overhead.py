@@ -61,7 +61,9 @@ def category(args, work: Path):
     else:
         from comet_ray.data.synthetic import make_texture_category
 
-        make_texture_category(work / "data", "weave", n_train=120, n_test_good=24, defects={"spot": 24}, seed=0)
+        make_texture_category(
+            work / "data", "weave", n_train=120, n_test_good=24, defects={"spot": 24}, seed=0
+        )
         config = demo_config(str(work / "data"), args.epochs, 0)
         config.features.pretrained = False
     config.passes, config.device = args.passes, "cpu"
@@ -88,24 +90,39 @@ def plain_epochs(config, cache: str, work: Path) -> tuple[list[float], list[floa
     return _steps(walls), _steps(cpus)
 
 
-def ray_epochs(config, cache: str, work: Path, cores: int, name: str) -> tuple[list[float], list[float], float]:
+def ray_epochs(
+    config, cache: str, work: Path, cores: int, name: str
+) -> tuple[list[float], list[float], float]:
     from comet_ray.distributed.train import fit_distributed
 
     start = time.perf_counter()
-    metrics = fit_distributed(config, workers=1, cpus_per_worker=cores, storage_path=str(work / "ray"),
-                              run_name=name, feature_cache=cache, out=str(work / name))
+    metrics = fit_distributed(
+        config,
+        workers=1,
+        cpus_per_worker=cores,
+        storage_path=str(work / "ray"),
+        run_name=name,
+        feature_cache=cache,
+        out=str(work / name),
+    )
     total = time.perf_counter() - start
     history = json.loads((Path(metrics["out"]) / "history.json").read_text())
     return _steps([e["finished_at"] for e in history]), _steps([e["process_cpu_s"] for e in history]), total
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--passes", type=int, default=4, help="the paper's 4: epochs longer than Ray's 2 s poll")
+    parser.add_argument(
+        "--passes", type=int, default=4, help="the paper's 4: epochs longer than Ray's 2 s poll"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cores", type=int, default=os.cpu_count())
-    parser.add_argument("--synthetic", action="store_true", help="a synthetic category even if bottle is there")
+    parser.add_argument(
+        "--synthetic", action="store_true", help="a synthetic category even if bottle is there"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.cores)
 
@@ -119,7 +136,9 @@ def main() -> None:
         figures: dict[str, list[float]] = {"plain wall": [], "plain cpu": [], "ray wall": [], "ray cpu": []}
         totals = []
         for repeat in range(args.repeats):
-            wall, cpu = plain_epochs(config, cache, work)  # no Ray in this process meanwhile, as in `comet-ray train`
+            wall, cpu = plain_epochs(
+                config, cache, work
+            )  # no Ray in this process meanwhile, as in `comet-ray train`
             figures["plain wall"] += wall
             figures["plain cpu"] += cpu
             ray.init(num_cpus=args.cores, include_dashboard=False, address="local", log_to_driver=False)
@@ -131,15 +150,19 @@ def main() -> None:
             figures["ray cpu"] += cpu
             totals.append(total)
     m = {key: statistics.median(values) for key, values in figures.items()}
-    print(f"category: {config.category}, {config.epochs} epochs x {config.passes} passes, {args.cores} threads, "
-          f"{args.repeats} alternations")
+    print(
+        f"category: {config.category}, {config.epochs} epochs x {config.passes} passes, {args.cores} threads, "
+        f"{args.repeats} alternations"
+    )
     print(f"plain process s/epoch (wall): {m['plain wall']:.3f}")
     print(f"ray train 1 worker ({args.cores} CPUs) s/epoch (wall): {m['ray wall']:.3f}")
     print(f"ratio ray / plain (wall): {m['ray wall'] / m['plain wall']:.3f}")
     print(f"plain process CPU s/epoch: {m['plain cpu']:.3f}")
     print(f"ray train 1 worker CPU s/epoch: {m['ray cpu']:.3f}")
     print(f"ratio ray / plain (CPU): {m['ray cpu'] / m['plain cpu']:.3f}")
-    print(f"ray end-to-end s per run (start, features read, final evaluation, shutdown): {statistics.median(totals):.1f}")
+    print(
+        f"ray end-to-end s per run (start, features read, final evaluation, shutdown): {statistics.median(totals):.1f}"
+    )
 
 
 if __name__ == "__main__":

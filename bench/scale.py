@@ -61,7 +61,9 @@ def write_entry(path: str, images: int, part_size: int = 32) -> None:
         features = torch.randn((count, PATCHES, DIM), generator=generator).to(torch.float16)
         name = part_name(first, first + count - 1)
         write_part(fs, path, name, as_numpy(features))
-        index.add_part(name, range(first, first + count), [f"train/good/{i:06d}" for i in range(first, first + count)])
+        index.add_part(
+            name, range(first, first + count), [f"train/good/{i:06d}" for i in range(first, first + count)]
+        )
     index.write(fs, path)
 
 
@@ -108,8 +110,19 @@ def worker_loop(config: dict) -> dict | None:
         seconds.append(time.perf_counter() - begin)
     timed = seconds[1:] or seconds
     gpu_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-    mine = torch.tensor([[memory_mib()["peak"], start["rss"], store.nbytes / 2**20, float(np.mean(timed)), gpu_peak,
-                          loaded["peak"]]], dtype=torch.float64)
+    mine = torch.tensor(
+        [
+            [
+                memory_mib()["peak"],
+                start["rss"],
+                store.nbytes / 2**20,
+                float(np.mean(timed)),
+                gpu_peak,
+                loaded["peak"],
+            ]
+        ],
+        dtype=torch.float64,
+    )
     every = collective.all_gather_cat(mine)
     ray.train.report({"done": True})
     return every.tolist() if collective.rank == 0 else None
@@ -121,8 +134,13 @@ def run(workers: int, entry: str, cores: int, gpus: int, args, storage: str) -> 
 
     from comet_ray.config import ModelConfig, TrainConfig
 
-    train_config = TrainConfig(epochs=args.epochs, passes=1, batch_size=args.batch_size, precision=args.precision,
-                               model=ModelConfig(discriminator_hidden=args.hidden))
+    train_config = TrainConfig(
+        epochs=args.epochs,
+        passes=1,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        model=ModelConfig(discriminator_hidden=args.hidden),
+    )
     train_config.comet.meta_tasks = args.meta_tasks
     threads = max(1, cores // workers)
     resources = {"CPU": cores / workers, **({"GPU": 1} if gpus else {})}
@@ -148,13 +166,19 @@ def run(workers: int, entry: str, cores: int, gpus: int, args, storage: str) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=768, help="training images K")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs per run; with more, the first is not timed")
+    parser.add_argument(
+        "--epochs", type=int, default=1, help="epochs per run; with more, the first is not timed"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="per worker")
     parser.add_argument("--hidden", type=int, default=256, help="SimpleNet discriminator width")
     parser.add_argument("--meta-tasks", type=int, default=2)
-    parser.add_argument("--precision", default="bf16", help="bf16 (autocast, CPUs too), fp32, or auto (bf16 on GPUs)")
+    parser.add_argument(
+        "--precision", default="bf16", help="bf16 (autocast, CPUs too), fp32, or auto (bf16 on GPUs)"
+    )
     parser.add_argument("--workers", default=None, help="comma-separated N's (default: 1,2 on CPUs, 1..GPUs)")
     parser.add_argument("--repeats", type=int, default=1, help="alternate the N's this many times; medians")
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="total CPU cores the workers share")
@@ -163,24 +187,34 @@ def main() -> None:
     import ray
 
     gpus = torch.cuda.device_count()
-    counts = [int(n) for n in args.workers.split(",")] if args.workers else (list(range(1, gpus + 1)) if gpus else [1, 2])
+    counts = (
+        [int(n) for n in args.workers.split(",")]
+        if args.workers
+        else (list(range(1, gpus + 1)) if gpus else [1, 2])
+    )
     with tempfile.TemporaryDirectory(prefix="comet-scale-") as tmp:
         entry = str(Path(tmp) / "entry")
         start = time.perf_counter()
         write_entry(entry, args.images)
         size = args.images * PATCHES * DIM * 2 / 2**30
-        print(f"category: {args.images} images x {PATCHES} x {DIM} fp16 = {size:.2f} GiB "
-              f"(written in {time.perf_counter() - start:.0f} s); {args.cores} cores, {gpus} GPUs; SimpleNet "
-              f"hidden {args.hidden}, batch {args.batch_size} per worker, {args.precision}, {args.epochs} epoch(s)")
+        print(
+            f"category: {args.images} images x {PATCHES} x {DIM} fp16 = {size:.2f} GiB "
+            f"(written in {time.perf_counter() - start:.0f} s); {args.cores} cores, {gpus} GPUs; SimpleNet "
+            f"hidden {args.hidden}, batch {args.batch_size} per worker, {args.precision}, {args.epochs} epoch(s)"
+        )
         ray.init(num_cpus=args.cores, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
         try:
             results: dict[int, list[dict]] = {n: [] for n in counts}
             for _ in range(args.repeats):
                 for n in counts:
-                    results[n].append(run(n, entry, args.cores, gpus if gpus else 0, args, str(Path(tmp) / "ray")))
+                    results[n].append(
+                        run(n, entry, args.cores, gpus if gpus else 0, args, str(Path(tmp) / "ray"))
+                    )
         finally:
             ray.shutdown()
-    median = {n: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for n, runs in results.items()}
+    median = {
+        n: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for n, runs in results.items()
+    }
     unit = "GPU" if gpus else "core"
     for n in counts:
         m = median[n]
@@ -195,11 +229,15 @@ def main() -> None:
     base = median[counts[0]]
     for n in counts[1:]:
         m = median[n]
-        print(f"ratio peak RSS per worker N={n}/N={counts[0]}: {m['peak_rss_mib'] / base['peak_rss_mib']:.3f}")
+        print(
+            f"ratio peak RSS per worker N={n}/N={counts[0]}: {m['peak_rss_mib'] / base['peak_rss_mib']:.3f}"
+        )
         grown = (m["peak_rss_mib"] - m["start_rss_mib"]) / (base["peak_rss_mib"] - base["start_rss_mib"])
         print(f"ratio peak RSS above the worker's start N={n}/N={counts[0]}: {grown:.3f}")
-        print(f"ratio images/s per {unit} N={n}/N={counts[0]}: "
-              f"{m['images_per_s_per_core'] / base['images_per_s_per_core']:.3f}")
+        print(
+            f"ratio images/s per {unit} N={n}/N={counts[0]}: "
+            f"{m['images_per_s_per_core'] / base['images_per_s_per_core']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,13 +42,17 @@ def bottle_config(data: Path, weights: Path, seed: int, lr_scaling: str, epochs:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=SHARED / "data")
     parser.add_argument("--weights", type=Path, default=SHARED / "weights" / "mobilenet_v2-b0353104.pth")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--lr-scaling", default="sqrt")
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--cores", type=int, default=2, help="total CPUs: N = 1 gets them all, N = 2 half each")
+    parser.add_argument(
+        "--cores", type=int, default=2, help="total CPUs: N = 1 gets them all, N = 2 half each"
+    )
     args = parser.parse_args()
     if not (args.data / "mvtec_bottle").is_dir() or not args.weights.is_file():
         sys.exit(f"needs {args.data / 'mvtec_bottle'} and {args.weights}")
@@ -65,13 +69,23 @@ def main() -> None:
             for seed in seeds:
                 config = bottle_config(args.data, args.weights, seed, args.lr_scaling, args.epochs)
                 for workers in (1, 2):
-                    metrics = fit_distributed(config, workers, 0, args.cores / workers, storage_path=f"{tmp}/ray",
-                                              run_name=f"s{seed}-n{workers}", feature_cache=f"{tmp}/features",
-                                              out=f"{tmp}/out-s{seed}-n{workers}")
+                    metrics = fit_distributed(
+                        config,
+                        workers,
+                        0,
+                        args.cores / workers,
+                        storage_path=f"{tmp}/ray",
+                        run_name=f"s{seed}-n{workers}",
+                        feature_cache=f"{tmp}/features",
+                        out=f"{tmp}/out-s{seed}-n{workers}",
+                    )
                     auroc[workers].append(metrics["image_auroc"])
-                    print(f"seed {seed} N={workers} lr_scaling {args.lr_scaling}: image AUROC "
-                          f"{metrics['image_auroc']:.4f} (validation {metrics['validation_image_auroc']:.4f}, "
-                          f"{metrics['train_seconds']:.0f} s)", flush=True)
+                    print(
+                        f"seed {seed} N={workers} lr_scaling {args.lr_scaling}: image AUROC "
+                        f"{metrics['image_auroc']:.4f} (validation {metrics['validation_image_auroc']:.4f}, "
+                        f"{metrics['train_seconds']:.0f} s)",
+                        flush=True,
+                    )
         finally:
             ray.shutdown()
     gaps = [abs(b - a) for a, b in zip(auroc[1], auroc[2])]

@@ -37,8 +37,10 @@ def bn_recalibrated_auroc(trainer, data) -> float:
     """Validation AUROC of a copy of the current model with BatchNorm statistics re-estimated as
     ``bn_recalibrate`` does at the end of a run (one pass of the training set)."""
     model = copy.deepcopy(trainer.model)
-    batches = ((trainer.store.batch(b, trainer.device), trainer._sample_seeds(b, 17))
-               for b in trainer._batches(trainer._generator(17)))
+    batches = (
+        (trainer.store.batch(b, trainer.device), trainer._sample_seeds(b, 17))
+        for b in trainer._batches(trainer._generator(17))
+    )
     if not recalibrate_batchnorm(model, batches):
         return float("nan")
     return validation_auroc(model, data.validation, data.validation_labels, trainer.device)
@@ -57,27 +59,53 @@ def study_run(args, data_set, rho: float, model: str, noise: float | None, floor
 
     def on_epoch_end(trainer, log) -> None:
         steps = (log.epoch + 1) * trainer.passes * len(trainer.global_batch)
-        row = {"epoch": log.epoch + 1, "steps": steps, "lam": log.lam, "det_sigma": log.det_sigma,
-               "loss": log.loss, "separation": log.extra.get("separation"),
-               "val_auroc": validation_auroc(trainer.model, data.validation, data.validation_labels, trainer.device),
-               "w_injected": log.mean_weight_injected, "w_nominal": log.mean_weight_nominal}
+        row = {
+            "epoch": log.epoch + 1,
+            "steps": steps,
+            "lam": log.lam,
+            "det_sigma": log.det_sigma,
+            "loss": log.loss,
+            "separation": log.extra.get("separation"),
+            "val_auroc": validation_auroc(
+                trainer.model, data.validation, data.validation_labels, trainer.device
+            ),
+            "w_injected": log.mean_weight_injected,
+            "w_nominal": log.mean_weight_nominal,
+        }
         if model == "simplenet" and log.epoch + 1 in args.at_epochs:  # one more pass each: only where shown
             row["val_auroc_bn"] = bn_recalibrated_auroc(trainer, data)
         curve.append(row)
 
     start = time.perf_counter()
     train_category(config, data, torch.device("cpu"), on_epoch_end=on_epoch_end, evaluate=False)
-    run = {"set": data_set.name, "contamination": rho, "model": model, "noise_std": noise, "min_steps": floor,
-           "passes": args.passes, "epochs": args.epochs, "seed": args.seed, "split_seed": args.split_seed,
-           "n_train": len(data.train.store), "n_validation": len(data.validation.store),
-           "seconds": time.perf_counter() - start, "curve": curve}
-    tag = f"{data_set.name} rho={rho:g} {model}" + (f" noise={noise:g}" if noise is not None else "") + \
-        (f" min_steps={floor}" if floor else "")
+    run = {
+        "set": data_set.name,
+        "contamination": rho,
+        "model": model,
+        "noise_std": noise,
+        "min_steps": floor,
+        "passes": args.passes,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "split_seed": args.split_seed,
+        "n_train": len(data.train.store),
+        "n_validation": len(data.validation.store),
+        "seconds": time.perf_counter() - start,
+        "curve": curve,
+    }
+    tag = (
+        f"{data_set.name} rho={rho:g} {model}"
+        + (f" noise={noise:g}" if noise is not None else "")
+        + (f" min_steps={floor}" if floor else "")
+    )
     for row in curve:
-        print(f"  {tag} epoch {row['epoch']:>2} steps {row['steps']:>5}: val AUROC {row['val_auroc']:.4f}"
-              + (f" (bn {row['val_auroc_bn']:.4f})" if "val_auroc_bn" in row else "")
-              + ("" if row["separation"] is None else f" sep {row['separation']:.3f}")
-              + f" lambda {row['lam']:.6f}", flush=True)
+        print(
+            f"  {tag} epoch {row['epoch']:>2} steps {row['steps']:>5}: val AUROC {row['val_auroc']:.4f}"
+            + (f" (bn {row['val_auroc_bn']:.4f})" if "val_auroc_bn" in row else "")
+            + ("" if row["separation"] is None else f" sep {row['separation']:.3f}")
+            + f" lambda {row['lam']:.6f}",
+            flush=True,
+        )
     print(f"{tag}: {run['seconds']:.0f} s", flush=True)
     return run
 
@@ -85,18 +113,35 @@ def study_run(args, data_set, rho: float, model: str, noise: float | None, floor
 def summary(runs: list[dict], at: list[int]) -> str:
     """Validation image AUROC at the chosen epochs, mean over sets, per (model, noise, floor, rho)."""
     keys = sorted({(r["model"], r["noise_std"] or 0.0, r["min_steps"], r["contamination"]) for r in runs})
-    lines = ["| model | noise_std | min_steps | ρ | " + " | ".join(f"epoch {e}" for e in at)
-             + " | " + " | ".join(f"epoch {e} bn" for e in at) + " |", "|" + "---|" * (4 + 2 * len(at))]
+    lines = [
+        "| model | noise_std | min_steps | ρ | "
+        + " | ".join(f"epoch {e}" for e in at)
+        + " | "
+        + " | ".join(f"epoch {e} bn" for e in at)
+        + " |",
+        "|" + "---|" * (4 + 2 * len(at)),
+    ]
     for model, noise, floor, rho in keys:
-        chosen = [r for r in runs if (r["model"], r["noise_std"] or 0.0, r["min_steps"], r["contamination"])
-                  == (model, noise, floor, rho)]
+        chosen = [
+            r
+            for r in runs
+            if (r["model"], r["noise_std"] or 0.0, r["min_steps"], r["contamination"])
+            == (model, noise, floor, rho)
+        ]
 
         def cell(epoch: int, column: str, chosen=chosen) -> str:
-            values = [row[column] for r in chosen for row in r["curve"] if row["epoch"] == epoch and column in row]
+            values = [
+                row[column] for r in chosen for row in r["curve"] if row["epoch"] == epoch and column in row
+            ]
             return f"{statistics.mean(values):.3f}" if values else "-"
 
-        lines.append(f"| {model} | {noise:g} | {floor} | {rho:g} | " + " | ".join(cell(e, "val_auroc") for e in at)
-                     + " | " + " | ".join(cell(e, "val_auroc_bn") for e in at) + " |")
+        lines.append(
+            f"| {model} | {noise:g} | {floor} | {rho:g} | "
+            + " | ".join(cell(e, "val_auroc") for e in at)
+            + " | "
+            + " | ".join(cell(e, "val_auroc_bn") for e in at)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -107,14 +152,20 @@ def main() -> int:
     parser.add_argument("--contamination", default="0,0.2")
     parser.add_argument("--models", default="simplenet,flow")
     parser.add_argument("--noise", default="0.1,0.2,0.4", help="SimpleNet noise_std values")
-    parser.add_argument("--floors", default="", help="extra SimpleNet runs (default noise) with these min_steps")
+    parser.add_argument(
+        "--floors", default="", help="extra SimpleNet runs (default noise) with these min_steps"
+    )
     parser.add_argument("--floor-noise", type=float, default=0.4)
     parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--passes", type=int, default=1)
     parser.add_argument("--strategy", default="comet")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split-seed", type=int, default=100,
-                        help="contamination draw and validation split; disjoint from quality.py's seeds 0, 1, 2")
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=100,
+        help="contamination draw and validation split; disjoint from quality.py's seeds 0, 1, 2",
+    )
     parser.add_argument("--at", default="6,12,24", help="epochs shown in the summary table")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--cache", default=None, help="feature cache folder (default OUT/feature-cache)")
@@ -129,20 +180,28 @@ def main() -> int:
     rhos = [float(r) for r in args.contamination.split(",")]
     jobs = []
     for data_set in sets:
-        prepare_data(base_config(args, data_set, 0.0, 0), torch.device("cpu"), cache_dir=args.cache)  # cache once
+        prepare_data(
+            base_config(args, data_set, 0.0, 0), torch.device("cpu"), cache_dir=args.cache
+        )  # cache once
         for rho in rhos:
             for model in args.models.split(","):
                 noises = [float(n) for n in args.noise.split(",")] if model == "simplenet" else [None]
                 jobs.extend((data_set, rho, model, noise, 0) for noise in noises)
-            jobs.extend((data_set, rho, "simplenet", args.floor_noise, int(f)) for f in args.floors.split(",") if f)
+            jobs.extend(
+                (data_set, rho, "simplenet", args.floor_noise, int(f)) for f in args.floors.split(",") if f
+            )
     start = time.perf_counter()
     runs = []
     if args.jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with ProcessPoolExecutor(
+            args.jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        ) as pool:
             for future in [pool.submit(study_run, args, *job) for job in jobs]:
                 runs.append(future.result())
                 (out / "schedule.json").write_text(jsonfile.dumps({"runs": runs}))

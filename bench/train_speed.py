@@ -67,9 +67,12 @@ def cached_vs_uncached(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     root, category = dataset(args)
     filesystem, _ = open_dataset_filesystem(root)
-    samples = [s for s in build_sample_table(root, category, filesystem) if s.split == "train"][: args.n_train]
-    features = FeatureConfig(backbone=args.backbone, image_size=args.image_size, feature_dim=args.feature_dim,
-                             pretrained=False)
+    samples = [s for s in build_sample_table(root, category, filesystem) if s.split == "train"][
+        : args.n_train
+    ]
+    features = FeatureConfig(
+        backbone=args.backbone, image_size=args.image_size, feature_dim=args.feature_dim, pretrained=False
+    )
     extractor = PatchFeatureExtractor(features, device)
     config = TrainConfig(epochs=args.epochs + 1, passes=1, batch_size=8)
     config.model = ModelConfig(noise_std=0.1, discriminator_hidden=args.hidden)
@@ -99,7 +102,9 @@ def gpu_full_schedule(args) -> None:
     root = Path(tempfile.mkdtemp(prefix="comet-bench-gpu-"))
     make_texture_category(root, "weave", n_train=200, n_test_good=40, defects={"spot": 40}, size=512)
     config = TrainConfig(data_root=str(root), category="weave", contamination=0.1, epochs=40, passes=4)
-    config.features = FeatureConfig(backbone="wide_resnet50_2", image_size=288, pretrained=False, batch_size=64)
+    config.features = FeatureConfig(
+        backbone="wide_resnet50_2", image_size=288, pretrained=False, batch_size=64
+    )
     device = torch.device("cuda")
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -107,8 +112,10 @@ def gpu_full_schedule(args) -> None:
     result = train_category(config, data, device)
     torch.cuda.synchronize()
     total = time.perf_counter() - start
-    print(f"gpu end-to-end, 200-image category, 40x4 schedule: {total:.1f} s "
-          f"(train {result.metrics['train_seconds']:.1f} s, image AUROC {result.metrics['image_auroc']:.3f})")
+    print(
+        f"gpu end-to-end, 200-image category, 40x4 schedule: {total:.1f} s "
+        f"(train {result.metrics['train_seconds']:.1f} s, image AUROC {result.metrics['image_auroc']:.3f})"
+    )
 
 
 def main() -> None:
@@ -119,7 +126,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--n-train", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up epoch)")
-    parser.add_argument("--synthetic", action="store_true", help="use a synthetic category even if bottle exists")
+    parser.add_argument(
+        "--synthetic", action="store_true", help="use a synthetic category even if bottle exists"
+    )
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--gpu", action="store_true", help="also time the full paper schedule on a GPU")
     args = parser.parse_args()

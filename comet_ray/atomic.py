@@ -153,8 +153,11 @@ def _dead_owned(parent: str | os.PathLike | None, prefix: str) -> list[Path]:
         entries = sorted(base.iterdir())
     except OSError:
         return []
-    return [entry for entry in entries
-            if (match := owned.match(entry.name)) and not entry.is_symlink() and not _alive(int(match.group(1)))]
+    return [
+        entry
+        for entry in entries
+        if (match := owned.match(entry.name)) and not entry.is_symlink() and not _alive(int(match.group(1)))
+    ]
 
 
 def orphaned_staging(parent: str | os.PathLike | None, prefix: str) -> list[Path]:

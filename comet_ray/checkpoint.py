@@ -82,7 +82,9 @@ def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu") -
     try:
         model = detector_from_hparams(payload["model_name"], payload["model_hparams"])
     except TypeError as exc:
-        raise CheckpointError(f"{path} holds settings that do not fit model {payload['model_name']!r}: {exc}") from None
+        raise CheckpointError(
+            f"{path} holds settings that do not fit model {payload['model_name']!r}: {exc}"
+        ) from None
     try:
         model.load_state_dict(payload["model_state"])
     except RuntimeError as exc:

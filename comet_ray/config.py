@@ -25,9 +25,11 @@ def check_strategy(model: str, strategy: str) -> None:
     """One line when ``strategy`` does not apply to ``model``."""
     allowed = TRAINING_FREE.get(model)
     if allowed is not None and strategy not in allowed:
-        raise CometError(f"--model {model} is training-free: --strategy {strategy} needs a trained model; use "
-                         "baseline (every training patch may enter the memory bank) or scl (the images SCL's "
-                         "fence flags are left out of it)")
+        raise CometError(
+            f"--model {model} is training-free: --strategy {strategy} needs a trained model; use "
+            "baseline (every training patch may enter the memory bank) or scl (the images SCL's "
+            "fence flags are left out of it)"
+        )
 
 
 @dataclass
@@ -68,7 +70,9 @@ class ModelConfig:
     flow_pos_dim: int = 32
     # kNN reference (model == "knn"): memory bank = this fraction of the training patches
     knn_bank_fraction: float = 0.1
-    knn_coreset: str = "fast"  # fast (per-part k-center, merged) | exact (PatchCore's greedy k-center) | random
+    knn_coreset: str = (
+        "fast"  # fast (per-part k-center, merged) | exact (PatchCore's greedy k-center) | random
+    )
     knn_search: str = "flat"  # flat (faiss, exact) | hnsw | ivf (approximate; models/search.py)
 
 
@@ -177,7 +181,9 @@ class TrainConfig:
         model = ModelConfig(**data.pop("model", {}))
         comet = CometConfig(**data.pop("comet", {}))
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known}, features=features, model=model, comet=comet)
+        return cls(
+            **{k: v for k, v in data.items() if k in known}, features=features, model=model, comet=comet
+        )
 
 
 def use_bf16(precision: str, device_type: str) -> bool:

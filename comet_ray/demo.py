@@ -20,7 +20,13 @@ from comet_ray.runfolder import write_run
 def demo_config(data_root: str, epochs: int, seed: int) -> TrainConfig:
     """Small, fast settings: MobileNetV2 at 128 px, a narrower head; every other knob is the default."""
     config = TrainConfig(
-        data_root=data_root, category="weave", contamination=0.2, seed=seed, epochs=epochs, passes=1, batch_size=8
+        data_root=data_root,
+        category="weave",
+        contamination=0.2,
+        seed=seed,
+        epochs=epochs,
+        passes=1,
+        batch_size=8,
     )
     config.features = FeatureConfig(backbone="mobilenet_v2", image_size=128, feature_dim=128, batch_size=32)
     config.model = ModelConfig(discriminator_hidden=256)
@@ -34,17 +40,22 @@ def run_demo(out: str, epochs: int = 8, seed: int = 0, device: str = "auto") -> 
     data_root = out_dir / "data"
     if not (data_root / "weave").exists():
         print(f"writing a synthetic category to {data_root / 'weave'}", flush=True)
-        make_texture_category(data_root, "weave", n_train=60, n_test_good=24, defects={"spot": 40, "scratch": 16},
-                              seed=seed)
+        make_texture_category(
+            data_root, "weave", n_train=60, n_test_good=24, defects={"spot": 40, "scratch": 16}, seed=seed
+        )
     torch_device = resolve_device(device)
     config = demo_config(str(data_root), epochs, seed)
     data = prepare_data(config, torch_device, cache_dir=str(out_dir / "feature-cache"), progress=True)
     rows = []
     for strategy in ("baseline", "comet"):
         config.comet.strategy = strategy
-        print(f"\n== {strategy} ({config.epochs} epochs, contamination {config.contamination:.0%}) ==", flush=True)
-        result = train_category(config, data, torch_device,
-                                on_epoch_end=lambda _t, e: print(e.line(config.epochs), flush=True))
+        print(
+            f"\n== {strategy} ({config.epochs} epochs, contamination {config.contamination:.0%}) ==",
+            flush=True,
+        )
+        result = train_category(
+            config, data, torch_device, on_epoch_end=lambda _t, e: print(e.line(config.epochs), flush=True)
+        )
         write_run(str(out_dir / strategy), config, data, result)
         rows.append(result.metrics)
     jsonfile.write(out_dir / "summary.json", rows, indent=2)
@@ -59,11 +70,15 @@ def demo_audit(out: str, device: str = "auto") -> list[str]:
     outcome = run_audit(str(run), device=device)
     m = outcome.audit.metrics
     precision = "-" if m.get("precision") is None else f"{m['precision']:.2f}"
-    found = (f"  SCL flagged {m['n_flagged']} of its {m['n_images']} training images: {m['n_flagged_injected']} of "
-             f"the {m['n_injected']} injected anomalies (recall {m['recall']:.2f}), precision {precision}; the "
-             f"{m['k']} most suspect images hold {round(m['precision_at_k'] * m['k'])} injected (top-{m['k']} "
-             f"precision {m['precision_at_k']:.2f})")
-    where = (f"  gallery of the top suspects: {Path(outcome.out) / GALLERY_DIR}; every image ranked in "
-             f"{Path(outcome.out) / 'audit.csv'}")
+    found = (
+        f"  SCL flagged {m['n_flagged']} of its {m['n_images']} training images: {m['n_flagged_injected']} of "
+        f"the {m['n_injected']} injected anomalies (recall {m['recall']:.2f}), precision {precision}; the "
+        f"{m['k']} most suspect images hold {round(m['precision_at_k'] * m['k'])} injected (top-{m['k']} "
+        f"precision {m['precision_at_k']:.2f})"
+    )
+    where = (
+        f"  gallery of the top suspects: {Path(outcome.out) / GALLERY_DIR}; every image ranked in "
+        f"{Path(outcome.out) / 'audit.csv'}"
+    )
     lines = [f"training-set audit of the CoMet run (comet-ray audit {run}):", found, where]
     return lines

@@ -30,8 +30,13 @@ def checkpoint_precision(meta: dict) -> str:
     return (meta.get("config") or {}).get("precision", "auto")
 
 
-def score_patches(model: Detector, store: FeatureStore, device: torch.device | str, precision: str = "auto",
-                  collective: Collective | None = None) -> torch.Tensor:
+def score_patches(
+    model: Detector,
+    store: FeatureStore,
+    device: torch.device | str,
+    precision: str = "auto",
+    collective: Collective | None = None,
+) -> torch.Tensor:
     """Patch scores [N, P] of every image in ``store``; with a ``collective`` each worker scores the rows
     it holds (:meth:`Collective.shard_rows`) and every worker gets all of them back, in order."""
     collective = collective or Collective()
@@ -88,7 +93,11 @@ def evaluate_split(
 
 
 def validation_auroc(
-    model: Detector, split: ExtractedSplit, labels: torch.Tensor, device, precision: str = "auto",
+    model: Detector,
+    split: ExtractedSplit,
+    labels: torch.Tensor,
+    device,
+    precision: str = "auto",
     collective: Collective | None = None,
 ) -> float:
     """Image AUROC on the validation split only: the per-epoch signal Tune may use (every data-parallel

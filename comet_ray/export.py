@@ -77,8 +77,17 @@ class ExportedDetector(nn.Module):
     Float32, eval mode, no autocast.
     """
 
-    def __init__(self, trunk: nn.Module, detector: Detector, feature_dim: int, channels: tuple[int, ...],
-                 image_size: int, grid: tuple[int, int], sigma: float = 4.0, cache_dtype: str = "float16") -> None:
+    def __init__(
+        self,
+        trunk: nn.Module,
+        detector: Detector,
+        feature_dim: int,
+        channels: tuple[int, ...],
+        image_size: int,
+        grid: tuple[int, int],
+        sigma: float = 4.0,
+        cache_dtype: str = "float16",
+    ) -> None:
         super().__init__()
         from comet_ray.features.store import storage_dtype
 
@@ -94,11 +103,15 @@ class ExportedDetector(nn.Module):
         # Which stages need upsampling to the first stage's grid is fixed by the image size: decide it
         # here, once, so the traced graph holds no shape comparisons.
         with torch.no_grad():
-            shapes = [tuple(m.shape[2:]) for m in self.trunk(torch.zeros(1, 3, self.image_size, self.image_size))]
+            shapes = [
+                tuple(m.shape[2:]) for m in self.trunk(torch.zeros(1, 3, self.image_size, self.image_size))
+            ]
         self.resize = [shape != self.grid for shape in shapes]
         # Final pooling of the concatenated stages: [n_stages * pre_dim] -> feature_dim, a 1x1 conv.
         final = adaptive_pool_matrix(len(channels) * feature_dim, feature_dim)
-        self.register_buffer("final_weight", final.t().reshape(feature_dim, len(channels) * feature_dim, 1, 1).contiguous())
+        self.register_buffer(
+            "final_weight", final.t().reshape(feature_dim, len(channels) * feature_dim, 1, 1).contiguous()
+        )
         kernel = gaussian_kernel(sigma, torch.device("cpu"))
         self.pad = int(kernel.numel() // 2)
         self.register_buffer("blur_x", kernel.view(1, 1, 1, -1).clone())
@@ -113,8 +126,15 @@ class ExportedDetector(nn.Module):
 
         extractor = model.extractor
         channels = BACKBONES[extractor.config.backbone].channels
-        exported = cls(extractor.trunk, model.detector, extractor.feature_dim, channels, model.image_size,
-                       model.grid, cache_dtype=model.cache_dtype)
+        exported = cls(
+            extractor.trunk,
+            model.detector,
+            extractor.feature_dim,
+            channels,
+            model.image_size,
+            model.grid,
+            cache_dtype=model.cache_dtype,
+        )
         meta = model.meta
         exported.meta = {
             "threshold": float(meta["threshold"]),
@@ -149,14 +169,17 @@ class ExportedDetector(nn.Module):
         patch = self.detector.patch_scores(features)  # [B, P]
         scores = patch.max(dim=1).values
         grid = patch.reshape(-1, 1, self.grid[0], self.grid[1])
-        maps = F.interpolate(grid, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        maps = F.interpolate(
+            grid, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+        )
         maps = F.pad(maps, (self.pad, self.pad, self.pad, self.pad), mode="reflect")
         maps = F.conv2d(F.conv2d(maps, self.blur_x), self.blur_y)
         return scores, maps[:, 0]
 
 
-def export_detector(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx",
-                    opset: int = 17) -> Path:
+def export_detector(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx", opset: int = 17
+) -> Path:
     """Write the whole detector as one ONNX or TorchScript file; returns its path.
 
     The batch dimension is dynamic; the image size is the checkpoint's. The checkpoint's threshold,
@@ -170,9 +193,13 @@ def export_detector(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: 
     exported = ExportedDetector.from_checkpoint(checkpoint)
     size = exported.image_size
     example = torch.randn(2, 3, size, size)
-    metadata = dict(exported.meta, input=INPUT_NAME, outputs=list(OUTPUT_NAMES),
-                    input_layout="[B, 3, S, S] float32, RGB, ImageNet mean/std normalised",
-                    normalisation={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
+    metadata = dict(
+        exported.meta,
+        input=INPUT_NAME,
+        outputs=list(OUTPUT_NAMES),
+        input_layout="[B, 3, S, S] float32, RGB, ImageNet mean/std normalised",
+        normalisation={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+    )
     with atomic_path(out) as tmp:
         if fmt == "torchscript":
             with warnings.catch_warnings(), torch.no_grad():
@@ -188,24 +215,35 @@ def _onnx_module():
     try:
         import onnx
     except ImportError:  # torch's ONNX exporter needs it too
-        raise CometError("ONNX export needs the onnx package (pip install onnx); "
-                         "--format torchscript needs nothing beyond torch") from None
+        raise CometError(
+            "ONNX export needs the onnx package (pip install onnx); "
+            "--format torchscript needs nothing beyond torch"
+        ) from None
     return onnx
 
 
-def _export_onnx(exported: ExportedDetector, example: torch.Tensor, path: Path, opset: int, metadata: dict) -> None:
+def _export_onnx(
+    exported: ExportedDetector, example: torch.Tensor, path: Path, opset: int, metadata: dict
+) -> None:
     onnx = _onnx_module()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
         torch.onnx.export(
-            exported, (example,), str(path), dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}},
+            exported,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={
+                INPUT_NAME: {0: "batch"},
+                OUTPUT_NAMES[0]: {0: "batch"},
+                OUTPUT_NAMES[1]: {0: "batch"},
+            },
             do_constant_folding=True,
         )
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
     onnx.save(proto, str(path))
-
-

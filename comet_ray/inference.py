@@ -32,8 +32,13 @@ from comet_ray.runfolder import held_out_ids
 
 
 def evaluate_checkpoint(
-    checkpoint: str, data_root: str, category: str, device: str = "auto", s3_endpoint: str | None = None,
-    cache_dir: str | None = None, with_scores: bool = False,
+    checkpoint: str,
+    data_root: str,
+    category: str,
+    device: str = "auto",
+    s3_endpoint: str | None = None,
+    cache_dir: str | None = None,
+    with_scores: bool = False,
 ) -> dict | tuple[dict, dict[str, float]]:
     """Metrics of a checkpoint on a category's test split (``with_scores``: and each image's score, by id).
 
@@ -49,12 +54,15 @@ def evaluate_checkpoint(
     samples = [s for s in samples if s.sample_id not in excluded]
     if not samples:
         raise CometError(f"no test images to evaluate in category {category!r}")
-    extracted = extract_features_cached(samples, model.extractor, filesystem, True, cache_dir, progress=True,
-                                        s3_endpoint=s3_endpoint)
+    extracted = extract_features_cached(
+        samples, model.extractor, filesystem, True, cache_dir, progress=True, s3_endpoint=s3_endpoint
+    )
     split = subset_split(extracted, [s.sample_id for s in samples])
     labels = split_labels(split, {s.sample_id for s in samples if s.is_anomalous})
     # the cached features through the model's scoring (validation's path: score_patches)
-    result = evaluate_split(model.detector, split, labels, model.image_size, torch_device, precision=model.precision)
+    result = evaluate_split(
+        model.detector, split, labels, model.image_size, torch_device, precision=model.precision
+    )
     result.metrics["checkpoint"] = str(checkpoint)
     skipped = [u for u in scan.unlisted if u["sample_id"].split("/")[1] in ("test", "ground_truth")]
     skipped += split.skipped
@@ -73,8 +81,10 @@ def _held_out(checkpoint: str, meta: dict) -> list[str]:
     path = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     if (path / "manifest.json").exists():
         return held_out_ids(json.loads((path / "manifest.json").read_text()))
-    raise CometError(f"{checkpoint}: cannot tell which test images the run used for validation or training "
-                     "(no held-out list in model.pt, no manifest.json beside it); evaluate its run folder")
+    raise CometError(
+        f"{checkpoint}: cannot tell which test images the run used for validation or training "
+        "(no held-out list in model.pt, no manifest.json beside it); evaluate its run folder"
+    )
 
 
 def expand_inputs(inputs: list[str], s3_endpoint: str | None = None) -> tuple[list[str], list[dict]]:
@@ -102,7 +112,9 @@ def expand_inputs(inputs: list[str], s3_endpoint: str | None = None) -> tuple[li
             elif is_utf8_name(os.fsencode(match)):
                 found.append(match)  # a missing or unreadable file becomes an error row, named
             else:
-                problems.append({"path": printable(match), "reason": "file name is not valid UTF-8; rename it"})
+                problems.append(
+                    {"path": printable(match), "reason": "file name is not valid UTF-8; rename it"}
+                )
     return found, problems
 
 
@@ -116,8 +128,13 @@ def normalised_score(score: float, nominal: float, threshold: float) -> float:
 
 @torch.no_grad()
 def predict_images(
-    checkpoint: str, inputs: list[str], device: str = "auto", threshold: float | None = None,
-    s3_endpoint: str | None = None, batch_size: int = 16, maps_dir: str | os.PathLike | None = None,
+    checkpoint: str,
+    inputs: list[str],
+    device: str = "auto",
+    threshold: float | None = None,
+    s3_endpoint: str | None = None,
+    batch_size: int = 16,
+    maps_dir: str | os.PathLike | None = None,
     return_maps: bool = False,
 ):
     """One row per input: path, image score, normalised score, decision; unreadable files get an error.
@@ -157,8 +174,15 @@ def predict_images(
         batch = torch.stack([t for _, t in pending])
         scores, batch_maps = model(batch, with_maps)
         for index, ((path, tensor), score) in enumerate(zip(pending, scores.tolist())):
-            rows.append({"path": path, "score": score, "normalised_score": normalised_score(score, nominal, cut),
-                         "anomalous": int(score >= cut), "error": ""})
+            rows.append(
+                {
+                    "path": path,
+                    "score": score,
+                    "normalised_score": normalised_score(score, nominal, cut),
+                    "anomalous": int(score >= cut),
+                    "error": "",
+                }
+            )
             if batch_maps is not None:
                 if writer is not None:
                     writer(path, tensor, batch_maps[index], score, cut, nominal, pixel_cut)
@@ -171,7 +195,9 @@ def predict_images(
             data = read_bytes(path, filesystem if path.startswith("s3://") else None)
             tensor = preprocess_image(decode_image(data, path), model.image_size)
         except ImageDecodeError as exc:
-            rows.append({"path": path, "score": "", "normalised_score": "", "anomalous": "", "error": exc.reason})
+            rows.append(
+                {"path": path, "score": "", "normalised_score": "", "anomalous": "", "error": exc.reason}
+            )
             continue
         pending.append((path, tensor))
         if len(pending) >= batch_size:
@@ -179,6 +205,8 @@ def predict_images(
     flush()
     order = {p: i for i, p in enumerate(paths)}
     rows = sorted(rows, key=lambda r: order[r["path"]])
-    rows += [{"path": p["path"], "score": "", "normalised_score": "", "anomalous": "", "error": p["reason"]}
-             for p in problems]
+    rows += [
+        {"path": p["path"], "score": "", "normalised_score": "", "anomalous": "", "error": p["reason"]}
+        for p in problems
+    ]
     return (rows, maps) if return_maps else rows

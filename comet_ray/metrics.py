@@ -297,7 +297,11 @@ def f1_at_threshold(scores: ArrayLike, labels: ArrayLike, threshold: float) -> t
     hit = s >= threshold
     tp, predicted, n_pos = int((hit & y).sum().item()), int(hit.sum().item()), int(y.sum().item())
     precision = tp / predicted if predicted else 0.0
-    return (2.0 * tp / (predicted + n_pos) if n_pos else float("nan")), precision, tp / n_pos if n_pos else float("nan")
+    return (
+        (2.0 * tp / (predicted + n_pos) if n_pos else float("nan")),
+        precision,
+        tp / n_pos if n_pos else float("nan"),
+    )
 
 
 def _pixels(maps: ArrayLike, masks: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,15 +45,23 @@ def extractor_for(meta: dict, device: torch.device) -> PatchFeatureExtractor:
     )
     extractor = PatchFeatureExtractor(config, device)
     if extractor.fingerprint()["pretrained"] != config.pretrained:
-        raise CometError("the checkpoint was trained on ImageNet features but the backbone weights are unavailable here")
+        raise CometError(
+            "the checkpoint was trained on ImageNet features but the backbone weights are unavailable here"
+        )
     return extractor
 
 
 class AnomalyModel:
     """Normalised images ``[B, 3, S, S]`` -> image scores ``[B]`` and anomaly maps ``[B, S, S]``."""
 
-    def __init__(self, extractor: PatchFeatureExtractor, detector: Detector, grid: tuple[int, int],
-                 precision: str = "auto", meta: dict | None = None) -> None:
+    def __init__(
+        self,
+        extractor: PatchFeatureExtractor,
+        detector: Detector,
+        grid: tuple[int, int],
+        precision: str = "auto",
+        meta: dict | None = None,
+    ) -> None:
         self.extractor = extractor
         self.detector = detector
         self.grid = (int(grid[0]), int(grid[1]))
@@ -61,11 +69,15 @@ class AnomalyModel:
         self.meta = meta or {}
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> AnomalyModel:
+    def from_checkpoint(
+        cls, checkpoint: str | os.PathLike, device: torch.device | str = "cpu"
+    ) -> AnomalyModel:
         """``model.pt`` (or a run folder) with the backbone it was trained on, at the run's precision."""
         device = torch.device(device)
         detector, meta = load_detector(checkpoint, device)
-        return cls(extractor_for(meta, device), detector, tuple(meta["grid"]), checkpoint_precision(meta), meta)
+        return cls(
+            extractor_for(meta, device), detector, tuple(meta["grid"]), checkpoint_precision(meta), meta
+        )
 
     @property
     def image_size(self) -> int:
@@ -88,7 +100,9 @@ class AnomalyModel:
         return anomaly_maps(patch_scores, self.grid, self.image_size)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, with_maps: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(
+        self, images: torch.Tensor, with_maps: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(image scores ``[B]``, anomaly maps ``[B, S, S]`` or None), on the CPU."""
         patch = self.patch_scores(self.features(images))
         scores = image_scores(patch).cpu()

@@ -81,7 +81,9 @@ class PreparedData:
         return sum(split.store.nbytes for split in (self.train, self.validation, self.report))
 
 
-def select_samples(samples: list[Sample], config: TrainConfig) -> tuple[list[Sample], list[Sample], list[Sample], dict]:
+def select_samples(
+    samples: list[Sample], config: TrainConfig
+) -> tuple[list[Sample], list[Sample], list[Sample], dict]:
     """Contamination injection and the validation split: (train, validation, report, manifest)."""
     manifest: dict = {
         "data_root": public_s3_uri(config.data_root),
@@ -127,8 +129,9 @@ def check_trainable(config: TrainConfig, filesystem=None, s3_endpoint: str | Non
     return scan
 
 
-def category_samples(config: TrainConfig, filesystem=None, s3_endpoint: str | None = None
-                     ) -> tuple[CategoryScan, list[Sample]]:
+def category_samples(
+    config: TrainConfig, filesystem=None, s3_endpoint: str | None = None
+) -> tuple[CategoryScan, list[Sample]]:
     """The category's listing and every image of it in the order its features are stored (by sample id):
     one extraction for the whole category (train + test, masks included), shared by every
     contamination level, seed and strategy; the split only decides which rows go where."""
@@ -136,9 +139,15 @@ def category_samples(config: TrainConfig, filesystem=None, s3_endpoint: str | No
     return scan, sorted(scan.samples, key=lambda s: s.sample_id)
 
 
-def feature_entry(config: TrainConfig, cache_dir: str, device: torch.device | str = "cpu",
-                  s3_endpoint: str | None = None, engine: str = "local", progress: bool = False,
-                  samples: list[Sample] | None = None) -> tuple[FeatureEntry, str]:
+def feature_entry(
+    config: TrainConfig,
+    cache_dir: str,
+    device: torch.device | str = "cpu",
+    s3_endpoint: str | None = None,
+    engine: str = "local",
+    progress: bool = False,
+    samples: list[Sample] | None = None,
+) -> tuple[FeatureEntry, str]:
     """The category's cache entry in ``cache_dir``, extracted when there is none (in this process, or
     with ``engine="ray"`` by the Ray Data pipeline over every node); and where the features came from."""
     filesystem, _ = open_dataset_filesystem(config.data_root, s3_endpoint)
@@ -148,8 +157,9 @@ def feature_entry(config: TrainConfig, cache_dir: str, device: torch.device | st
     if engine == "ray":
         from comet_ray.features.streaming import extract_to_entry_streaming
 
-        return extract_to_entry_streaming(samples, extractor, s3_endpoint, True, cache_dir, progress=progress,
-                                          data_root=config.data_root)
+        return extract_to_entry_streaming(
+            samples, extractor, s3_endpoint, True, cache_dir, progress=progress, data_root=config.data_root
+        )
     return cached_entry(samples, extractor, filesystem, True, cache_dir, progress, s3_endpoint)
 
 
@@ -210,7 +220,10 @@ def prepare_data(
         held = collective.shard_rows(sum(entry.contains(i) for i in ids)) if sharded else None
         return read_split(entry, ids, with_masks, held)
 
-    with _category_entry(config, every, device, cache_dir, features, progress, s3_endpoint, engine) as (entry, origin):
+    with _category_entry(config, every, device, cache_dir, features, progress, s3_endpoint, engine) as (
+        entry,
+        origin,
+    ):
         train_x = split(entry, [s.sample_id for s in train], False)
         validation_x = split(entry, [s.sample_id for s in validation], True)
         report_x = split(entry, [s.sample_id for s in report], True)
@@ -269,8 +282,9 @@ def decision_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[floa
     return float(scores.max()), median
 
 
-def pixel_threshold(model, split: ExtractedSplit, image_size: int, device, precision: str,
-                    patch: torch.Tensor | None = None) -> float | None:
+def pixel_threshold(
+    model, split: ExtractedSplit, image_size: int, device, precision: str, patch: torch.Tensor | None = None
+) -> float | None:
     """F1-optimal pixel threshold on the validation split's masks (for region outlines), if it has any.
 
     ``patch``: the split's patch scores if already computed (the validation evaluation has them).
@@ -309,8 +323,9 @@ def train_category(
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     bank_scl = config.model.model == "knn" and config.comet.uses_scl
-    model = build_detector(config.model.model, data.feature_dim, config.model, data.grid, data.train.store,
-                           fit_bank=not bank_scl)
+    model = build_detector(
+        config.model.model, data.feature_dim, config.model, data.grid, data.train.store, fit_bank=not bank_scl
+    )
     bank_metrics: dict = {}
     if getattr(model, "trainable", True):
         store = place_store(data.train.store, device)
@@ -348,10 +363,18 @@ def train_category(
     report_patch = score_patches(model, data.report.store, device, precision, collective)
     if not evaluate:
         return RunResult({}, {}, epochs, model, float("nan"), float("nan"), final_weights, **audit_record)
-    validation = evaluate_split(model, data.validation, data.validation_labels, size, device, precision=precision,
-                                patch=validation_patch)
-    report = evaluate_split(model, data.report, data.report_labels, size, device, precision=precision,
-                            patch=report_patch)
+    validation = evaluate_split(
+        model,
+        data.validation,
+        data.validation_labels,
+        size,
+        device,
+        precision=precision,
+        patch=validation_patch,
+    )
+    report = evaluate_split(
+        model, data.report, data.report_labels, size, device, precision=precision, patch=report_patch
+    )
     threshold, nominal = decision_threshold(validation.image_scores, validation.labels)
     pixel_cut = pixel_threshold(model, data.validation, size, device, precision, validation.patch_scores)
     contamination = data.manifest["contamination"]
@@ -360,8 +383,12 @@ def train_category(
         "pixel_auroc": report.metrics.get("pixel_auroc", float("nan")),
         "aupro": report.metrics.get("aupro", float("nan")),
         "f1_max": report.metrics.get("f1_max"),
-        **dict(zip(("f1_at_threshold", "precision_at_threshold", "recall_at_threshold"),
-                   f1_at_threshold(report.image_scores, report.labels, threshold))),
+        **dict(
+            zip(
+                ("f1_at_threshold", "precision_at_threshold", "recall_at_threshold"),
+                f1_at_threshold(report.image_scores, report.labels, threshold),
+            )
+        ),
         "validation_image_auroc": validation.metrics.get("image_auroc"),
         "validation_aupro": validation.metrics.get("aupro", float("nan")),
         "final_loss": epochs[-1].loss if epochs else float("nan"),
@@ -385,7 +412,15 @@ def train_category(
         metrics["mean_weight_injected"] = last.mean_weight_injected
         metrics["mean_weight_nominal"] = last.mean_weight_nominal
     metrics.update(bank_metrics)
-    return RunResult(metrics, validation.metrics, epochs, model, threshold, nominal, final_weights, pixel_cut,
-                     report.image_scores.tolist(), **audit_record)
-
-
+    return RunResult(
+        metrics,
+        validation.metrics,
+        epochs,
+        model,
+        threshold,
+        nominal,
+        final_weights,
+        pixel_cut,
+        report.image_scores.tolist(),
+        **audit_record,
+    )

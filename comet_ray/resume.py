@@ -59,8 +59,9 @@ def load_epoch_state(folder: str | os.PathLike) -> tuple[dict | None, Any]:
 def run_fingerprint(config: dict, train_ids: list[str], feature_info: dict) -> str:
     """What must match for saved state to be resumable: every knob, the training images, the features."""
     config = {k: v for k, v in config.items() if k != "out"}
-    payload = json.dumps({"config": config, "train": train_ids, "features": feature_info}, sort_keys=True,
-                         default=str)
+    payload = json.dumps(
+        {"config": config, "train": train_ids, "features": feature_info}, sort_keys=True, default=str
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -80,13 +81,22 @@ class EpochResume:
         try:
             saved = json.loads(history_file.read_text())
             if saved.get("fingerprint") != self.fingerprint:
-                log.warning("%s holds state of a different configuration or dataset; starting from epoch 0",
-                            self.path)
+                log.warning(
+                    "%s holds state of a different configuration or dataset; starting from epoch 0", self.path
+                )
                 return None, []
             state, _ = load_epoch_state(self.path)
             logs = [EpochLog(**record) for record in saved["epochs"]]
             epoch = int(state["epoch"])  # a state without it (or not a dict) is malformed: start fresh
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            RuntimeError,
+            EOFError,
+            pickle.UnpicklingError,
+        ) as exc:
             log.warning("cannot resume from %s (%r); starting from epoch 0", self.path, exc)
             return None, []
         if epoch > len(logs):  # cannot happen with save()'s order; refuse rather than guess

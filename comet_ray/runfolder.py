@@ -55,8 +55,13 @@ def read_documents(folder: str | os.PathLike, weights_required: bool = False) ->
         weights = read_run_file(folder / "weights.json")
     else:
         weights = read_run_file(folder / "weights.json", {}) or None
-    return RunDocuments(metrics, read_run_file(folder / "manifest.json", {}), read_run_file(folder / "history.json", []),
-                        weights, read_run_file(folder / "config.json", {}))
+    return RunDocuments(
+        metrics,
+        read_run_file(folder / "manifest.json", {}),
+        read_run_file(folder / "history.json", []),
+        weights,
+        read_run_file(folder / "config.json", {}),
+    )
 
 
 def finite_number(value: Any) -> float | None:
@@ -94,9 +99,12 @@ def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResu
         jsonfile.write(staging / "history.json", [e.to_dict() for e in result.epochs], indent=2)
         ids = list(result.final_weights)
         weights = weights_document(
-            ids, list(result.final_weights.values()), data.injected_ids,
+            ids,
+            list(result.final_weights.values()),
+            data.injected_ids,
             None if result.weight_history is None else result.weight_history.numpy(),
-            result.train_scores or None, result.train_score_description,
+            result.train_scores or None,
+            result.train_score_description,
         )
         jsonfile.write(staging / "weights.json", weights, indent=2)
         jsonfile.write(staging / "config.json", config_dict, indent=2)
@@ -108,8 +116,10 @@ def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResu
             config_dict,
             result.threshold,
             result.nominal_score,
-            extra={"metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))},
-                   "held_out_ids": held_out_ids(data.manifest)},  # evaluate needs them without manifest.json
+            extra={
+                "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))},
+                "held_out_ids": held_out_ids(data.manifest),
+            },  # evaluate needs them without manifest.json
             pixel_threshold=result.pixel_threshold,
         )
         write_scores(staging, data.report.store.ids, result.report_scores, data.report_labels)
@@ -127,8 +137,9 @@ def write_run(out: str, config: TrainConfig, data: PreparedData, result: RunResu
 SCORES_FILE = "scores.csv"
 
 
-def write_scores(out_dir: str | os.PathLike, ids: Sequence[str], scores: Iterable[float],
-                 labels: Iterable[bool | int]) -> Path:
+def write_scores(
+    out_dir: str | os.PathLike, ids: Sequence[str], scores: Iterable[float], labels: Iterable[bool | int]
+) -> Path:
     """Write ``scores.csv`` (sample_id, score, label) of a run's report split, atomically.
 
     ``label`` is 1 for an anomalous image and 0 for a nominal one; the rows keep the order given.
@@ -139,8 +150,11 @@ def write_scores(out_dir: str | os.PathLike, ids: Sequence[str], scores: Iterabl
     if not len(ids) == len(scores) == len(labels):
         raise ValueError(f"write_scores: {len(ids)} ids, {len(scores)} scores and {len(labels)} labels")
     target = Path(out_dir) / SCORES_FILE
-    atomic.write_csv(target, ("sample_id", "score", "label"),
-                     ({"sample_id": i, "score": repr(s), "label": v} for i, s, v in zip(ids, scores, labels)))
+    atomic.write_csv(
+        target,
+        ("sample_id", "score", "label"),
+        ({"sample_id": i, "score": repr(s), "label": v} for i, s, v in zip(ids, scores, labels)),
+    )
     return target
 
 
@@ -217,9 +231,17 @@ def _log_epoch(writer, entry: dict) -> None:
         edges = np.linspace(0.0, 1.0, len(counts) + 1)
         centres = (edges[:-1] + edges[1:]) / 2
         counts_np = np.asarray(counts, dtype=np.float64)
-        writer.add_histogram_raw("scl/weights", min=0.0, max=1.0, num=int(counts_np.sum()),
-                                 sum=float((counts_np * centres).sum()), sum_squares=float((counts_np * centres**2).sum()),
-                                 bucket_limits=edges[1:].tolist(), bucket_counts=counts_np.tolist(), global_step=step)
+        writer.add_histogram_raw(
+            "scl/weights",
+            min=0.0,
+            max=1.0,
+            num=int(counts_np.sum()),
+            sum=float((counts_np * centres).sum()),
+            sum_squares=float((counts_np * centres**2).sum()),
+            bucket_limits=edges[1:].tolist(),
+            bucket_counts=counts_np.tolist(),
+            global_step=step,
+        )
 
 
 def write_tensorboard(log_dir: str | os.PathLike, epoch_logs: Iterable[Any]) -> Path:

@@ -43,7 +43,9 @@ def check_location(location: str, flag: str) -> str:
     """``location`` as every later call wants it: an absolute local path, or an ``s3://`` URI as given."""
     text = str(location)
     if is_remote(text) and not is_s3_uri(text):
-        raise CometError(f"{flag} {public_s3_uri(text)}: only local folders and s3://bucket/prefix are supported")
+        raise CometError(
+            f"{flag} {public_s3_uri(text)}: only local folders and s3://bucket/prefix are supported"
+        )
     return text if is_remote(text) else os.path.abspath(os.path.expanduser(text))
 
 
@@ -119,8 +121,13 @@ def download(location: str, local_dir: str | os.PathLike, s3_endpoint: str | Non
     local.mkdir(parents=True, exist_ok=True)
     fs, path = filesystem(location, s3_endpoint)
     try:
-        pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(),
-                        use_threads=True)
+        pafs.copy_files(
+            path,
+            str(local),
+            source_filesystem=fs,
+            destination_filesystem=pafs.LocalFileSystem(),
+            use_threads=True,
+        )
     except OSError as exc:
         raise failed(exc, location) from None
     return local
@@ -138,8 +145,9 @@ def download_file(location: str, local_file: str | os.PathLike, s3_endpoint: str
     return local
 
 
-def upload(local_dir: str | os.PathLike, location: str, last: Sequence[str] = (),
-           s3_endpoint: str | None = None) -> None:
+def upload(
+    local_dir: str | os.PathLike, location: str, last: Sequence[str] = (), s3_endpoint: str | None = None
+) -> None:
     """Copy the files of ``local_dir`` to the ``s3://`` prefix ``location``; the ``last`` ones after the rest."""
     from comet_ray.upload import upload_tree
 
@@ -164,8 +172,9 @@ def staging_folder(destination: str) -> Path:
 
 
 @contextmanager
-def staged(destination: str, last: Sequence[str] = ("metrics.json",), s3_endpoint: str | None = None
-           ) -> Iterator[Path]:
+def staged(
+    destination: str, last: Sequence[str] = ("metrics.json",), s3_endpoint: str | None = None
+) -> Iterator[Path]:
     """A local folder for ``destination``, published there only if the block succeeds (module docstring)."""
     if not is_remote(destination):
         yield Path(destination)  # created by whoever writes into it: a failed command leaves nothing
@@ -192,14 +201,31 @@ def staged_file(destination: str, s3_endpoint: str | None = None) -> Iterator[Pa
         yield local
         fs, path = filesystem(destination, s3_endpoint)
         try:
-            pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            pafs.copy_files(
+                str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+            )
         except OSError as exc:
             raise failed(exc, destination) from None
 
 
 # --------------------------------------------------------------------------- clusters of several nodes
-_NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "ceph", "glusterfs", "gpfs", "beegfs", "efs",
-                        "fuse.s3fs", "fuse.mountpoint-s3", "fuse.gcsfuse", "fuse.juicefs", "fuse.sshfs")
+_NETWORK_FILESYSTEMS = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "lustre",
+    "ceph",
+    "glusterfs",
+    "gpfs",
+    "beegfs",
+    "efs",
+    "fuse.s3fs",
+    "fuse.mountpoint-s3",
+    "fuse.gcsfuse",
+    "fuse.juicefs",
+    "fuse.sshfs",
+)
 
 
 def _filesystem_type(path: str) -> str:
@@ -229,6 +255,8 @@ def require_shared(location: str, flag: str, nodes: int) -> None:
         return
     if nodes <= 1 or _filesystem_type(location) in _NETWORK_FILESYSTEMS:
         return
-    raise CometError(f"{flag} {location} is a local folder, but this Ray cluster has {nodes} nodes that share no "
-                     f"disk: what one node writes there the others never see; pass {flag} s3://bucket/prefix "
-                     "(or a folder on a filesystem that every node mounts)")
+    raise CometError(
+        f"{flag} {location} is a local folder, but this Ray cluster has {nodes} nodes that share no "
+        f"disk: what one node writes there the others never see; pass {flag} s3://bucket/prefix "
+        "(or a folder on a filesystem that every node mounts)"
+    )

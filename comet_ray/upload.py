@@ -37,17 +37,26 @@ class UploadSummary:
     skipped_hidden: int
     destination: str  # public form: s3://bucket/prefix
     created_bucket: bool = False
-    left_out: list[dict] = field(default_factory=list)  # {"path", "reason"}: non-UTF-8 names, broken links, loops
+    left_out: list[dict] = field(
+        default_factory=list
+    )  # {"path", "reason"}: non-UTF-8 names, broken links, loops
 
     def line(self) -> str:
         hidden = f", {self.skipped_hidden} hidden file(s) skipped" if self.skipped_hidden else ""
         left_out = f", {len(self.left_out)} left out (listed above)" if self.left_out else ""
-        return (f"uploaded {self.files} file(s), {_human(self.bytes)} ({self.bytes} bytes) to {self.destination}"
-                f"{hidden}{left_out}")
+        return (
+            f"uploaded {self.files} file(s), {_human(self.bytes)} ({self.bytes} bytes) to {self.destination}"
+            f"{hidden}{left_out}"
+        )
 
 
-def s3_client(endpoint: str | None = None, region: str | None = None, workers: int = DEFAULT_WORKERS,
-              access_key: str | None = None, secret_key: str | None = None):
+def s3_client(
+    endpoint: str | None = None,
+    region: str | None = None,
+    workers: int = DEFAULT_WORKERS,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+):
     """A boto3 S3 client: standard-mode retries with backoff, the shared endpoint/region rules."""
     import boto3
     from botocore.config import Config
@@ -115,7 +124,9 @@ def upload_tree(
         rel = path.relative_to(root).as_posix()
         key = f"{location.key}/{rel}" if location.key else rel
         extra = {"ContentType": mimetypes.guess_type(path.name)[0] or "application/octet-stream"}
-        client.upload_file(str(path), location.bucket, key, ExtraArgs=extra, Config=transfer, Callback=on_bytes)
+        client.upload_file(
+            str(path), location.bucket, key, ExtraArgs=extra, Config=transfer, Callback=on_bytes
+        )
         return path.stat().st_size
 
     final = {root / name for name in last}
@@ -186,5 +197,3 @@ def _human(size: int) -> str:
 
 
 # --- command line --------------------------------------------------------------------------------
-
-

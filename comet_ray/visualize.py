@@ -42,7 +42,9 @@ def _figure(width: float, height: float, dpi: int = 80):
 def figure_png(figure, tight: bool = True) -> bytes:
     """A figure as PNG bytes (palette-quantised when that keeps it faithful, to keep reports small)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight" if tight else None, pad_inches=0.05, facecolor="white")
+    figure.savefig(
+        buffer, format="png", bbox_inches="tight" if tight else None, pad_inches=0.05, facecolor="white"
+    )
     return _shrink_png(buffer.getvalue())
 
 
@@ -66,7 +68,9 @@ def denormalise(image: torch.Tensor) -> np.ndarray:
     return (pixels.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 
-def heat_range(threshold: float, nominal: float | None, amap: np.ndarray | None = None) -> tuple[float, float]:
+def heat_range(
+    threshold: float, nominal: float | None, amap: np.ndarray | None = None
+) -> tuple[float, float]:
     """Colour scale: nominal score -> threshold (middle) -> nominal + 2 * (threshold - nominal)."""
     if nominal is not None and math.isfinite(nominal) and threshold > nominal:
         return float(nominal), float(2 * threshold - nominal)
@@ -95,7 +99,11 @@ def map_panel(
     """
     if isinstance(image, torch.Tensor):
         image = denormalise(image)
-    amap = amap.detach().float().cpu().numpy() if isinstance(amap, torch.Tensor) else np.asarray(amap, np.float32)
+    amap = (
+        amap.detach().float().cpu().numpy()
+        if isinstance(amap, torch.Tensor)
+        else np.asarray(amap, np.float32)
+    )
     if isinstance(mask, torch.Tensor):
         mask = mask.cpu().numpy()
     # The image decision uses ``threshold``; regions use the pixel threshold chosen on the validation
@@ -106,8 +114,9 @@ def map_panel(
     vmin, vmax = heat_range(threshold, nominal if region_threshold is None else None, amap)
     figure = _figure(10.5, 3.6, dpi)
     # A fixed layout (no tight bounding box: that draws the figure twice, and panels are the slow part).
-    axes = figure.subplots(1, 3, gridspec_kw={"wspace": 0.04, "left": 0.005, "right": 0.88, "bottom": 0.01,
-                                              "top": 0.84})
+    axes = figure.subplots(
+        1, 3, gridspec_kw={"wspace": 0.04, "left": 0.005, "right": 0.88, "bottom": 0.01, "top": 0.84}
+    )
     axes[0].imshow(image)
     axes[0].set_title("input (center crop)", fontsize=9)
     axes[1].imshow(image)
@@ -124,12 +133,24 @@ def map_panel(
     if not region.any() and score is not None and score >= decision_threshold:
         # Flagged by a patch whose peak the blur pulled under the threshold: circle where it is.
         row, col = np.unravel_index(int(np.argmax(amap)), amap.shape)
-        axes[2].plot(col, row, "o", markersize=18, markerfacecolor="none", markeredgecolor=REGION_COLOUR,
-                     markeredgewidth=2)
+        axes[2].plot(
+            col,
+            row,
+            "o",
+            markersize=18,
+            markerfacecolor="none",
+            markeredgecolor=REGION_COLOUR,
+            markeredgewidth=2,
+        )
         label += ", ○ = peak"
     if mask is not None and np.asarray(mask).any():
-        axes[2].contour(np.asarray(mask, np.float32), levels=[0.5], colors=[MASK_COLOUR], linewidths=1.2,
-                        linestyles="dashed")
+        axes[2].contour(
+            np.asarray(mask, np.float32),
+            levels=[0.5],
+            colors=[MASK_COLOUR],
+            linewidths=1.2,
+            linestyles="dashed",
+        )
         label += ", green = truth"
     axes[2].set_title(label, fontsize=9)
     for axis in axes:
@@ -138,7 +159,9 @@ def map_panel(
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    scale = ScalarMappable(norm=Normalize(vmin, vmax), cmap=heat.get_cmap())  # the bar without the overlay's alpha
+    scale = ScalarMappable(
+        norm=Normalize(vmin, vmax), cmap=heat.get_cmap()
+    )  # the bar without the overlay's alpha
     bar = figure.colorbar(scale, cax=figure.add_axes((0.89, 0.06, 0.012, 0.72)))
     bar.ax.axhline(threshold, color="black", linewidth=1.5)
     bar.ax.tick_params(labelsize=8)
@@ -193,12 +216,22 @@ class MapWriter:
         self.names = dict(zip(paths, map_file_names(paths))) if paths else {}
         self.written: dict[str, Path] = {}
 
-    def __call__(self, path: str, image: torch.Tensor, amap: torch.Tensor, score: float, threshold: float,
-                 nominal: float | None = None, region_threshold: float | None = None) -> Path:
+    def __call__(
+        self,
+        path: str,
+        image: torch.Tensor,
+        amap: torch.Tensor,
+        score: float,
+        threshold: float,
+        nominal: float | None = None,
+        region_threshold: float | None = None,
+    ) -> Path:
         name = self.names.get(path) or map_file_names([path])[0]
         target = self.out_dir / name
         shown = "/".join(path.replace("\\", "/").rstrip("/").split("/")[-2:])
-        data = map_panel(image, amap, threshold, nominal, score=score, title=shown, region_threshold=region_threshold)
+        data = map_panel(
+            image, amap, threshold, nominal, score=score, title=shown, region_threshold=region_threshold
+        )
         atomic.write_bytes(target, data)
         self.written[path] = target
         return target
@@ -231,11 +264,23 @@ def weight_histogram_chart(nominal: Sequence[float], injected: Sequence[float], 
     figure = _figure(4.8, 3.2)
     axis = figure.subplots()
     bins = np.linspace(0.0, 1.0, 21)
-    axis.hist([np.clip(nominal, 0, 1), np.clip(injected, 0, 1)], bins=bins, stacked=True,
-              color=["#4c78a8", "#e45756"], label=[f"train images ({len(nominal)})", f"injected anomalies ({len(injected)})"])
+    axis.hist(
+        [np.clip(nominal, 0, 1), np.clip(injected, 0, 1)],
+        bins=bins,
+        stacked=True,
+        color=["#4c78a8", "#e45756"],
+        label=[f"train images ({len(nominal)})", f"injected anomalies ({len(injected)})"],
+    )
     if len(injected):
-        axis.plot(np.clip(injected, 0, 1), np.full(len(injected), -0.02), "|", color="#e45756", markersize=12,
-                  transform=axis.get_xaxis_transform(), clip_on=False)
+        axis.plot(
+            np.clip(injected, 0, 1),
+            np.full(len(injected), -0.02),
+            "|",
+            color="#e45756",
+            markersize=12,
+            transform=axis.get_xaxis_transform(),
+            clip_on=False,
+        )
     axis.set_xlim(-0.02, 1.02)
     axis.set_xlabel("SCL weight w (1 = fully trusted)")
     axis.set_ylabel("images")
@@ -249,22 +294,34 @@ def history_chart(history: Sequence[dict], title: str = "per epoch") -> bytes:
     epochs = [int(h.get("epoch", i)) + 1 for i, h in enumerate(history)]
     figure = _figure(7.6, 2.7)
     axes = figure.subplots(1, 3, gridspec_kw={"wspace": 0.5})
-    series = [("lam", f"λ(Σ) {title}", False), ("det_sigma", f"det Σ {title}", True), ("loss", f"loss {title}", False)]
+    series = [
+        ("lam", f"λ(Σ) {title}", False),
+        ("det_sigma", f"det Σ {title}", True),
+        ("loss", f"loss {title}", False),
+    ]
     for axis, (key, label, log_scale) in zip(axes, series):
         values = [h.get(key) for h in history]
         values = [float("nan") if v is None else float(v) for v in values]
         axis.plot(epochs, values, marker="o", markersize=3, linewidth=1.4)
-        if log_scale and all(v > 0 for v in values if math.isfinite(v)) and any(math.isfinite(v) for v in values):
+        if (
+            log_scale
+            and all(v > 0 for v in values if math.isfinite(v))
+            and any(math.isfinite(v) for v in values)
+        ):
             axis.set_yscale("log")
         axis.set_title(label, fontsize=10)
         axis.set_xlabel("epoch", fontsize=8)
         axis.tick_params(labelsize=7)
         axis.grid(alpha=0.3)
-        axis.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False) if not log_scale else None
+        axis.ticklabel_format(
+            axis="y", style="sci", scilimits=(-3, 4), useOffset=False
+        ) if not log_scale else None
     return figure_png(figure)
 
 
-def contamination_chart(series: dict[str, list[tuple[float, float, float]]], metric: str, title: str) -> bytes:
+def contamination_chart(
+    series: dict[str, list[tuple[float, float, float]]], metric: str, title: str
+) -> bytes:
     """Metric vs contamination, one line per strategy: ``{strategy: [(contamination, mean, std)]}``."""
     figure = _figure(4.8, 3.4)
     axis = figure.subplots()
@@ -284,8 +341,14 @@ def contamination_chart(series: dict[str, list[tuple[float, float, float]]], met
     return figure_png(figure)
 
 
-def weight_trajectory_chart(per_epoch: np.ndarray, flagged: np.ndarray, injected: np.ndarray | None, title: str,
-                            order: Sequence[int] | None = None, limit: int = 200) -> bytes:
+def weight_trajectory_chart(
+    per_epoch: np.ndarray,
+    flagged: np.ndarray,
+    injected: np.ndarray | None,
+    title: str,
+    order: Sequence[int] | None = None,
+    limit: int = 200,
+) -> bytes:
     """SCL weight per epoch: one line per flagged image against the band of the images not flagged.
 
     ``per_epoch`` is ``[epochs, N]`` (NaN: not recorded); ``flagged`` and ``injected`` (None when no
@@ -304,8 +367,16 @@ def weight_trajectory_chart(per_epoch: np.ndarray, flagged: np.ndarray, injected
         with np.errstate(all="ignore"):
             low, median, high = (np.nanpercentile(rest, q, axis=1) for q in (5, 50, 95))
         # Drawn over the flagged lines: most of the set sits at 1, where the lines start.
-        axis.fill_between(epochs, low, high, color="#4c78a8", alpha=0.35, linewidth=0, zorder=3,
-                          label=f"not flagged ({rest.shape[1]}): 5-95 %")
+        axis.fill_between(
+            epochs,
+            low,
+            high,
+            color="#4c78a8",
+            alpha=0.35,
+            linewidth=0,
+            zorder=3,
+            label=f"not flagged ({rest.shape[1]}): 5-95 %",
+        )
         axis.plot(epochs, median, color="#1f4e8c", linewidth=2.2, zorder=4, label="not flagged: median")
     order = np.arange(per_epoch.shape[1]) if order is None else np.asarray(order)
     drawn = [i for i in order if flagged[i] or injected[i]][:limit]

@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SCORE_DESCRIPTION = "mean of the top_k highest patch scores of the image under the final model (the score SCL fences)"
+SCORE_DESCRIPTION = (
+    "mean of the top_k highest patch scores of the image under the final model (the score SCL fences)"
+)
 
 
 def _rounded(value: float) -> float | None:
@@ -50,7 +52,10 @@ def weights_document(
     score_description: str | None = None,
 ) -> dict:
     """The ``weights.json`` content. ``weight_history``: ``[epochs, N]`` in ``ids`` order (NaN = unknown)."""
-    document: dict = {"weights": dict(zip(ids, (float(w) for w in final_weights))), "injected": sorted(injected)}
+    document: dict = {
+        "weights": dict(zip(ids, (float(w) for w in final_weights))),
+        "injected": sorted(injected),
+    }
     if scores is not None:
         document["scores"] = dict(zip(ids, (float(s) for s in scores)))
         document["score"] = score_description or SCORE_DESCRIPTION

@@ -76,8 +76,10 @@ def imagenet_torch_home(tmp_path_factory) -> Path:
     for them to mean anything (a fresh clone has no ../shared and CI no model hub).
     """
     if not MOBILENET_WEIGHTS.is_file():
-        pytest.skip(f"ImageNet MobileNetV2 weights not present at {MOBILENET_WEIGHTS} (a fresh clone has no "
-                    "../shared): quality assertions need pretrained features")
+        pytest.skip(
+            f"ImageNet MobileNetV2 weights not present at {MOBILENET_WEIGHTS} (a fresh clone has no "
+            "../shared): quality assertions need pretrained features"
+        )
     home = tmp_path_factory.mktemp("torch_home")
     checkpoints = home / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
@@ -100,7 +102,9 @@ def tiny_category(tmp_path_factory) -> Path:
     from comet_ray.data.synthetic import make_texture_category
 
     root = tmp_path_factory.mktemp("tiny-data") / "mvtec"
-    make_texture_category(root, TINY_CATEGORY, n_train=16, n_test_good=6, defects={"spot": 8}, size=64, seed=3)
+    make_texture_category(
+        root, TINY_CATEGORY, n_train=16, n_test_good=6, defects={"spot": 8}, size=64, seed=3
+    )
     return root
 
 
@@ -112,8 +116,22 @@ def tiny_run(tiny_category: Path, tmp_path_factory) -> Path:
     from support import TINY_TRAIN_ARGS
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"
-    assert main(["train", str(tiny_category), "--category", TINY_CATEGORY, "--contamination", "0.2",
-                 "--out", str(out), *TINY_TRAIN_ARGS]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(tiny_category),
+                "--category",
+                TINY_CATEGORY,
+                "--contamination",
+                "0.2",
+                "--out",
+                str(out),
+                *TINY_TRAIN_ARGS,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -191,6 +209,9 @@ def s3_dataset(s3_env, tiny_category):
     s3_env.make_bucket(S3_BUCKET)
     s3_env.upload_tree(root, S3_BUCKET, "datasets/mvtec")
     s3_env.upload_tree(root, S3_BUCKET, "corrupt")
-    s3_env.client().put_object(Bucket=S3_BUCKET, Key="corrupt/weave/train/good/zz_corrupt.png",
-                               Body=b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    s3_env.client().put_object(
+        Bucket=S3_BUCKET,
+        Key="corrupt/weave/train/good/zz_corrupt.png",
+        Body=b"\x89PNG\r\n\x1a\n" + b"\x00" * 64,
+    )
     return root, f"s3://{S3_BUCKET}/datasets/mvtec"

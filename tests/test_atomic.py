@@ -51,8 +51,13 @@ def _versions(folder: Path) -> set[str]:
     for path in folder.rglob("*"):
         if path.is_file() and path.parent.name != ".resume":
             text = path.read_text()
-            found.add(json.loads(text)["version"] if path.name == "metrics.json" else
-                      json.loads(text)[0]["version"] if path.name == "history.json" else text)
+            found.add(
+                json.loads(text)["version"]
+                if path.name == "metrics.json"
+                else json.loads(text)[0]["version"]
+                if path.name == "history.json"
+                else text
+            )
     return found
 
 
@@ -60,11 +65,18 @@ def _publish(tmp: Path, kill_at: int) -> subprocess.CompletedProcess:
     target, staging = tmp / "run", tmp / ".run.staging"
     _run_folder(target, "old")
     _run_folder(staging, "new")
-    return subprocess.run([sys.executable, "-c", _PUBLISH, str(staging), str(target), str(kill_at)],
-                          check=False, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", _PUBLISH, str(staging), str(target), str(kill_at)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
-def test_a_kill_at_any_step_of_publishing_leaves_the_old_complete_folder_or_the_new_one(tmp_path: Path) -> None:
+def test_a_kill_at_any_step_of_publishing_leaves_the_old_complete_folder_or_the_new_one(
+    tmp_path: Path,
+) -> None:
     whole = _publish(tmp_path / "whole", -1)
     assert whole.returncode == 0, whole.stderr
     steps = int(whole.stdout)
@@ -111,7 +123,9 @@ atomic.write_csv(sys.argv[1], ["id"], rows())
 """
 
 
-def test_a_file_write_that_fails_midway_or_is_killed_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+def test_a_file_write_that_fails_midway_or_is_killed_leaves_the_old_file_and_no_temporary(
+    tmp_path: Path,
+) -> None:
     from comet_ray import atomic, jsonfile
 
     target = tmp_path / "results.csv"

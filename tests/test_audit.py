@@ -45,8 +45,22 @@ def dataset(tiny_category: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run(dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("audit-run") / "run"
-    assert main(["train", str(dataset), "--category", "weave", "--contamination", "0.2", "--out", str(out),
-                 *AUDIT_TRAIN]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(dataset),
+                "--category",
+                "weave",
+                "--contamination",
+                "0.2",
+                "--out",
+                str(out),
+                *AUDIT_TRAIN,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -58,8 +72,11 @@ def audited(run) -> Path:
 
 def _tree(root: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under ``root``."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 # --- the plain functions -------------------------------------------------------------------------
@@ -145,7 +162,9 @@ def test_trainer_weight_history_is_every_epoch_and_survives_resume() -> None:
 # --- the audit of a run --------------------------------------------------------------------------
 
 
-def test_audit_ranks_every_training_image_and_scores_the_flagged_against_the_injected(run, audited, capsys) -> None:
+def test_audit_ranks_every_training_image_and_scores_the_flagged_against_the_injected(
+    run, audited, capsys
+) -> None:
     weights = json.loads((run / "weights.json").read_text())
     rows = read_csv(audited / "audit.csv")
     assert [r["rank"] for r in rows] == list(range(1, len(weights["weights"]) + 1))
@@ -188,7 +207,9 @@ def test_audit_ranks_every_training_image_and_scores_the_flagged_against_the_inj
     assert f"{len(flagged)} image(s)" in out and "injected" in out and "precision" in out
 
 
-def test_audit_of_a_run_without_contamination_counts_and_does_not_claim_defects(dataset, tmp_path, capsys) -> None:
+def test_audit_of_a_run_without_contamination_counts_and_does_not_claim_defects(
+    dataset, tmp_path, capsys
+) -> None:
     run = tmp_path / "clean-run"
     assert main(["train", str(dataset), "--category", "weave", "--out", str(run), *AUDIT_TRAIN]) == 0
     capsys.readouterr()
@@ -208,7 +229,9 @@ def test_older_run_folder_gets_one_line_and_nothing_is_written(run, tmp_path, on
     old = tmp_path / "old"
     shutil.copytree(run, old, ignore=shutil.ignore_patterns("audit"))
     document = json.loads((old / "weights.json").read_text())
-    (old / "weights.json").write_text(json.dumps({"weights": document["weights"], "injected": document["injected"]}))
+    (old / "weights.json").write_text(
+        json.dumps({"weights": document["weights"], "injected": document["injected"]})
+    )
     before = _tree(old)
     assert main(["audit", str(old), "--export-clean", str(tmp_path / "clean")]) == 2
     error = one_line_error()
@@ -216,11 +239,26 @@ def test_older_run_folder_gets_one_line_and_nothing_is_written(run, tmp_path, on
     assert _tree(old) == before and not (old / "audit").exists() and not (tmp_path / "clean").exists()
 
 
-def test_export_clean_leaves_the_source_untouched_and_retrains(run, dataset, tmp_path, capsys, one_line_error) -> None:
+def test_export_clean_leaves_the_source_untouched_and_retrains(
+    run, dataset, tmp_path, capsys, one_line_error
+) -> None:
     source = _tree(dataset)
     clean = tmp_path / "clean"
-    assert main(["audit", str(run), "--out", str(tmp_path / "audit"), "--gallery", "0", "--export-clean",
-                 str(clean)]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                str(run),
+                "--out",
+                str(tmp_path / "audit"),
+                "--gallery",
+                "0",
+                "--export-clean",
+                str(clean),
+            ]
+        )
+        == 0
+    )
     assert _tree(dataset) == source
     rows = read_csv(tmp_path / "audit" / "audit.csv")
     manifest = json.loads((clean / "export_manifest.json").read_text())
@@ -231,7 +269,9 @@ def test_export_clean_leaves_the_source_untouched_and_retrains(run, dataset, tmp
     moved = {m["sample_id"] for m in run_manifest["contamination"]["moved"]}
     exported = _tree(clean / "weave")
 
-    def in_export(sample_id: str) -> str:  # weave/train/good/x.png -> train/good/x.png; injected -> train/spot/x.png
+    def in_export(
+        sample_id: str,
+    ) -> str:  # weave/train/good/x.png -> train/good/x.png; injected -> train/spot/x.png
         relative = sample_id.split("/", 1)[1]
         return "train/" + relative.split("/", 1)[1] if sample_id in moved else relative
 
@@ -241,17 +281,35 @@ def test_export_clean_leaves_the_source_untouched_and_retrains(run, dataset, tmp
     assert all(exported[in_export(i)] == source[i] for i in kept)
     # The run moved injected test images into training: those not flagged are exported as training
     # anomalies (train/<defect>/), and they are the export's only non-"good" training images.
-    assert moved and moved <= {r["sample_id"] for r in rows}, "the contaminated run moved nothing into training"
-    assert {p for p in exported if p.startswith("train/") and not p.startswith("train/good/")} == \
-        {in_export(i) for i in moved - flagged}
+    assert moved and moved <= {r["sample_id"] for r in rows}, (
+        "the contaminated run moved nothing into training"
+    )
+    assert {p for p in exported if p.startswith("train/") and not p.startswith("train/good/")} == {
+        in_export(i) for i in moved - flagged
+    }
     # test/: the source's, minus what the run moved into training; masks; the licence beside them.
     expected_test = {p for p in source if p.startswith("weave/test/") and p not in moved}
     assert {"weave/" + p for p in exported if p.startswith("test/")} == expected_test
     assert "license.txt" in exported and any(p.startswith("ground_truth/") for p in exported)
     nominal = min(in_export(i) for i in kept if i not in moved)
-    assert (clean / "weave" / nominal).stat().st_ino == (dataset / "weave" / nominal).stat().st_ino  # a hard link
+    assert (clean / "weave" / nominal).stat().st_ino == (
+        dataset / "weave" / nominal
+    ).stat().st_ino  # a hard link
     # A valid category: comet-ray train accepts it as it is.
-    assert main(["train", str(clean), "--category", "weave", "--out", str(tmp_path / "retrained"), *TINY_TRAIN_ARGS]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(clean),
+                "--category",
+                "weave",
+                "--out",
+                str(tmp_path / "retrained"),
+                *TINY_TRAIN_ARGS,
+            ]
+        )
+        == 0
+    )
     retrained = json.loads((tmp_path / "retrained" / "metrics.json").read_text())
     assert retrained["n_train"] == len(kept) and math.isfinite(retrained["image_auroc"])
     # Never overwritten: a second export into the same folder is refused and changes nothing.
@@ -267,7 +325,7 @@ def test_report_has_the_training_set_audit(run, audited, tmp_path) -> None:
 
     page = build_report([run], tmp_path / "report.html", device="cpu", suspects=2).read_text()
     assert "Training-set audit" in page and "Top suspects" in page
-    section = page[page.index("Training-set audit"):]
+    section = page[page.index("Training-set audit") :]
     assert section.count("<img") == 3  # the trajectory chart and two panels
     assert "top-4 precision" in section
 
@@ -282,26 +340,59 @@ def test_load_audit_matches_the_cli(run, audited) -> None:
 
 def _objects(client, bucket: str, prefix: str) -> dict[str, str]:
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return {o["Key"][len(prefix):]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+    return {o["Key"][len(prefix) :]: o["ETag"] for page in pages for o in page.get("Contents", [])}
 
 
 def test_audit_of_an_s3_run_on_s3_data_and_an_s3_clean_copy(s3_server, s3_dataset, tmp_path) -> None:
     _, data = s3_dataset
     endpoint, client, bucket = s3_server.endpoint, s3_server.client(), "comet-test"
     local_run = tmp_path / "run"
-    assert main(["train", data, "--category", "weave", "--contamination", "0.2", "--out", str(local_run),
-                 "--s3-endpoint", endpoint, *AUDIT_TRAIN]) == 0
+    assert (
+        main(
+            [
+                "train",
+                data,
+                "--category",
+                "weave",
+                "--contamination",
+                "0.2",
+                "--out",
+                str(local_run),
+                "--s3-endpoint",
+                endpoint,
+                *AUDIT_TRAIN,
+            ]
+        )
+        == 0
+    )
     s3_server.upload_tree(local_run, bucket, "runs/audited")
     source = _objects(client, bucket, "datasets/mvtec/")
     run = f"s3://{bucket}/runs/audited"
-    assert main(["audit", run, "--s3-endpoint", endpoint, "--device", "cpu", "--gallery", "2",
-                 "--export-clean", f"s3://{bucket}/clean"]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                run,
+                "--s3-endpoint",
+                endpoint,
+                "--device",
+                "cpu",
+                "--gallery",
+                "2",
+                "--export-clean",
+                f"s3://{bucket}/clean",
+            ]
+        )
+        == 0
+    )
     assert _objects(client, bucket, "datasets/mvtec/") == source
     written = _objects(client, bucket, "runs/audited/audit/")
     assert {"audit.csv", "audit.json", "weights_trajectory.png"} <= set(written)
     assert sorted(k[:11] for k in written if k.startswith("gallery/")) == ["gallery/01-", "gallery/02-"]
     remote_csv = tmp_path / "remote.csv"
-    remote_csv.write_bytes(client.get_object(Bucket=bucket, Key="runs/audited/audit/audit.csv")["Body"].read())
+    remote_csv.write_bytes(
+        client.get_object(Bucket=bucket, Key="runs/audited/audit/audit.csv")["Body"].read()
+    )
     # The same audit as of the local copy of the run: same ranking, the images' s3:// locations.
     assert main(["audit", str(local_run), "--s3-endpoint", endpoint, "--gallery", "0"]) == 0
     rows = read_csv(remote_csv)
@@ -315,26 +406,85 @@ def test_audit_of_an_s3_run_on_s3_data_and_an_s3_clean_copy(s3_server, s3_datase
     assert "export_manifest.json" in exported
     assert sum(k.startswith("weave/train/") for k in exported) == len(rows) - len(flagged)
     assert not any(("weave/" + k.split("/", 1)[1]) in flagged for k in exported if k.startswith("weave/"))
-    assert main(["train", f"s3://{bucket}/clean", "--category", "weave", "--out", str(tmp_path / "retrained"),
-                 "--s3-endpoint", endpoint, *TINY_TRAIN_ARGS]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"s3://{bucket}/clean",
+                "--category",
+                "weave",
+                "--out",
+                str(tmp_path / "retrained"),
+                "--s3-endpoint",
+                endpoint,
+                *TINY_TRAIN_ARGS,
+            ]
+        )
+        == 0
+    )
 
 
 def test_export_clean_between_local_and_s3(run, s3_env, s3_dataset, tmp_path) -> None:
     """A local run exported to s3://, and an s3:// data root exported to a local folder."""
     endpoint, client = s3_env.endpoint, s3_env.client()
-    assert main(["audit", str(run), "--out", str(tmp_path / "a"), "--gallery", "0", "--s3-endpoint", endpoint,
-                 "--export-clean", "s3://comet-test/from-local"]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                str(run),
+                "--out",
+                str(tmp_path / "a"),
+                "--gallery",
+                "0",
+                "--s3-endpoint",
+                endpoint,
+                "--export-clean",
+                "s3://comet-test/from-local",
+            ]
+        )
+        == 0
+    )
     rows = read_csv(tmp_path / "a" / "audit.csv")
     kept = sum(1 for r in rows if not r["flagged"])
     objects = _objects(client, "comet-test", "from-local/")
     assert sum(k.startswith("weave/train/") for k in objects) == kept and "export_manifest.json" in objects
     _, data = s3_dataset
     remote_run = tmp_path / "remote-data-run"
-    assert main(["train", data, "--category", "weave", "--contamination", "0.2", "--out", str(remote_run),
-                 "--s3-endpoint", endpoint, *AUDIT_TRAIN]) == 0
+    assert (
+        main(
+            [
+                "train",
+                data,
+                "--category",
+                "weave",
+                "--contamination",
+                "0.2",
+                "--out",
+                str(remote_run),
+                "--s3-endpoint",
+                endpoint,
+                *AUDIT_TRAIN,
+            ]
+        )
+        == 0
+    )
     clean = tmp_path / "clean"
-    assert main(["audit", str(remote_run), "--gallery", "0", "--s3-endpoint", endpoint, "--export-clean",
-                 str(clean), "--copy"]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                str(remote_run),
+                "--gallery",
+                "0",
+                "--s3-endpoint",
+                endpoint,
+                "--export-clean",
+                str(clean),
+                "--copy",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((clean / "export_manifest.json").read_text())
     assert manifest["mode"] == "copy" and manifest["n_left_out"] > 0
     assert len(list((clean / "weave" / "train").rglob("*.png"))) == manifest["n_train_kept"]

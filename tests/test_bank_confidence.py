@@ -27,8 +27,9 @@ def make_store() -> FeatureStore:
     """Nominal patches near a few prototypes; the outlier images carry six far-off patches each."""
     generator = torch.Generator().manual_seed(0)
     prototypes = torch.randn(4, D, generator=generator)
-    features = prototypes[torch.randint(0, 4, (N, P), generator=generator)] + 0.1 * torch.randn(N, P, D,
-                                                                                              generator=generator)
+    features = prototypes[torch.randint(0, 4, (N, P), generator=generator)] + 0.1 * torch.randn(
+        N, P, D, generator=generator
+    )
     for row in OUTLIER_ROWS:
         features[row, :6] = 2.0 * torch.randn(6, D, generator=generator)
     return FeatureStore([f"img{i:02d}" for i in range(N)], features, (4, 4))
@@ -75,18 +76,32 @@ def test_a_flagged_image_loses_its_defect_patches_and_keeps_its_nominal_surface(
     assert bool(bank.kept[~outliers].all()) and bank.patch_fence is not None
     assert model.bank.shape[0] == round(0.25 * N * P)
     nominal = store.features[~outliers].reshape(-1, D)
-    assert float(nearest_distances(model.bank, nominal).max()) < 2.0  # defects lie ~7 away: none is in the bank
+    assert (
+        float(nearest_distances(model.bank, nominal).max()) < 2.0
+    )  # defects lie ~7 away: none is in the bank
     metrics = bank.metrics(store.ids, {store.ids[r] for r in OUTLIER_ROWS})
     assert metrics["bank_images_flagged"] == len(OUTLIER_ROWS) and metrics["bank_images_left_out"] == 0
     assert metrics["bank_patches_left_out"] == 6 * len(OUTLIER_ROWS)
 
 
-def test_knn_scl_from_the_cli_writes_weights_that_audit_and_export_read(tiny_category: Path, tmp_path: Path,
-                                                                        capsys, one_line_error) -> None:
+def test_knn_scl_from_the_cli_writes_weights_that_audit_and_export_read(
+    tiny_category: Path, tmp_path: Path, capsys, one_line_error
+) -> None:
     out = tmp_path / "run"
     # Fence at Q3 (k = 0): on a random backbone the injected spots are not all beyond Tukey's 1.5 IQR.
-    args = ["train", str(tiny_category), "--category", "weave", "--model", "knn", "--contamination", "0.2",
-            *TINY_TRAIN_ARGS, "--set", "fence_k=0"]
+    args = [
+        "train",
+        str(tiny_category),
+        "--category",
+        "weave",
+        "--model",
+        "knn",
+        "--contamination",
+        "0.2",
+        *TINY_TRAIN_ARGS,
+        "--set",
+        "fence_k=0",
+    ]
     assert main([*args, "--strategy", "scl", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     document = json.loads((out / "weights.json").read_text())
@@ -95,12 +110,28 @@ def test_knn_scl_from_the_cli_writes_weights_that_audit_and_export_read(tiny_cat
     assert metrics["mean_weight_injected"] < metrics["mean_weight_nominal"]
     assert min(document["weights"].values()) < 1 and document["per_epoch"]["epochs"] == 1
     assert "leave-one-out" in document["score"] and set(document["scores"]) == set(document["weights"])
-    assert main(["audit", str(out), "--device", "cpu", "--gallery", "2", "--export-clean", str(tmp_path / "clean")]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                str(out),
+                "--device",
+                "cpu",
+                "--gallery",
+                "2",
+                "--export-clean",
+                str(tmp_path / "clean"),
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out / "audit" / "audit.csv")
     flagged = {r["sample_id"] for r in rows if r["flagged"]}
     assert flagged == {i for i, w in document["weights"].items() if w < 1}
     assert sum(r["injected"] for r in rows[: len(injected)]) > len(injected) / 2  # most suspects are injected
-    exported = [p for p in (tmp_path / "clean").rglob("*.png") if "train" in p.relative_to(tmp_path / "clean").parts]
+    exported = [
+        p for p in (tmp_path / "clean").rglob("*.png") if "train" in p.relative_to(tmp_path / "clean").parts
+    ]
     assert len(exported) == len(rows) - len(flagged)
     assert main(["report", str(out), "--out", str(tmp_path / "report.html"), "--device", "cpu"]) == 0
     shutil.rmtree(tmp_path / "clean")

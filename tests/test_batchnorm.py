@@ -22,7 +22,9 @@ ROWS, FEATURES, CHANNELS, STEPS, WORLD = 15, 5, 4, 2, 2
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(FEATURES, CHANNELS), nn.BatchNorm1d(CHANNELS, momentum=0.3), nn.Linear(CHANNELS, 1))
+    return nn.Sequential(
+        nn.Linear(FEATURES, CHANNELS), nn.BatchNorm1d(CHANNELS, momentum=0.3), nn.Linear(CHANNELS, 1)
+    )
 
 
 def _batches() -> list[torch.Tensor]:
@@ -40,7 +42,12 @@ def _steps(model: nn.Module, batches: list[torch.Tensor], rows: torch.Tensor | N
         outputs.append(out.detach())
         grads.append([p.grad.clone() for p in model.parameters()])
     bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm1d))
-    return {"outputs": outputs, "grads": grads, "mean": bn.running_mean.clone(), "var": bn.running_var.clone()}
+    return {
+        "outputs": outputs,
+        "grads": grads,
+        "mean": bn.running_mean.clone(),
+        "var": bn.running_var.clone(),
+    }
 
 
 def _worker(rank: int, port: int) -> dict:
@@ -78,8 +85,13 @@ def two_workers() -> list[dict]:
     with pytest.MonkeyPatch.context() as env:
         for name, value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}.items():
             env.setenv(name, value)
-        ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            address="local",
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        )
         try:
             ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is no package on workers
             task = ray.remote(num_cpus=0.5)(_worker)

@@ -31,8 +31,9 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path) -> None:
             sys.exit(3 if type(exc).__name__ == "CheckpointError" else 4)
         sys.exit(0)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 3, result.stdout + result.stderr
     assert "previous file is intact" in result.stdout
     assert path.read_bytes() == before

@@ -27,11 +27,18 @@ def autoscaling_ray():
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, address="local", log_to_driver=False)
     try:
         config = autoscaler_pb2.ClusterConfig()
-        for name, count, resources in (("gpu-spot", 4, {"CPU": 4, "GPU": 1}), ("cpu-ondemand", 2, {"CPU": 8})):
+        for name, count, resources in (
+            ("gpu-spot", 4, {"CPU": 4, "GPU": 1}),
+            ("cpu-ondemand", 2, {"CPU": 8}),
+        ):
             group = config.node_group_configs.add(name=name, min_count=0, max_count=count)
             group.resources.update(resources)
-        _internal_kv_put(GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, config.SerializeToString(), overwrite=True,
-                         namespace=GCS_AUTOSCALER_STATE_NAMESPACE)
+        _internal_kv_put(
+            GCS_AUTOSCALER_CLUSTER_CONFIG_KEY,
+            config.SerializeToString(),
+            overwrite=True,
+            namespace=GCS_AUTOSCALER_STATE_NAMESPACE,
+        )
         yield
     finally:
         ray.shutdown()
@@ -42,7 +49,9 @@ def test_gpus_are_asked_for_when_the_cluster_can_autoscale_them(autoscaling_ray)
     capacity = cluster_capacity()
     assert capacity["GPU"] == 4 and capacity["CPU"] == 2 * 8 + 4 * 4
     assert auto_gpus(None) == 1.0  # a trial (or a repeat) on a GPU
-    assert auto_gpus(None, count=4) == 1.0 and auto_gpus(None, count=5) == 0.0  # one per worker, if they all fit
+    assert (
+        auto_gpus(None, count=4) == 1.0 and auto_gpus(None, count=5) == 0.0
+    )  # one per worker, if they all fit
     assert auto_gpus(0.0) == 0.0 and auto_gpus(0.5, count=8) == 0.5  # the user's choice stands
 
 
@@ -52,7 +61,9 @@ def test_concurrency_follows_the_largest_cluster(autoscaling_ray) -> None:
     assert _training_resources(gpu_trials) == {"num_cpus": 1.0, "num_gpus": 1.0}  # what each repeat reserves
     assert _max_concurrent(SweepSettings(levels=[0.0], cpus_per_trial=2.0)) == 16  # CPU trials: 32 CPUs
     assert _max_concurrent(SweepSettings(levels=[0.0], max_concurrent_trials=3, gpus_per_trial=1.0)) == 3
-    train_trials = SweepSettings(levels=[0.0], workers=2, cpus_per_trial=0.5, cpus_per_worker=1.0, gpus_per_worker=1.0)
+    train_trials = SweepSettings(
+        levels=[0.0], workers=2, cpus_per_trial=0.5, cpus_per_worker=1.0, gpus_per_worker=1.0
+    )
     assert _training_resources(train_trials) == {"num_cpus": 1.0, "num_gpus": 1.0}
     assert _max_concurrent(train_trials) == 2  # 2 GPUs per trial
 

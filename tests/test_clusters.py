@@ -37,8 +37,12 @@ def path_text(name: str) -> str:
 
 
 def _all_files() -> list[Path]:
-    return sorted(p for base in (CLUSTERS, JOBS) for p in base.rglob("*")
-                  if p.is_file() and "__pycache__" not in p.parts)
+    return sorted(
+        p
+        for base in (CLUSTERS, JOBS)
+        for p in base.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
 
 
 def _launcher_configs() -> list[Path]:
@@ -53,8 +57,12 @@ def _launcher_configs() -> list[Path]:
 
 
 def _kuberay_docs() -> list[tuple[Path, dict]]:
-    return [(path, doc) for path in sorted(KUBERAY.glob("*.yaml"))
-            for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [
+        (path, doc)
+        for path in sorted(KUBERAY.glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
 
 
 def _cluster_specs() -> list[tuple[str, dict]]:
@@ -123,8 +131,12 @@ def test_aws_cluster_shape() -> None:
     assert drivers == ["cpu-ondemand"] and config["head_node_type"] not in drivers
     assert all("InstanceMarketOptions" not in types[n]["node_config"] for n in drivers)
     # each such node holds DRIVER_SLOTS_PER_NODE of the drivers `comet-ray submit` starts
-    assert all(round(types[n]["resources"][DRIVER_RESOURCE] / DRIVER_SHARE) == DRIVER_SLOTS_PER_NODE for n in drivers)
-    assert "--entrypoint-resources" not in path_text("aws-gpu.yaml")  # the default already keeps drivers off the head
+    assert all(
+        round(types[n]["resources"][DRIVER_RESOURCE] / DRIVER_SHARE) == DRIVER_SLOTS_PER_NODE for n in drivers
+    )
+    assert "--entrypoint-resources" not in path_text(
+        "aws-gpu.yaml"
+    )  # the default already keeps drivers off the head
 
     docker = config["docker"]
     for key in ("image", "head_image", "worker_image"):
@@ -174,17 +186,30 @@ def test_kuberay_cluster_spec(name: str, spec: dict) -> None:
         assert host is None and _network_policies(name), name
     assert not [g for g in spec["workerGroupSpecs"] if "dashboard-host" in g["rayStartParams"]], name
     # the job drivers' pods: the CPU group, never the head nor the (spot) GPU pods
-    offers = {g["groupName"]: _ray_start_resources(g).get(DRIVER_RESOURCE, 0) for g in spec["workerGroupSpecs"]}
-    assert offers == {"gpu": 0, "cpu": 1} and DRIVER_RESOURCE not in _ray_start_resources(head), (name, offers)
+    offers = {
+        g["groupName"]: _ray_start_resources(g).get(DRIVER_RESOURCE, 0) for g in spec["workerGroupSpecs"]
+    }
+    assert offers == {"gpu": 0, "cpu": 1} and DRIVER_RESOURCE not in _ray_start_resources(head), (
+        name,
+        offers,
+    )
     assert spec["workerGroupSpecs"][1]["maxReplicas"] >= 1
     for container in _containers(spec):
         image = container["image"]
-        assert image.startswith("rayproject/ray:") and RAY_VERSION in image and "py311" in image, (name, image)
+        assert image.startswith("rayproject/ray:") and RAY_VERSION in image and "py311" in image, (
+            name,
+            image,
+        )
     assert head["template"]["spec"]["containers"][0]["image"] == f"rayproject/ray:{RAY_VERSION}-py311"
 
-    gpu_groups = [g for g in spec["workerGroupSpecs"]
-                  if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
-                         for c in g["template"]["spec"]["containers"])]
+    gpu_groups = [
+        g
+        for g in spec["workerGroupSpecs"]
+        if any(
+            "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+            for c in g["template"]["spec"]["containers"]
+        )
+    ]
     assert gpu_groups, name
     for group in gpu_groups:
         assert group["minReplicas"] == 0 and group["maxReplicas"] >= 1, (name, group["groupName"])
@@ -219,13 +244,18 @@ def test_kuberay_rayjob(path: Path) -> None:
         assert env["env_vars"]["COMET_RAY_RESULTS_URI"].startswith("s3://")
 
 
-KUBERAY_CLUSTERS = {"raycluster.yaml": "comet-ray", "rayjob-train.yaml": "comet-ray-train-bottle",
-                    "rayjob-sweep.yaml": "comet-ray-sweep-bottle"}
+KUBERAY_CLUSTERS = {
+    "raycluster.yaml": "comet-ray",
+    "rayjob-train.yaml": "comet-ray-train-bottle",
+    "rayjob-sweep.yaml": "comet-ray-sweep-bottle",
+}
 OPERATOR = {"app.kubernetes.io/name": "kuberay-operator"}  # the label of the KubeRay Helm chart's pods
 
 
 @pytest.mark.parametrize("name,cluster", sorted(KUBERAY_CLUSTERS.items()))
-def test_kuberay_network_policy_admits_only_the_clusters_pods_and_the_operator(name: str, cluster: str) -> None:
+def test_kuberay_network_policy_admits_only_the_clusters_pods_and_the_operator(
+    name: str, cluster: str
+) -> None:
     (spec,) = [s for n, s in _cluster_specs() if n == name]
     groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     own = {"comet-ray/cluster": cluster}
@@ -233,7 +263,9 @@ def test_kuberay_network_policy_admits_only_the_clusters_pods_and_the_operator(n
     (policy,) = _network_policies(name)
     assert policy["apiVersion"] == "networking.k8s.io/v1"
     rules = policy["spec"]
-    assert rules["podSelector"] == {"matchLabels": {**own, "ray.io/node-type": "head"}}  # KubeRay labels the head
+    assert rules["podSelector"] == {
+        "matchLabels": {**own, "ray.io/node-type": "head"}
+    }  # KubeRay labels the head
     assert rules["policyTypes"] == ["Ingress"]
     allowed = {"own": {"matchLabels": own}, "operator": {"matchLabels": OPERATOR}}
     if name.startswith("rayjob"):  # the submitter: the Kubernetes Job KubeRay names after the RayJob
@@ -243,12 +275,16 @@ def test_kuberay_network_policy_admits_only_the_clusters_pods_and_the_operator(n
     for rule in rules["ingress"]:
         assert rule.get("from"), f"{name}: a rule without 'from' admits every pod and address"
         for peer in rule["from"]:
-            assert set(peer) == {"podSelector"}, peer  # no ipBlock, no namespaceSelector: this namespace's pods
+            assert set(peer) == {"podSelector"}, (
+                peer
+            )  # no ipBlock, no namespaceSelector: this namespace's pods
             (who,) = [k for k, selector in allowed.items() if peer["podSelector"] == selector]
             seen[who] = rule.get("ports")
     assert set(seen) == set(allowed), (name, seen)
     assert seen["own"] is None  # the cluster's pods: every Ray port (GCS, raylet, object manager, ...)
-    assert all(seen[k] == [{"protocol": "TCP", "port": 8265}] for k in allowed if k != "own")  # the job API only
+    assert all(
+        seen[k] == [{"protocol": "TCP", "port": 8265}] for k in allowed if k != "own"
+    )  # the job API only
 
 
 # --------------------------------------------------------------------------- jobs/
@@ -261,8 +297,11 @@ def test_runtime_env_file_is_a_valid_ray_runtime_env() -> None:
     assert env["working_dir"] == "."
     # anchored at the project root: an unanchored "data/" would also drop the package's comet_ray/data/
     assert {"/.venv/", "/.git/", "/runs/", "/data/"} <= set(env["excludes"])
-    assert not [p for p in env["excludes"] if p.rstrip("/").split("/")[-1] in ("data", "runs", "out") and
-                not p.startswith("/")]
+    assert not [
+        p
+        for p in env["excludes"]
+        if p.rstrip("/").split("/")[-1] in ("data", "runs", "out") and not p.startswith("/")
+    ]
     # The pip list is what Ray hashes to name (and reuse) a node's virtualenv: the project's dependencies
     # themselves, so a dependency change builds a new env; never a path or variable that hides them.
     assert env["pip"]["packages"] == _project_dependencies()
@@ -288,9 +327,16 @@ def test_job_entry_points_pass_everything_to_the_cli(script: str, command: str, 
 def test_no_public_dashboard_no_ml_image_no_keys() -> None:
     files = _all_files()
     assert len(files) >= 8
-    key_patterns = [re.compile(p, re.IGNORECASE) for p in (r"\bAKIA[0-9A-Z]{16}\b", r"\bASIA[0-9A-Z]{16}\b",
-                                                  r"aws_secret_access_key", r"aws_access_key_id",
-                                                  r"aws_session_token")]
+    key_patterns = [
+        re.compile(p, re.IGNORECASE)
+        for p in (
+            r"\bAKIA[0-9A-Z]{16}\b",
+            r"\bASIA[0-9A-Z]{16}\b",
+            r"aws_secret_access_key",
+            r"aws_access_key_id",
+            r"aws_session_token",
+        )
+    ]
     bound = []
     for path in files:
         text = path.read_text(errors="replace")
@@ -334,8 +380,14 @@ def test_head_policy_is_the_autoscalers_calls_and_nothing_else() -> None:
     statements = _statements("head-policy.json")
     assert all(s["Effect"] == "Allow" for s in statements)
     actions = {a for s in statements for a in _actions(s)}
-    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags", "ec2:DescribeInstances",
-            "iam:PassRole", "ssm:GetParameters"} <= actions
+    assert {
+        "ec2:RunInstances",
+        "ec2:TerminateInstances",
+        "ec2:CreateTags",
+        "ec2:DescribeInstances",
+        "iam:PassRole",
+        "ssm:GetParameters",
+    } <= actions
     assert not [a for a in actions if a.endswith("*") or a.startswith("s3:")]  # no wildcards, no data
     config = yaml.safe_load((CLUSTERS / "aws-gpu.yaml").read_text())
     types = config["available_node_types"]
@@ -346,32 +398,66 @@ def test_head_policy_is_the_autoscalers_calls_and_nothing_else() -> None:
     # launched by `ray up` with your identity, not by the autoscaler) and the worker profile; the image
     # only Amazon's; the network, disk and spot resources it launches into, of this account.
     launches = {r: s for s in statements if _actions(s) == ["ec2:RunInstances"] for r in _resources(s)}
-    worker_types = sorted({t["node_config"]["InstanceType"] for n, t in types.items() if n != config["head_node_type"]})
-    assert launches[f"{account}:instance/*"]["Condition"] == {"StringEquals": {
-        **cluster, "ec2:InstanceType": worker_types,
-        "ec2:InstanceProfile": "arn:aws:iam::YOUR_ACCOUNT_ID:instance-profile/comet-ray-worker"}}
-    profiles = {t["node_config"]["IamInstanceProfile"]["Name"] for n, t in types.items() if n != config["head_node_type"]}
+    worker_types = sorted(
+        {t["node_config"]["InstanceType"] for n, t in types.items() if n != config["head_node_type"]}
+    )
+    assert launches[f"{account}:instance/*"]["Condition"] == {
+        "StringEquals": {
+            **cluster,
+            "ec2:InstanceType": worker_types,
+            "ec2:InstanceProfile": "arn:aws:iam::YOUR_ACCOUNT_ID:instance-profile/comet-ray-worker",
+        }
+    }
+    profiles = {
+        t["node_config"]["IamInstanceProfile"]["Name"]
+        for n, t in types.items()
+        if n != config["head_node_type"]
+    }
     assert profiles == {"comet-ray-worker"}
-    assert launches["arn:aws:ec2:us-west-2::image/*"]["Condition"] == {"StringEquals": {"ec2:Owner": "amazon"}}
+    assert launches["arn:aws:ec2:us-west-2::image/*"]["Condition"] == {
+        "StringEquals": {"ec2:Owner": "amazon"}
+    }
     images = {t["node_config"]["ImageId"] for t in types.values()}
-    assert all(i.startswith("resolve:ssm:/aws/service/deeplearning/") for i in images), images  # Amazon's DLAMI
+    assert all(i.startswith("resolve:ssm:/aws/service/deeplearning/") for i in images), (
+        images
+    )  # Amazon's DLAMI
     unconditioned = {r for r, s in launches.items() if "Condition" not in s}
-    assert unconditioned == {f"{account}:{kind}/*" for kind in ("subnet", "security-group", "network-interface",
-                                                                  "volume", "key-pair", "spot-instances-request")}
-    assert not [a for s in statements for a in _actions(s) if a == "ec2:RunInstances" and "*" in _resources(s)]
+    assert unconditioned == {
+        f"{account}:{kind}/*"
+        for kind in (
+            "subnet",
+            "security-group",
+            "network-interface",
+            "volume",
+            "key-pair",
+            "spot-instances-request",
+        )
+    }
+    assert not [
+        a for s in statements for a in _actions(s) if a == "ec2:RunInstances" and "*" in _resources(s)
+    ]
 
     by_action = {a: s for s in statements for a in _actions(s)}
     assert by_action["iam:PassRole"]["Resource"] == "arn:aws:iam::YOUR_ACCOUNT_ID:role/comet-ray-worker"
-    assert by_action["iam:PassRole"]["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
-    assert by_action["ssm:GetParameters"]["Resource"].startswith("arn:aws:ssm:us-west-2::parameter/aws/service/")
+    assert by_action["iam:PassRole"]["Condition"] == {
+        "StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}
+    }
+    assert by_action["ssm:GetParameters"]["Resource"].startswith(
+        "arn:aws:ssm:us-west-2::parameter/aws/service/"
+    )
     for statement in statements:  # ending, stopping and re-tagging only this cluster's tagged nodes
         if {"ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances"} & set(_actions(statement)):
-            assert statement["Condition"] == {"StringEquals": {"aws:ResourceTag/ray-cluster-name": config["cluster_name"]}}
+            assert statement["Condition"] == {
+                "StringEquals": {"aws:ResourceTag/ray-cluster-name": config["cluster_name"]}
+            }
         if "ec2:CreateTags" in _actions(statement):
             assert statement.get("Condition"), statement["Sid"]
     assert {s["Sid"] for s in statements if s["Resource"] == "*"} == {"RayAutoscalerReads"}
     assert set(_actions(by_action["ec2:DescribeInstances"])) == {
-        "ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeImages"}
+        "ec2:DescribeInstances",
+        "ec2:DescribeInstanceTypes",
+        "ec2:DescribeImages",
+    }
 
 
 def _s3_outputs() -> set[str]:
@@ -394,18 +480,31 @@ def test_workers_write_run_outputs_caches_and_state_only_never_the_code() -> Non
 
     def granted(action: str, key: str) -> bool:
         arn = f"arn:aws:s3:::YOUR_BUCKET/{key}"
-        return any(action in _actions(s) and any(fnmatch.fnmatchcase(arn, r) for r in _resources(s)) for s in statements)
+        return any(
+            action in _actions(s) and any(fnmatch.fnmatchcase(arn, r) for r in _resources(s))
+            for s in statements
+        )
 
-    assert all(a in {"s3:ListBucket", "s3:GetBucketLocation", "s3:GetObject"} | writes for s in statements
-               for a in _actions(s))
-    write_prefixes = {r.removeprefix("arn:aws:s3:::YOUR_BUCKET/") for s in statements if writes & set(_actions(s))
-                      for r in _resources(s)}
+    assert all(
+        a in {"s3:ListBucket", "s3:GetBucketLocation", "s3:GetObject"} | writes
+        for s in statements
+        for a in _actions(s)
+    )
+    write_prefixes = {
+        r.removeprefix("arn:aws:s3:::YOUR_BUCKET/")
+        for s in statements
+        if writes & set(_actions(s))
+        for r in _resources(s)
+    }
     assert write_prefixes == {"runs/*", "sweeps/*", "cache/*"}
     assert all(set(_actions(s)) == writes for s in statements if writes & set(_actions(s)))
 
     # the code KubeRay's RayJobs run, and the data: read, never written
-    code = {yaml.safe_load(doc["spec"]["runtimeEnvYAML"])["working_dir"].removeprefix("s3://YOUR_BUCKET/")
-            for _, doc in _kuberay_docs() if doc["kind"] == "RayJob"}
+    code = {
+        yaml.safe_load(doc["spec"]["runtimeEnvYAML"])["working_dir"].removeprefix("s3://YOUR_BUCKET/")
+        for _, doc in _kuberay_docs()
+        if doc["kind"] == "RayJob"
+    }
     assert code == {"code/comet-ray.zip"}
     for key in [*code, "mvtec/bottle/train/good/000.png", "tuner.pkl", "other/x"]:
         assert granted("s3:GetObject", key) and not any(granted(a, key) for a in writes), key
@@ -413,7 +512,11 @@ def test_workers_write_run_outputs_caches_and_state_only_never_the_code() -> Non
     outputs = _s3_outputs()
     assert {"runs/bottle", "sweeps/bottle", "runs"} <= outputs, outputs
     for out in outputs:
-        for key in (f"{out}/metrics.json", f"{out}/.ray/experiment_state.json", f"{out}/.ray/feature_cache/x/index.json"):
+        for key in (
+            f"{out}/metrics.json",
+            f"{out}/.ray/experiment_state.json",
+            f"{out}/.ray/feature_cache/x/index.json",
+        ):
             assert all(granted(a, key) for a in writes), key
 
     everything = " ".join(p.read_text() for p in _all_files())

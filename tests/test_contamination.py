@@ -161,7 +161,9 @@ def test_validation_split_fraction_zero_and_errors(mvtec_tree: Path) -> None:
 # --- real data -----------------------------------------------------------------------------------
 
 
-def test_real_bottle_injection(bottle_root: Path) -> None:  # honours COMET_RAY_TEST_SHARED, skips without ../shared
+def test_real_bottle_injection(
+    bottle_root: Path,
+) -> None:  # honours COMET_RAY_TEST_SHARED, skips without ../shared
     real_bottle = bottle_root / "mvtec_bottle"
     table = build_sample_table(str(real_bottle.parent), "mvtec_bottle")
     result, manifest = inject_contamination(table, 0.15, seed=0)

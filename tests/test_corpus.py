@@ -87,11 +87,26 @@ def test_train_uses_the_rest_and_lists_every_left_out_file(corpus: BadInputCorpu
     assert math.isfinite(metrics["image_auroc"]) and math.isfinite(metrics["pixel_auroc"])
 
 
-def test_evaluate_reports_the_test_images_it_skipped(corpus: BadInputCorpus, messy_run: Path,
-                                                       tmp_path: Path, capsys) -> None:
+def test_evaluate_reports_the_test_images_it_skipped(
+    corpus: BadInputCorpus, messy_run: Path, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "eval.json"
-    assert main(["evaluate", str(messy_run), str(corpus.root), "--category", "messy", "--device", "cpu",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(messy_run),
+                str(corpus.root),
+                "--category",
+                "messy",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     evaluated = json.loads(out.read_text())
     manifest = json.loads((messy_run / "manifest.json").read_text())
     expected = {i for i in corpus.skipped_at_decode if "/test/" in i} - set(manifest["validation_ids"])
@@ -101,12 +116,27 @@ def test_evaluate_reports_the_test_images_it_skipped(corpus: BadInputCorpus, mes
         assert sample_id.split("/")[-1] in err
 
 
-def test_predict_scores_the_rest_and_gives_each_bad_file_a_row(corpus: BadInputCorpus, messy_run: Path,
-                                                                tmp_path: Path) -> None:
+def test_predict_scores_the_rest_and_gives_each_bad_file_a_row(
+    corpus: BadInputCorpus, messy_run: Path, tmp_path: Path
+) -> None:
     category = corpus.root / "messy"
     out = tmp_path / "pred"
-    assert main(["predict", str(messy_run), str(category / "train"), str(category / "test"), "--out", str(out),
-                 "--device", "cpu", "--maps"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(messy_run),
+                str(category / "train"),
+                str(category / "test"),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--maps",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((out / "predictions.csv").read_text(encoding="utf-8").splitlines()))
     prefix = str(corpus.root) + "/"
     errors = {r["path"].removeprefix(prefix) for r in rows if r["error"]}
@@ -128,16 +158,23 @@ def test_export_and_report_work_on_the_messy_run(messy_run: Path, tmp_path: Path
 
 
 @pytest.mark.parametrize("command", ["train", "tune"])
-@pytest.mark.parametrize("category, expected", [
-    ("empty", "contains no images"),
-    ("only_anomalies", "no good test images"),
-    ("no_train", "has no train/ folder"),
-])
-def test_untrainable_categories_stop_with_one_line(corpus: BadInputCorpus, tmp_path: Path, one_line_error,
-                                                    command: str, category: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    "category, expected",
+    [
+        ("empty", "contains no images"),
+        ("only_anomalies", "no good test images"),
+        ("no_train", "has no train/ folder"),
+    ],
+)
+def test_untrainable_categories_stop_with_one_line(
+    corpus: BadInputCorpus, tmp_path: Path, one_line_error, command: str, category: str, expected: str
+) -> None:
     out = tmp_path / "out"
-    extra = ["--trials", "2", "--seeds", "0", "--contamination", "0", "--storage-path", str(tmp_path / "tune")] \
-        if command == "tune" else []
+    extra = (
+        ["--trials", "2", "--seeds", "0", "--contamination", "0", "--storage-path", str(tmp_path / "tune")]
+        if command == "tune"
+        else []
+    )
     assert main([command, str(corpus.root), "--category", category, "--out", str(out), *extra, *TINY]) == 2
     assert expected in one_line_error()
     assert not out.exists() and not (tmp_path / "tune").exists()
@@ -148,14 +185,32 @@ def _refuse_non_json(token: str) -> None:
 
 
 def test_evaluate_on_anomalies_only_gives_pixel_metrics_and_says_why_image_ones_are_missing(
-        corpus: BadInputCorpus, messy_run: Path, tmp_path: Path, capsys, one_line_error) -> None:
+    corpus: BadInputCorpus, messy_run: Path, tmp_path: Path, capsys, one_line_error
+) -> None:
     out = tmp_path / "eval.json"
-    assert main(["evaluate", str(messy_run), str(corpus.root), "--category", "only_anomalies", "--device", "cpu",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(messy_run),
+                str(corpus.root),
+                "--category",
+                "only_anomalies",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     evaluated = json.loads(out.read_text(), parse_constant=_refuse_non_json)  # undefined is null, not NaN
     assert evaluated["image_auroc"] is None and evaluated["f1_max"] is None
     assert math.isfinite(evaluated["pixel_auroc"])
-    assert "image AUROC and F1 are undefined: all 6 evaluated test images are anomalous" in capsys.readouterr().err
+    assert (
+        "image AUROC and F1 are undefined: all 6 evaluated test images are anomalous"
+        in capsys.readouterr().err
+    )
     assert main(["evaluate", str(messy_run), str(corpus.root), "--category", "empty", "--device", "cpu"]) == 2
     assert "contains no images" in one_line_error()
 
@@ -164,24 +219,46 @@ def test_evaluate_on_anomalies_only_gives_pixel_metrics_and_says_why_image_ones_
 
 
 @pytest.mark.ray
-def test_ray_data_engine_skips_exactly_what_the_local_engine_skips(corpus: BadInputCorpus, messy_run: Path,
-                                                                    tmp_path: Path) -> None:
+def test_ray_data_engine_skips_exactly_what_the_local_engine_skips(
+    corpus: BadInputCorpus, messy_run: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "ray-engine"
-    assert main(["train", str(corpus.root), "--category", "messy", "--engine", "ray", "--out", str(out), *TINY]) == 0
+    assert (
+        main(["train", str(corpus.root), "--category", "messy", "--engine", "ray", "--out", str(out), *TINY])
+        == 0
+    )
     streamed = json.loads((out / "manifest.json").read_text())
     local = json.loads((messy_run / "manifest.json").read_text())
     assert _ids(streamed["skipped"]) == _ids(local["skipped"])
     assert _ids(streamed["mask_issues"]) == _ids(local["mask_issues"])
-    assert json.loads((out / "metrics.json").read_text())["n_train"] == json.loads(
-        (messy_run / "metrics.json").read_text())["n_train"]
+    assert (
+        json.loads((out / "metrics.json").read_text())["n_train"]
+        == json.loads((messy_run / "metrics.json").read_text())["n_train"]
+    )
 
 
 @pytest.mark.ray
-def test_ray_train_over_categories_reports_broken_ones_in_their_row(corpus: BadInputCorpus, tmp_path: Path,
-                                                                     capsys) -> None:
+def test_ray_train_over_categories_reports_broken_ones_in_their_row(
+    corpus: BadInputCorpus, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "many"
-    code = main(["train", str(corpus.root), "--category", "messy,empty,only_anomalies", "--workers", "1",
-                 "--cpus-per-worker", "0.5", "--max-failures", "0", "--out", str(out), *TINY])
+    code = main(
+        [
+            "train",
+            str(corpus.root),
+            "--category",
+            "messy,empty,only_anomalies",
+            "--workers",
+            "1",
+            "--cpus-per-worker",
+            "0.5",
+            "--max-failures",
+            "0",
+            "--out",
+            str(out),
+            *TINY,
+        ]
+    )
     assert code == 1  # some categories failed; the others' results are kept
     rows = {r["category"]: r for r in json.loads((out / "summary.json").read_text())}
     assert "error" not in rows["messy"] and math.isfinite(rows["messy"]["image_auroc"])
@@ -194,9 +271,30 @@ def test_ray_train_over_categories_reports_broken_ones_in_their_row(corpus: BadI
 @pytest.mark.ray
 def test_tune_runs_on_the_messy_category(corpus: BadInputCorpus, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    assert main(["tune", str(corpus.root), "--category", "messy", "--contamination", "0", "--trials", "2",
-                 "--seeds", "0", "--storage-path", str(tmp_path / "tune-runs"), "--out", str(out),
-                 "--cpus-per-trial", "0.5", *TINY]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                str(corpus.root),
+                "--category",
+                "messy",
+                "--contamination",
+                "0",
+                "--trials",
+                "2",
+                "--seeds",
+                "0",
+                "--storage-path",
+                str(tmp_path / "tune-runs"),
+                "--out",
+                str(out),
+                "--cpus-per-trial",
+                "0.5",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
     # 2 trials for the baseline's knobs, then 2 for CoMet's; ASHA may stop one trial of each early.
     assert sorted(r["strategy"] for r in rows) == ["baseline"] * 2 + ["comet"] * 2
@@ -208,17 +306,34 @@ def test_tune_runs_on_the_messy_category(corpus: BadInputCorpus, tmp_path: Path)
 
 
 def test_upload_leaves_out_what_cannot_be_named_and_s3_training_skips_the_rest(
-        corpus: BadInputCorpus, s3_env, tmp_path: Path, capsys) -> None:
+    corpus: BadInputCorpus, s3_env, tmp_path: Path, capsys
+) -> None:
     endpoint = s3_env.endpoint
     s3_env.make_bucket("corpus")
-    assert main(["upload", str(corpus.root), "s3://corpus/factory", "--s3-endpoint", endpoint, "--quiet"]) == 0
+    assert (
+        main(["upload", str(corpus.root), "s3://corpus/factory", "--s3-endpoint", endpoint, "--quiet"]) == 0
+    )
     printed = capsys.readouterr()
     assert "3 left out" in printed.out
     for name in ("caf\\xe9_latin1.png", "loop_to_train", "broken_link.png"):
         assert name in printed.err
     run = tmp_path / "from-s3"
-    assert main(["train", "s3://corpus/factory", "--category", "messy", "--out", str(run), "--s3-endpoint", endpoint,
-                 *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "s3://corpus/factory",
+                "--category",
+                "messy",
+                "--out",
+                str(run),
+                "--s3-endpoint",
+                endpoint,
+                *TINY,
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((run / "manifest.json").read_text())
     assert _ids(manifest["skipped"]) == corpus.skipped_at_decode  # the rest never reached the bucket
     assert _ids(manifest["mask_issues"]) == corpus.mask_issues

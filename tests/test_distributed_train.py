@@ -171,11 +171,14 @@ def two_worker_run(ray_local, workdir: Path) -> dict:
     return metrics
 
 
-def test_one_worker_equals_single_process(ray_local, workdir: Path, plain_run: Path, two_worker_run: dict,
-                                          capsys) -> None:
+def test_one_worker_equals_single_process(
+    ray_local, workdir: Path, plain_run: Path, two_worker_run: dict, capsys
+) -> None:
     capsys.readouterr()
     one = _fit(workdir, "one", 1)
-    assert "features: read 30 images from the cache" in capsys.readouterr().out  # the driver extracted nothing
+    assert (
+        "features: read 30 images from the cache" in capsys.readouterr().out
+    )  # the driver extracted nothing
     plain_metrics, plain_weights, plain_history = _outputs(plain_run)
     _, one_weights, one_history = _outputs(one["out"])
 
@@ -194,12 +197,15 @@ def test_one_worker_equals_single_process(ray_local, workdir: Path, plain_run: P
         assert one_audit["per_epoch"]["below_one"][sample_id] == pytest.approx(row, abs=WEIGHT_TOL)
     assert _max_weight_gap(one_audit["scores"], plain_audit["scores"]) <= 1e-3
     assert plain_history[-1]["det_sigma"] > 0
-    assert [e["det_sigma"] for e in one_history] == pytest.approx([e["det_sigma"] for e in plain_history], abs=1e-3)
+    assert [e["det_sigma"] for e in one_history] == pytest.approx(
+        [e["det_sigma"] for e in plain_history], abs=1e-3
+    )
     assert [e["lam"] for e in one_history] == pytest.approx([e["lam"] for e in plain_history], rel=1e-3)
 
 
-def test_two_workers_each_hold_and_train_on_half(ray_local, workdir: Path, plain_run: Path,
-                                                 two_worker_run: dict) -> None:
+def test_two_workers_each_hold_and_train_on_half(
+    ray_local, workdir: Path, plain_run: Path, two_worker_run: dict
+) -> None:
     plain_metrics, plain_weights, _ = _outputs(plain_run)
     two = two_worker_run
     _, two_weights, two_history = _outputs(two["out"])
@@ -222,26 +228,40 @@ def test_two_workers_each_hold_and_train_on_half(ray_local, workdir: Path, plain
     assert sum(held) == 30 and held[1] - held[0] <= 3  # each split's shards differ by one image at most
 
 
-def test_knn_with_two_workers_builds_one_bank_from_the_shards(ray_local, workdir: Path, two_worker_run: dict) -> None:
+def test_knn_with_two_workers_builds_one_bank_from_the_shards(
+    ray_local, workdir: Path, two_worker_run: dict
+) -> None:
     """--model knn --workers 2: each worker chooses the coreset of its half (it holds only that half), and
     the two are merged into one bank of about the single process's size, the same on both workers."""
-    config = dataclasses.replace(_config(workdir), model=ModelConfig(model="knn"),
-                                 comet=CometConfig(strategy="baseline"))
+    config = dataclasses.replace(
+        _config(workdir), model=ModelConfig(model="knn"), comet=CometConfig(strategy="baseline")
+    )
     device = torch.device("cpu")
     data = prepare_data(config, device)
     single = train_category(config, data, device).metrics
     budget = 20 * ROW_BYTES  # 20 of the category's 30 images: the bank cannot be built in one worker
-    two = fit_distributed(config, workers=2, cpus_per_worker=0.5, storage_path=str(workdir / "ray"),
-                          run_name="knn-two", out=str(workdir / "knn-two"), worker_feature_memory=budget)
+    two = fit_distributed(
+        config,
+        workers=2,
+        cpus_per_worker=0.5,
+        storage_path=str(workdir / "ray"),
+        run_name="knn-two",
+        out=str(workdir / "knn-two"),
+        worker_feature_memory=budget,
+    )
     metrics = json.loads((workdir / "knn-two" / "metrics.json").read_text())
     assert metrics["model"] == "knn" and metrics["bank_shards"] == 2 and "bank_shards" not in single
     n_train, patches = single["n_train"], 8 * 8
     shard_banks = [max(1, round(0.1 * len(range(r, n_train, 2)) * patches)) for r in (0, 1)]
     assert metrics["bank_rows"] == sum(shard_banks) and abs(metrics["bank_rows"] - single["bank_rows"]) <= 1
     state = torch.load(workdir / "knn-two" / "model.pt", map_location="cpu", weights_only=True)
-    assert state["model_state"]["bank"].shape[0] == state["model_hparams"]["bank_size"] == metrics["bank_rows"]
+    assert (
+        state["model_state"]["bank"].shape[0] == state["model_hparams"]["bank_size"] == metrics["bank_rows"]
+    )
     attempts = [a for a in _attempts(workdir / "knn-two") if "feature_bytes" in a]
-    assert sorted(a["rank"] for a in attempts) == [0, 1] and max(a["feature_bytes"] for a in attempts) <= budget
+    assert (
+        sorted(a["rank"] for a in attempts) == [0, 1] and max(a["feature_bytes"] for a in attempts) <= budget
+    )
     for key in ("image_auroc", "pixel_auroc"):
         assert abs(two[key] - single[key]) <= 0.05, (key, two[key], single[key])
 
@@ -324,14 +344,51 @@ def test_cli_trains_every_category_through_ray_train(ray_local, tmp_path: Path) 
     from comet_ray.data.synthetic import make_texture_category
 
     for name, seed in (("weave", 1), ("felt", 2)):
-        make_texture_category(tmp_path / "data", name, n_train=12, n_test_good=6, defects={"spot": 6}, size=64,
-                              seed=seed)
+        make_texture_category(
+            tmp_path / "data", name, n_train=12, n_test_good=6, defects={"spot": 6}, size=64, seed=seed
+        )
     out = tmp_path / "runs"
-    code = main(["train", str(tmp_path / "data"), "--category", "all", "--workers", "1", "--cpus-per-worker", "0.5",
-                 "--backbone", "mobilenet_v2", "--no-pretrained", "--image-size", "64", "--feature-dim", "32",
-                 "--epochs", "2", "--passes", "1", "--batch-size", "4", "--set", "discriminator_hidden=32",
-                 "--set", "inner_steps=1", "--set", "meta_tasks=2", "--device", "cpu", "--out", str(out),
-                 "--model", "flow", "--set", "flow_blocks=2", "--set", "flow_hidden=32"])
+    code = main(
+        [
+            "train",
+            str(tmp_path / "data"),
+            "--category",
+            "all",
+            "--workers",
+            "1",
+            "--cpus-per-worker",
+            "0.5",
+            "--backbone",
+            "mobilenet_v2",
+            "--no-pretrained",
+            "--image-size",
+            "64",
+            "--feature-dim",
+            "32",
+            "--epochs",
+            "2",
+            "--passes",
+            "1",
+            "--batch-size",
+            "4",
+            "--set",
+            "discriminator_hidden=32",
+            "--set",
+            "inner_steps=1",
+            "--set",
+            "meta_tasks=2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--model",
+            "flow",
+            "--set",
+            "flow_blocks=2",
+            "--set",
+            "flow_hidden=32",
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(row["category"] for row in summary) == ["felt", "weave"]
@@ -353,18 +410,40 @@ def test_two_workers_print_one_line_per_epoch_and_no_raw_reports(tiny_category: 
     env = {**os.environ, **LOCAL_ENV, "RAY_ADDRESS": ""}
 
     def run(*extra: str) -> str:
-        command = [sys.executable, "-m", "comet_ray", *extra, "train", str(tiny_category), "--category",
-                   "weave", "--workers", "2", "--cpus-per-worker", "0.5", "--out",
-                   str(tmp_path / f"run{len(extra)}"), *TINY_TRAIN_ARGS]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
-                              check=False)
+        command = [
+            sys.executable,
+            "-m",
+            "comet_ray",
+            *extra,
+            "train",
+            str(tiny_category),
+            "--category",
+            "weave",
+            "--workers",
+            "2",
+            "--cpus-per-worker",
+            "0.5",
+            "--out",
+            str(tmp_path / f"run{len(extra)}"),
+            *TINY_TRAIN_ARGS,
+        ]
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path, check=False
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout + done.stderr
 
     output = run()
     epoch_lines = [line for line in output.splitlines() if "| loss " in line]
     assert [line.split("epoch", 1)[1].split("|")[0].strip() for line in epoch_lines] == ["1/2", "2/2"], output
-    for chatter in ("TrainingReport(", "Reporting training result", "Checkpoint successfully created",
-                    "Setting up process group", "Found credentials"):
+    for chatter in (
+        "TrainingReport(",
+        "Reporting training result",
+        "Checkpoint successfully created",
+        "Setting up process group",
+        "Found credentials",
+    ):
         assert chatter not in output, chatter
-    assert "TrainingReport(" in run("--verbose")  # the lines are Ray's, held back only at the default verbosity
+    assert "TrainingReport(" in run(
+        "--verbose"
+    )  # the lines are Ray's, held back only at the default verbosity

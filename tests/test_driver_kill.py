@@ -72,8 +72,13 @@ class CliRun:
         self.log = log
         self.handle = open(log, "w")  # noqa: SIM115 - open for the run's life, closed by reap()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "comet_ray", *args], stdout=self.handle, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True,
+            [sys.executable, "-m", "comet_ray", *args],
+            stdout=self.handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
         )
         self.started = time.monotonic()
 
@@ -190,9 +195,25 @@ def test_tune_driver_killed_after_first_level_resumes_without_duplicates(
 ) -> None:
     trials, levels = 2, ("0", "0.2")
     store, out = tmp_path / "store", tmp_path / "out"
-    command = ["tune", str(dataset), "--category", "weave", "--contamination", ",".join(levels),
-               "--trials", str(trials), "--seeds", "0", "--cpus-per-trial", "1", *_tiny_args(epochs=2),
-               "--storage-path", str(store), "--out", str(out)]
+    command = [
+        "tune",
+        str(dataset),
+        "--category",
+        "weave",
+        "--contamination",
+        ",".join(levels),
+        "--trials",
+        str(trials),
+        "--seeds",
+        "0",
+        "--cpus-per-trial",
+        "1",
+        *_tiny_args(epochs=2),
+        "--storage-path",
+        str(store),
+        "--out",
+        str(out),
+    ]
     results = out / "results.csv"
 
     level0, level2 = store / "tune-weave-simplenet-rho0", store / "tune-weave-simplenet-rho0.2"
@@ -222,21 +243,37 @@ def test_tune_driver_killed_after_first_level_resumes_without_duplicates(
     assert [{k: r[k] for k in before[0]} for r in restored] == _by_trial(before)
     assert all(not r[k] for r in restored for k in r.keys() - before[0].keys())
     # The level cut short ends with exactly its trials (no orphaned extra trials in its folder).
-    assert set(_trial_files(level2)) == {f"trial-{r['trial_id']}" for r in after
-                                         if r["level"] == "0.2" and r["strategy"] == "comet"}
+    assert set(_trial_files(level2)) == {
+        f"trial-{r['trial_id']}" for r in after if r["level"] == "0.2" and r["strategy"] == "comet"
+    }
     for level in levels:
         best = json.loads((out / f"rho_{level}" / "best.json").read_text())
         assert best["objective"] is not None and str(best["level"]) == str(float(level))
-    print(f"tune: killed at {killed_at:.1f}s (second level's folder: {cut}); "
-          f"rerun finished in {second.elapsed:.1f}s")
+    print(
+        f"tune: killed at {killed_at:.1f}s (second level's folder: {cut}); "
+        f"rerun finished in {second.elapsed:.1f}s"
+    )
 
 
 @pytest.mark.ray
 def test_ray_train_driver_killed_after_checkpoint_resumes_from_it(cli, dataset: Path, tmp_path: Path) -> None:
     epochs = 3
     store, out = tmp_path / "store", tmp_path / "run"
-    command = ["train", str(dataset), "--category", "weave", "--workers", "1", "--cpus-per-worker", "1",
-               *_tiny_args(epochs), "--storage-path", str(store), "--out", str(out)]
+    command = [
+        "train",
+        str(dataset),
+        "--category",
+        "weave",
+        "--workers",
+        "1",
+        "--cpus-per-worker",
+        "1",
+        *_tiny_args(epochs),
+        "--storage-path",
+        str(store),
+        "--out",
+        str(out),
+    ]
     run_dir = store / "weave-comet-seed0"
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
 
@@ -279,8 +316,10 @@ def test_ray_train_driver_killed_after_checkpoint_resumes_from_it(cli, dataset: 
     assert not list(out.parent.glob(f".{out.name}.staging-*"))
     checkpoints = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("epoch_"))
     assert checkpoints[-1] == f"epoch_{epochs - 1:04d}" and len(checkpoints) <= 2  # --num-to-keep 2
-    print(f"train: killed at {killed_at:.1f}s after {newest}; rerun resumed at epoch {resume_epoch}, "
-          f"finished in {second.elapsed:.1f}s")
+    print(
+        f"train: killed at {killed_at:.1f}s after {newest}; rerun resumed at epoch {resume_epoch}, "
+        f"finished in {second.elapsed:.1f}s"
+    )
 
 
 def test_a_tune_folder_killed_before_its_first_snapshot_starts_over(tmp_path: Path) -> None:
@@ -348,5 +387,6 @@ def test_in_process_train_killed_after_an_epoch_resumes_and_matches_an_uninterru
     uninterrupted = json.loads((reference / "weights.json").read_text())["weights"]
     assert resumed.keys() == uninterrupted.keys()
     assert max(abs(resumed[k] - uninterrupted[k]) for k in resumed) < 1e-5
-    assert metrics["image_auroc"] == pytest.approx(json.loads((reference / "metrics.json").read_text())["image_auroc"],
-                                                   abs=1e-6)
+    assert metrics["image_auroc"] == pytest.approx(
+        json.loads((reference / "metrics.json").read_text())["image_auroc"], abs=1e-6
+    )

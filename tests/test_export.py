@@ -60,8 +60,12 @@ def test_fused_aggregation_equals_simplenet_aggregation() -> None:
     for dim in (32, 100):
         wrapper = ExportedDetector(trunk, torch.nn.Identity(), dim, (32, 96), 64, (8, 8))
         with torch.no_grad():
-            torch.testing.assert_close(wrapper.patch_features(images), aggregate_patches(trunk(images), dim, dim),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                wrapper.patch_features(images),
+                aggregate_patches(trunk(images), dim, dim),
+                atol=1e-5,
+                rtol=1e-5,
+            )
 
 
 def test_wrapper_matches_predict_path(tiny_run: Path, reference) -> None:
@@ -81,7 +85,9 @@ def test_torchscript_round_trip(tiny_run: Path, reference, tmp_path: Path) -> No
     extra = {"comet_ray.json": ""}
     loaded = torch.jit.load(str(target), _extra_files=extra)
     meta = json.loads(extra["comet_ray.json"])
-    assert meta["image_size"] == 64 and meta["threshold"] == pytest.approx(load_detector(tiny_run)[1]["threshold"])
+    assert meta["image_size"] == 64 and meta["threshold"] == pytest.approx(
+        load_detector(tiny_run)[1]["threshold"]
+    )
     images = _images(5, 3)  # another batch size than the trace's example: the batch dimension is free
     with torch.no_grad():
         scores, maps = loaded(images)

@@ -99,7 +99,9 @@ def test_feature_entry_reads_only_the_rows_asked_for(tmp_path, cache_dtype) -> N
     assert FeatureEntry.open(fs, path) is None
     for first in (5, 0):  # the second part first, as Ray Data may return them
         name = part_name(first, first + 4)
-        write_part(fs, path, name, as_numpy(features[first : first + 5]), pack_masks(masks[first : first + 5]))
+        write_part(
+            fs, path, name, as_numpy(features[first : first + 5]), pack_masks(masks[first : first + 5])
+        )
         index.add_part(name, range(first, first + 5), [f"s{i}" for i in range(first, first + 5)], [True] * 5)
     assert FeatureEntry.open(fs, path) is None  # no index yet: incomplete
     index.write(fs, path)

@@ -15,7 +15,9 @@ from comet_ray.errors import ImageDecodeError
 
 def _png(seed: int) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buffer, "PNG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+        buffer, "PNG"
+    )
     return buffer.getvalue()
 
 
@@ -38,6 +40,8 @@ def test_random_bytes_never_crash_the_decoder(data: bytes) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.integers(0, len(VALID) - 1), st.binary(min_size=1, max_size=16), st.booleans())
-def test_mutated_and_truncated_pngs_never_crash_the_decoder(position: int, patch: bytes, truncate: bool) -> None:
-    data = VALID[:position] if truncate else VALID[:position] + patch + VALID[position + len(patch):]
+def test_mutated_and_truncated_pngs_never_crash_the_decoder(
+    position: int, patch: bytes, truncate: bool
+) -> None:
+    data = VALID[:position] if truncate else VALID[:position] + patch + VALID[position + len(patch) :]
     _only_documented_errors(data)

@@ -229,7 +229,9 @@ def test_load_samples_empty_input() -> None:
     assert loaded.images.shape == (0, 3, 16, 16) and loaded.sample_ids == []
 
 
-def test_load_real_bottle_images(bottle_root: Path) -> None:  # honours COMET_RAY_TEST_SHARED, skips without ../shared
+def test_load_real_bottle_images(
+    bottle_root: Path,
+) -> None:  # honours COMET_RAY_TEST_SHARED, skips without ../shared
     real_bottle = bottle_root / "mvtec_bottle"
     table = build_sample_table(str(real_bottle.parent), "mvtec_bottle")
     picked = [s for s in table if s.split == "test" and s.defect == "broken_large"][:2]

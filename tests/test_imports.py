@@ -129,7 +129,9 @@ def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
 def test_no_import_loop_between_folders():
     """comet/ -> evaluate -> comet/ is a loop a file-level walk misses (each file imports another file)."""
     cycles = find_cycles(package_graph(import_graph()))
-    assert not cycles, "import loops between folders of comet_ray/:\n" + "\n".join(" -> ".join(c) for c in cycles)
+    assert not cycles, "import loops between folders of comet_ray/:\n" + "\n".join(
+        " -> ".join(c) for c in cycles
+    )
 
 
 def test_the_folder_walk_finds_a_loop_the_file_walk_misses(tmp_path):

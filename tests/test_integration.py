@@ -28,7 +28,9 @@ def run(root, category: str, contamination: float, strategy: str, seed: int, cac
     return train_category(config, data, torch.device("cpu")).metrics
 
 
-def test_bottle_scl_finds_injected_anomalies_and_comet_does_no_harm(bottle_root, imagenet_torch_home, tmp_path_factory):
+def test_bottle_scl_finds_injected_anomalies_and_comet_does_no_harm(
+    bottle_root, imagenet_torch_home, tmp_path_factory
+):
     cache = tmp_path_factory.mktemp("bottle-features")
     baseline = [run(bottle_root, "mvtec_bottle", 0.15, "baseline", s, cache) for s in SEEDS]
     comet = [run(bottle_root, "mvtec_bottle", 0.15, "comet", s, cache) for s in SEEDS]
@@ -45,7 +47,9 @@ def test_bottle_scl_finds_injected_anomalies_and_comet_does_no_harm(bottle_root,
 def test_comet_recovers_part_of_what_contamination_costs(tmp_path_factory, imagenet_torch_home):
     """A texture where one defect type sits in 20% of the training images: the baseline learns it as normal."""
     root = tmp_path_factory.mktemp("hard")
-    make_texture_category(root, "weave", n_train=60, n_test_good=24, defects={"spot": 40, "scratch": 16}, seed=0)
+    make_texture_category(
+        root, "weave", n_train=60, n_test_good=24, defects={"spot": 40, "scratch": 16}, seed=0
+    )
     cache = tmp_path_factory.mktemp("hard-features")
     clean = statistics.mean(run(root, "weave", 0.0, "baseline", s, cache)["image_auroc"] for s in SEEDS)
     dirty = statistics.mean(run(root, "weave", 0.2, "baseline", s, cache)["image_auroc"] for s in SEEDS)
@@ -56,10 +60,14 @@ def test_comet_recovers_part_of_what_contamination_costs(tmp_path_factory, image
     # to 0.902 and CoMet to 0.920 (18 % of a larger loss), so the loss and share asserted here are smaller.
     assert loss > 0.03, f"contamination should hurt the baseline: clean {clean:.4f}, contaminated {dirty:.4f}"
     recovered = (ours - dirty) / loss
-    assert recovered >= 0.10, f"comet recovered {recovered:.0%} of {loss:.4f} (baseline {dirty:.4f}, comet {ours:.4f})"
+    assert recovered >= 0.10, (
+        f"comet recovered {recovered:.0%} of {loss:.4f} (baseline {dirty:.4f}, comet {ours:.4f})"
+    )
 
 
-def test_knn_bank_without_what_scl_flags_is_no_worse_on_bottle(bottle_root, imagenet_torch_home, tmp_path_factory):
+def test_knn_bank_without_what_scl_flags_is_no_worse_on_bottle(
+    bottle_root, imagenet_torch_home, tmp_path_factory
+):
     """--model knn --strategy scl against plain knn on bottle at ρ = 0.2 (defaults, seeds 0-2): pixel AUROC.
 
     Measured on this tree: knn 0.9827, knn + scl 0.9846 (mean of 3); leaving the flagged images out whole

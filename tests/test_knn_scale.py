@@ -25,7 +25,9 @@ def test_fast_coreset_covers_about_as_well_as_exact_greedy() -> None:
     points = clustered()
     size = 300
     exact = coreset_rows(points, size, "exact", torch.Generator().manual_seed(1), projection_dim=0)
-    fast = coreset_rows(points, size, "fast", torch.Generator().manual_seed(1), projection_dim=0, part_rows=1000)
+    fast = coreset_rows(
+        points, size, "fast", torch.Generator().manual_seed(1), projection_dim=0, part_rows=1000
+    )
     randomly = coreset_rows(points, size, "random", torch.Generator().manual_seed(1))
     assert fast.numel() == exact.numel() == size and fast.unique().numel() == size
     r_exact, r_fast, r_random = (covering_radius(points, r) for r in (exact, fast, randomly))

@@ -156,7 +156,9 @@ def test_is_anomalous_rules() -> None:
 # --- real data -----------------------------------------------------------------------------------
 
 
-def test_real_mvtec_bottle(bottle_root: Path) -> None:  # honours COMET_RAY_TEST_SHARED, skips without ../shared
+def test_real_mvtec_bottle(
+    bottle_root: Path,
+) -> None:  # honours COMET_RAY_TEST_SHARED, skips without ../shared
     real_bottle = bottle_root / "mvtec_bottle"
     table = build_sample_table(str(real_bottle.parent), "mvtec_bottle")
     train = [s for s in table if s.split == "train"]

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.ray, pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")]
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc"),
+]
 
 # Starts Ray as the CLI does, runs one task, prints [[process, address, port], ...] of every listening socket.
 _PROBE = r"""
@@ -68,8 +71,15 @@ ray.shutdown()
 
 def test_the_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
-    done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=tmp_path, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     sockets = json.loads(done.stdout.strip().splitlines()[-1])
     names = {name for name, _, _ in sockets}

@@ -43,7 +43,9 @@ def test_covariance_lambda_spans_lambda0_to_its_ceiling() -> None:
     assert covariance_lambda(1.0, 0.005, 0.5) == pytest.approx(0.0075)
     assert covariance_lambda(0.2, 0.005, 0.5) < covariance_lambda(0.6, 0.005, 0.5)
     assert covariance_lambda(0.2, 0.005, 0.5, det_clip=0.2) == pytest.approx(0.0075)  # a smaller C saturates
-    assert covariance_lambda(0.5, 0.005, 0.5) == pytest.approx(0.005 * (1 + 0.5 * math.log1p(0.5) / math.log(2)))
+    assert covariance_lambda(0.5, 0.005, 0.5) == pytest.approx(
+        0.005 * (1 + 0.5 * math.log1p(0.5) / math.log(2))
+    )
 
 
 def test_history_keeps_a_window_of_epochs() -> None:
@@ -90,7 +92,9 @@ def test_determinant_of_degenerate_windows() -> None:
 N, P, D = 48, 16, 16
 
 
-def lambda_run(epochs: int, lr_scale: float = 20.0, outliers: int = 0, strategy: str = "comet", seed: int = 0):
+def lambda_run(
+    epochs: int, lr_scale: float = 20.0, outliers: int = 0, strategy: str = "comet", seed: int = 0
+):
     from comet_ray.comet.trainer import CometTrainer
     from comet_ray.config import ModelConfig, TrainConfig
     from comet_ray.features.store import FeatureStore
@@ -104,8 +108,9 @@ def lambda_run(epochs: int, lr_scale: float = 20.0, outliers: int = 0, strategy:
         features[row, : P // 2] = 2.0 * torch.randn(P // 2, D, generator=generator)
     store = FeatureStore([f"img{i:02d}" for i in range(N)], features, (4, 4))
     config = TrainConfig(epochs=epochs, passes=2, batch_size=8, seed=0)
-    config.model = ModelConfig(noise_std=0.3, discriminator_hidden=64, adaptor_lr=1e-4 * lr_scale,
-                               discriminator_lr=2e-4 * lr_scale)
+    config.model = ModelConfig(
+        noise_std=0.3, discriminator_hidden=64, adaptor_lr=1e-4 * lr_scale, discriminator_lr=2e-4 * lr_scale
+    )
     config.comet.strategy = strategy
     torch.manual_seed(0)
     trainer = CometTrainer(build_detector("simplenet", D, config.model), store, config)

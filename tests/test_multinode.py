@@ -41,7 +41,12 @@ from comet_ray.data.synthetic import make_texture_category
 from support import TINY_TRAIN_ARGS
 from support.cluster import LocalCluster
 
-pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.kill, pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")]
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.ray,
+    pytest.mark.kill,
+    pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning"),
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "comet-cluster"
@@ -93,8 +98,10 @@ def cluster(s3):
     namespaces = os.environ.get("COMET_RAY_CLUSTER_NAMESPACES", "1") != "0"
     cluster = LocalCluster(env={**s3.env(), "AWS_ENDPOINT_URL": s3.endpoint}, namespaces=namespaces)
     if cluster.unshare is None:
-        warnings.warn(f"no mount namespaces here: the worker nodes' disks are private through {cluster.isolation}",
-                      stacklevel=1)
+        warnings.warn(
+            f"no mount namespaces here: the worker nodes' disks are private through {cluster.isolation}",
+            stacklevel=1,
+        )
     try:
         cluster.start_head()
         cluster.add_node("worker-a", num_cpus=1)
@@ -108,12 +115,20 @@ class Submit:
     """``comet-ray submit ...`` from "the user's terminal" (this machine, comet-ray installed), as a process."""
 
     def __init__(self, cluster: LocalCluster, argv: list[str], log: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_API_SERVER_ADDRESS")}
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_API_SERVER_ADDRESS")
+        }
         env.update(cluster.client_env())
         self.log = log
         self.handle = open(log, "w")  # noqa: SIM115 - closed in wait()
-        self.process = subprocess.Popen([sys.executable, "-m", "comet_ray", *argv], stdout=self.handle,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=log.parent)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "comet_ray", *argv],
+            stdout=self.handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=log.parent,
+        )
         self.started = time.monotonic()
 
     @property
@@ -159,10 +174,16 @@ def driver_node(cluster: LocalCluster, job_id: str, finished: bool = True) -> st
     names = [name for name, node in cluster.nodes.items() if node.node_id == node_id]
     head = cluster.alive_node_ids() - {node.node_id for node in cluster.nodes.values()}
     assert len(head) == 1 and node_id not in head, (node_id, head)  # the head is the one other alive node
-    assert names, f"the driver ran on {node_id}, none of the worker nodes {[n.node_id for n in cluster.nodes.values()]}"
+    assert names, (
+        f"the driver ran on {node_id}, none of the worker nodes {[n.node_id for n in cluster.nodes.values()]}"
+    )
+
     def printed(ray_dir: Path) -> list[Path]:
-        return [p for p in ray_dir.glob(f"session_*/logs/job-driver-{job_id}.log")
-                if not finished or "results in " in p.read_text(errors="replace")]
+        return [
+            p
+            for p in ray_dir.glob(f"session_*/logs/job-driver-{job_id}.log")
+            if not finished or "results in " in p.read_text(errors="replace")
+        ]
 
     assert printed(cluster.nodes[names[0]].disk / "tmp" / "ray")
     assert not finished or not printed(cluster.ray_temp)
@@ -172,8 +193,10 @@ def driver_node(cluster: LocalCluster, job_id: str, finished: bool = True) -> st
 def keys(s3, prefix: str) -> list[str]:
     client, found, token = s3.client(), [], None
     while True:
-        page = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix, **({"ContinuationToken": token} if token else {}))
-        found += [item["Key"][len(prefix):] for item in page.get("Contents", [])]
+        page = client.list_objects_v2(
+            Bucket=BUCKET, Prefix=prefix, **({"ContinuationToken": token} if token else {})
+        )
+        found += [item["Key"][len(prefix) :] for item in page.get("Contents", [])]
         if not page.get("IsTruncated"):
             return found
         token = page["NextContinuationToken"]
@@ -186,12 +209,19 @@ def read(s3, key: str) -> str:
 def log_lines(cluster: LocalCluster, text: str, also: str = "") -> dict[str, int]:
     """Per node ("head" included), how many lines Ray workers printed there contain ``text`` (and ``also``)."""
     disks = {"head": cluster.ray_temp}
-    disks.update({node.disk.name: node.disk / "tmp" / "ray" for node in [*cluster.retired, *cluster.nodes.values()]})
+    disks.update(
+        {node.disk.name: node.disk / "tmp" / "ray" for node in [*cluster.retired, *cluster.nodes.values()]}
+    )
     counts = {}
     for name, ray_dir in disks.items():
         sessions = [p for p in ray_dir.glob("session_*") if not p.is_symlink()]  # not session_latest
-        lines = [line for session in sessions for path in session.glob("logs/worker-*.out")  # stdout
-                 for line in path.read_text(errors="replace").splitlines() if text in line and also in line]
+        lines = [
+            line
+            for session in sessions
+            for path in session.glob("logs/worker-*.out")  # stdout
+            for line in path.read_text(errors="replace").splitlines()
+            if text in line and also in line
+        ]
         counts[name] = len(lines)
     return counts
 
@@ -233,24 +263,38 @@ def test_worker_nodes_lack_comet_ray_and_keep_their_files_private(cluster: Local
 
 
 # --------------------------------------------------------------------------- train
-def test_submit_train_with_both_workers_on_private_disk_nodes(cluster: LocalCluster, s3, tmp_path: Path) -> None:
+def test_submit_train_with_both_workers_on_private_disk_nodes(
+    cluster: LocalCluster, s3, tmp_path: Path
+) -> None:
     """The README's train command with a per-worker feature budget the category (30 images) exceeds: the
     features are embedded on both nodes at once into the S3 cache, and each worker, one per node, holds
     and trains on its half."""
     budget = 20 * ROW_BYTES
-    code, output, job_id = submit(cluster, readme_commands()["train"] + TINY_TRAIN_ARGS + [
-        "--worker-feature-memory", str(budget)], tmp_path)
+    code, output, job_id = submit(
+        cluster,
+        readme_commands()["train"] + TINY_TRAIN_ARGS + ["--worker-feature-memory", str(budget)],
+        tmp_path,
+    )
     assert code == 0, output[-6000:]
     assert driver_node(cluster, job_id) in cluster.nodes  # with the README's (default) options: not the head
     assert f"results in s3://{BUCKET}/runs/bottle" in output
     assert "State API" not in output and "Traceback" not in output  # no log floods, no swallowed errors
 
     names = set(keys(s3, "runs/bottle/"))
-    assert {"metrics.json", "model.pt", "manifest.json", "history.json", "weights.json", "config.json",
-            "attempts.jsonl"} <= names
+    assert {
+        "metrics.json",
+        "model.pt",
+        "manifest.json",
+        "history.json",
+        "weights.json",
+        "config.json",
+        "attempts.jsonl",
+    } <= names
     metrics = json.loads(read(s3, "runs/bottle/metrics.json"))
     assert metrics["epochs"] == 2 and metrics["category"] == "bottle" and 0.0 <= metrics["image_auroc"] <= 1.0
-    assert f"{metrics['image_auroc']:.4f}" in output  # the driver's table: Ray's Result, not a file on the head
+    assert (
+        f"{metrics['image_auroc']:.4f}" in output
+    )  # the driver's table: Ray's Result, not a file on the head
     assert len(json.loads(read(s3, "runs/bottle/history.json"))) == 2
     assert any(n.startswith(".ray/bottle-comet-seed0/epoch_0001/") for n in names)  # checkpoints in S3
 
@@ -261,7 +305,9 @@ def test_submit_train_with_both_workers_on_private_disk_nodes(cluster: LocalClus
     parts = json.loads(read(s3, "runs/bottle/" + index_key))["parts"]
     workers = {node.node_id: name for name, node in cluster.nodes.items()}
     by_node = {name: [p for p in parts if p["node"] == node_id] for node_id, name in workers.items()}
-    assert {p["node"] for p in parts} == set(workers) and all(by_node.values()), parts  # every node, not the head
+    assert {p["node"] for p in parts} == set(workers) and all(by_node.values()), (
+        parts
+    )  # every node, not the head
     a, b = by_node.values()
     assert any(x["started"] < y["finished"] and y["started"] < x["finished"] for x in a for y in b), parts
     embedded = log_lines(cluster, EMBEDDED, cache)
@@ -284,9 +330,14 @@ def test_submit_train_with_both_workers_on_private_disk_nodes(cluster: LocalClus
         assert not list((node.disk / "tmp").glob("comet-ray-staging/*"))
 
 
-def test_a_local_storage_path_is_refused_before_any_worker_starts(cluster: LocalCluster, s3, tmp_path: Path) -> None:
-    argv = readme_commands()["train"] + TINY_TRAIN_ARGS + ["--storage-path", "/tmp/checkpoints",
-                                                          "--out", f"s3://{BUCKET}/refused"]
+def test_a_local_storage_path_is_refused_before_any_worker_starts(
+    cluster: LocalCluster, s3, tmp_path: Path
+) -> None:
+    argv = (
+        readme_commands()["train"]
+        + TINY_TRAIN_ARGS
+        + ["--storage-path", "/tmp/checkpoints", "--out", f"s3://{BUCKET}/refused"]
+    )
     code, output, _ = submit(cluster, argv, tmp_path)
     assert code == 1, output[-4000:]
     errors = [line for line in output.splitlines() if line.startswith("comet-ray: error: ")]
@@ -297,7 +348,9 @@ def test_a_local_storage_path_is_refused_before_any_worker_starts(cluster: Local
 
 
 # --------------------------------------------------------------------------- tune
-def test_submit_tune_runs_trials_and_repeats_on_worker_nodes(cluster: LocalCluster, s3, tmp_path: Path) -> None:
+def test_submit_tune_runs_trials_and_repeats_on_worker_nodes(
+    cluster: LocalCluster, s3, tmp_path: Path
+) -> None:
     code, output, job_id = submit(cluster, readme_commands()["tune"] + TINY_TRAIN_ARGS, tmp_path)
     assert code == 0, output[-6000:]
     assert driver_node(cluster, job_id) in cluster.nodes  # Tune's driver too: not the head
@@ -308,9 +361,15 @@ def test_submit_tune_runs_trials_and_repeats_on_worker_nodes(cluster: LocalClust
     assert sorted(t["strategy"] for t in trials) == ["baseline", "baseline", "comet", "comet"]
     assert all(t["objective"] or t["stopped_early_objective"] for t in trials)
     repeats = list(csv.DictReader(io.StringIO(read(s3, "sweeps/bottle/seeds.csv"))))
-    assert sorted((r["seed"], r["strategy"]) for r in repeats) == [("0", "baseline"), ("0", "comet"),
-                                                                   ("1", "baseline"), ("1", "comet")]
-    assert json.loads(read(s3, "sweeps/bottle/rho_0.1/best.json"))["trial_id"] in {t["trial_id"] for t in trials}
+    assert sorted((r["seed"], r["strategy"]) for r in repeats) == [
+        ("0", "baseline"),
+        ("0", "comet"),
+        ("1", "baseline"),
+        ("1", "comet"),
+    ]
+    assert json.loads(read(s3, "sweeps/bottle/rho_0.1/best.json"))["trial_id"] in {
+        t["trial_id"] for t in trials
+    }
 
     # One task filled the shared cache before the trials; 4 trials + 4 repeats read it, on the worker
     # nodes only: nothing trained or extracted on the head.
@@ -335,16 +394,22 @@ def wait_for(condition, what: str, run: Submit, timeout: float = 300.0, poll: fl
     pytest.fail(f"no {what} after {timeout:.0f}s:\n{run.output[-6000:]}")
 
 
-def test_a_killed_worker_and_a_replaced_node_resume_from_s3_checkpoints(cluster: LocalCluster, s3,
-                                                                         tmp_path: Path) -> None:
+def test_a_killed_worker_and_a_replaced_node_resume_from_s3_checkpoints(
+    cluster: LocalCluster, s3, tmp_path: Path
+) -> None:
     """The README's train command, 10 epochs: once the first checkpoint is in S3 one Ray Train worker
     process is SIGKILLed; once the restarted group has checkpointed, the worker node that does not run
     the job's driver is taken away (every process SIGKILLed, as a reclaimed spot instance) and a fresh
     node with an empty disk joins. The run resumes both times from its newest S3 checkpoint and finishes with every epoch
     once; the fresh node reads its shard from the S3 cache instead of extracting anything."""
     epochs = 10
-    run = Submit(cluster, readme_commands()["train"] + TINY_TRAIN_ARGS + [
-        "--epochs", str(epochs), "--out", f"s3://{BUCKET}/runs/faults"], tmp_path / "submit.log")
+    run = Submit(
+        cluster,
+        readme_commands()["train"]
+        + TINY_TRAIN_ARGS
+        + ["--epochs", str(epochs), "--out", f"s3://{BUCKET}/runs/faults"],
+        tmp_path / "submit.log",
+    )
     run_prefix = "runs/faults/.ray/bottle-comet-seed0/"
 
     def epochs_checkpointed() -> int:
@@ -362,15 +427,23 @@ def test_a_killed_worker_and_a_replaced_node_resume_from_s3_checkpoints(cluster:
     try:
         # 1. One worker process killed once Ray Train has registered a checkpoint (in S3).
         at_kill = wait_for(epochs_checkpointed, "a first registered checkpoint", run)
-        victims = {name: cluster.processes_named(node, "RayTrainWorker") for name, node in cluster.nodes.items()}
+        victims = {
+            name: cluster.processes_named(node, "RayTrainWorker") for name, node in cluster.nodes.items()
+        }
         name, pids = next((n, p) for n, p in victims.items() if p)
         os.kill(pids[0], signal.SIGKILL)
         # 2. The group restarted from a checkpoint; once it registered one of its own, the node without the
         # driver goes away (on AWS the drivers' node type is on demand, never reclaimed; the spot GPU nodes are).
-        second = wait_for(lambda: starts()[2:4] if len(starts()) >= 4 else None, "a restarted worker group", run)
+        second = wait_for(
+            lambda: starts()[2:4] if len(starts()) >= 4 else None, "a restarted worker group", run
+        )
         resumed = second[0]["start_epoch"]
-        at_stop = wait_for(lambda: max(epochs_checkpointed() - resumed, 0), "a checkpoint of the restarted group",
-                           run) + resumed
+        at_stop = (
+            wait_for(
+                lambda: max(epochs_checkpointed() - resumed, 0), "a checkpoint of the restarted group", run
+            )
+            + resumed
+        )
         driver = driver_node(cluster, run.job_id, finished=False)
         reclaimed = next(n for n in cluster.nodes if n != driver)
         gone = cluster.stop_node(reclaimed)
@@ -384,14 +457,23 @@ def test_a_killed_worker_and_a_replaced_node_resume_from_s3_checkpoints(cluster:
     assert driver_node(cluster, run.job_id) == driver  # the driver stayed on its node all along
 
     attempts = [json.loads(line) for line in read(s3, "runs/faults/attempts.jsonl").splitlines()]
-    groups = [sorted((a["start_epoch"], a["rank"]) for a in attempts[i:i + 2]) for i in range(0, len(attempts), 2)]
+    groups = [
+        sorted((a["start_epoch"], a["rank"]) for a in attempts[i : i + 2]) for i in range(0, len(attempts), 2)
+    ]
     assert len(attempts) == 6, attempts
     assert groups[0] == [(0, 0), (0, 1)]
     first_resume, second_resume = groups[1][0][0], groups[2][0][0]
-    assert groups[1] == [(first_resume, 0), (first_resume, 1)] and groups[2] == [(second_resume, 0), (second_resume, 1)]
+    assert groups[1] == [(first_resume, 0), (first_resume, 1)] and groups[2] == [
+        (second_resume, 0),
+        (second_resume, 1),
+    ]
     # each restart began from the newest registered checkpoint, not from scratch
-    assert 0 < at_kill <= first_resume < at_stop <= second_resume < epochs, (at_kill, first_resume, at_stop,
-                                                                             second_resume)
+    assert 0 < at_kill <= first_resume < at_stop <= second_resume < epochs, (
+        at_kill,
+        first_resume,
+        at_stop,
+        second_resume,
+    )
     metrics = json.loads(read(s3, "runs/faults/metrics.json"))
     assert metrics["resumed_from_epoch"] == second_resume and metrics["epochs"] == epochs
     history = json.loads(read(s3, "runs/faults/history.json"))

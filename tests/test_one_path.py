@@ -30,8 +30,9 @@ def _image(path: str) -> torch.Tensor:
     return preprocess_image(decode_image(Path(path).read_bytes(), path), 64)[None]
 
 
-def test_one_image_gets_the_same_score_from_every_command(tiny_run: Path, tiny_category: Path,
-                                                          tmp_path: Path) -> None:
+def test_one_image_gets_the_same_score_from_every_command(
+    tiny_run: Path, tiny_category: Path, tmp_path: Path
+) -> None:
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime (test dependency) is not installed")
     manifest = json.loads((tiny_run / "manifest.json").read_text())
     config = TrainConfig.from_dict(json.loads((tiny_run / "config.json").read_text()))
@@ -47,9 +48,13 @@ def test_one_image_gets_the_same_score_from_every_command(tiny_run: Path, tiny_c
     # the report split as training scored it (scores.csv) and as `evaluate` scores it
     trained = read_scores(tiny_run)
     trained_score = float(trained.scores[trained.ids.index(report_id)])
-    _, evaluated = evaluate_checkpoint(str(tiny_run), str(tiny_category), config.category, "cpu", with_scores=True)
+    _, evaluated = evaluate_checkpoint(
+        str(tiny_run), str(tiny_category), config.category, "cpu", with_scores=True
+    )
     # predict
-    predicted = {row["path"]: row["score"] for row in predict_images(str(tiny_run), list(paths.values()), "cpu")}
+    predicted = {
+        row["path"]: row["score"] for row in predict_images(str(tiny_run), list(paths.values()), "cpu")
+    }
     # report: scores recomputed from the data, and the model its example panels are drawn with
     record = load_run(tiny_run)
     access = _DataAccess("cpu", None)
@@ -57,8 +62,9 @@ def test_one_image_gets_the_same_score_from_every_command(tiny_run: Path, tiny_c
     report_score = float(recomputed.scores[recomputed.ids.index(report_id)])
     panel_model = access.model(record)
     # the exported ONNX graph in onnxruntime
-    session = ort.InferenceSession(str(export_detector(tiny_run, tmp_path / "model.onnx", "onnx")),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(export_detector(tiny_run, tmp_path / "model.onnx", "onnx")), providers=["CPUExecutionProvider"]
+    )
 
     def onnx_score(sample_id: str) -> float:
         return float(session.run(None, {"images": _image(paths[sample_id]).numpy()})[0][0])
@@ -67,13 +73,18 @@ def test_one_image_gets_the_same_score_from_every_command(tiny_run: Path, tiny_c
         return float(panel_model(_image(paths[sample_id]), with_maps=False)[0][0])
 
     report_scores = {
-        "training (scores.csv)": trained_score, "evaluate": evaluated[report_id],
-        "predict": predicted[paths[report_id]], "report (recomputed)": report_score,
-        "report (panels)": panel_score(report_id), "onnx": onnx_score(report_id),
+        "training (scores.csv)": trained_score,
+        "evaluate": evaluated[report_id],
+        "predict": predicted[paths[report_id]],
+        "report (recomputed)": report_score,
+        "report (panels)": panel_score(report_id),
+        "onnx": onnx_score(report_id),
     }
     validation_scores = {
-        "validation": validation_score, "predict": predicted[paths[validation_id]],
-        "report (panels)": panel_score(validation_id), "onnx": onnx_score(validation_id),
+        "validation": validation_score,
+        "predict": predicted[paths[validation_id]],
+        "report (panels)": panel_score(validation_id),
+        "onnx": onnx_score(validation_id),
     }
     for scores in (report_scores, validation_scores):
         values = np.array(list(scores.values()))
@@ -87,4 +98,6 @@ def test_one_image_gets_the_same_score_from_every_command(tiny_run: Path, tiny_c
     # and the saved nominal score is the median of the nominal validation images as predict scores them
     nominal_ids = [i for i in manifest["validation_ids"] if "/good/" in i]
     rows = predict_images(str(tiny_run), [str(tiny_category / i) for i in nominal_ids], "cpu")
-    assert float(torch.tensor([r["score"] for r in rows]).median()) == pytest.approx(model.meta["nominal_score"], abs=TOLERANCE)
+    assert float(torch.tensor([r["score"] for r in rows]).median()) == pytest.approx(
+        model.meta["nominal_score"], abs=TOLERANCE
+    )

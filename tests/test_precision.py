@@ -21,8 +21,9 @@ def test_precision_setting() -> None:
 @pytest.mark.integration  # two trainings per seed on ImageNet features (../shared)
 def test_bf16_autocast_matches_fp32_image_auroc(tmp_path, imagenet_torch_home) -> None:
     """Same data, same seeds, the whole training and scoring under bf16 autocast vs float32."""
-    make_texture_category(tmp_path, "weave", n_train=40, n_test_good=60, defects={"spot": 40, "scratch": 30},
-                          size=128, seed=5)
+    make_texture_category(
+        tmp_path, "weave", n_train=40, n_test_good=60, defects={"spot": 40, "scratch": 30}, size=128, seed=5
+    )
     gaps = []
     for seed in (0, 1):
         results = {}

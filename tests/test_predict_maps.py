@@ -41,7 +41,9 @@ def _png_size(path: Path) -> tuple[int, int]:
         return image.size
 
 
-def test_maps_are_returned_and_written_for_readable_images_only(tiny_run: Path, inbox: Path, tmp_path: Path) -> None:
+def test_maps_are_returned_and_written_for_readable_images_only(
+    tiny_run: Path, inbox: Path, tmp_path: Path
+) -> None:
     maps_dir = tmp_path / "pred" / "maps"
     rows, maps = predict_images(str(tiny_run), [str(inbox)], "cpu", maps_dir=maps_dir, return_maps=True)
     scored = [r for r in rows if not r["error"]]
@@ -55,7 +57,12 @@ def test_maps_are_returned_and_written_for_readable_images_only(tiny_run: Path, 
         # the image score (= the maximum patch score), so one threshold serves both.
         assert float(amap.max()) <= row["score"] + 1e-5
     written = sorted(p.name for p in maps_dir.iterdir())
-    assert written == ["good__000.png", "good__001.png", "spot__000.png", "spot__001.png"]  # no name collision
+    assert written == [
+        "good__000.png",
+        "good__001.png",
+        "spot__000.png",
+        "spot__001.png",
+    ]  # no name collision
     for name in written:
         width, height = _png_size(maps_dir / name)
         assert width > 2.5 * height  # three panels side by side
@@ -91,7 +98,10 @@ def test_denormalise_recovers_the_crop_the_model_saw() -> None:
     restored = denormalise(tensor)
     offset = round((side - 64) / 2)
     assert restored.shape == (64, 64, 3) and restored.dtype == np.uint8
-    assert np.abs(restored.astype(int) - pixels[offset : offset + 64, offset : offset + 64].astype(int)).max() <= 1
+    assert (
+        np.abs(restored.astype(int) - pixels[offset : offset + 64, offset : offset + 64].astype(int)).max()
+        <= 1
+    )
 
 
 def test_map_file_names_are_unique_and_readable() -> None:
@@ -145,7 +155,9 @@ def test_saved_pixel_threshold_is_the_validation_f1_cut_recomputed_from_scratch(
     model, meta = load_detector(tiny_run, "cpu")
     config = TrainConfig.from_dict(json.loads((tiny_run / "config.json").read_text()))
     data = prepare_data(config, torch.device("cpu"))
-    fresh = pixel_threshold(model, data.validation, config.features.image_size, torch.device("cpu"), config.precision)
+    fresh = pixel_threshold(
+        model, data.validation, config.features.image_size, torch.device("cpu"), config.precision
+    )
     assert fresh is not None and meta["pixel_threshold"] == pytest.approx(fresh, rel=1e-6)
 
 
@@ -178,6 +190,8 @@ def test_predict_scores_an_image_as_training_and_evaluate_did(tiny_run: Path, ti
     labels = torch.tensor(["/good/" not in row["path"] for row in rows])
     assert labels.any() and not labels.all()
     threshold, nominal = decision_threshold(scores, labels)
-    assert abs(threshold - meta["threshold"]) <= tolerance and abs(nominal - meta["nominal_score"]) <= tolerance
+    assert (
+        abs(threshold - meta["threshold"]) <= tolerance and abs(nominal - meta["nominal_score"]) <= tolerance
+    )
     at_cut = min(rows, key=lambda row: abs(row["score"] - meta["threshold"]))
     assert at_cut["anomalous"] == 1  # the image that set the cut is flagged by it

@@ -85,7 +85,9 @@ def test_learning_check_rises_when_the_discriminator_learns_and_warns_when_it_do
     invisible.model.noise_std = 1e-4  # noise far below the features' spread: nothing to tell apart
     stuck = CometTrainer(build_detector("simplenet", D, invisible.model, train_store=store), store, invisible)
     logs = stuck.fit(NOT_LEARNING_AFTER)
-    assert all("warning" not in log.extra for log in logs[:-1])  # early epochs may still be finding their feet
+    assert all(
+        "warning" not in log.extra for log in logs[:-1]
+    )  # early epochs may still be finding their feet
     assert logs[-1].extra["separation"] < 0.6
     assert "not learning" in logs[-1].extra["warning"] and "not learning" in logs[-1].line(NOT_LEARNING_AFTER)
 
@@ -174,10 +176,26 @@ def test_knn_from_the_cli_trains_nothing_and_exports(tmp_path, capsys) -> None:
 
     from support import TINY_TRAIN_ARGS
 
-    make_texture_category(tmp_path / "data", "weave", n_train=8, n_test_good=4, defects={"spot": 4}, size=64, seed=2)
+    make_texture_category(
+        tmp_path / "data", "weave", n_train=8, n_test_good=4, defects={"spot": 4}, size=64, seed=2
+    )
     out = tmp_path / "run"
-    assert main(["train", str(tmp_path / "data"), "--category", "weave", "--model", "knn", "--out", str(out),
-                 *TINY_TRAIN_ARGS]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(tmp_path / "data"),
+                "--category",
+                "weave",
+                "--model",
+                "knn",
+                "--out",
+                str(out),
+                *TINY_TRAIN_ARGS,
+            ]
+        )
+        == 0
+    )
     assert "training-free" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["strategy"] == "none"
     assert json.loads((out / "history.json").read_text()) == []
@@ -186,6 +204,8 @@ def test_knn_from_the_cli_trains_nothing_and_exports(tmp_path, capsys) -> None:
     images = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = image_scores(model.patch_scores(extractor_for(meta, torch.device("cpu"))(images))).numpy()
-        np.testing.assert_allclose(ExportedDetector.from_checkpoint(out)(images)[0].numpy(), expected, atol=1e-4)
+        np.testing.assert_allclose(
+            ExportedDetector.from_checkpoint(out)(images)[0].numpy(), expected, atol=1e-4
+        )
         loaded = torch.jit.load(str(export_detector(out, tmp_path / "model.ts", "torchscript")))
         np.testing.assert_allclose(loaded(images)[0].numpy(), expected, atol=1e-4)

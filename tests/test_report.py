@@ -46,8 +46,24 @@ def runs(dataset, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, contamination, seed in (("c20s0", "0.2", "0"), ("c20s1", "0.2", "1"), ("c10s0", "0.1", "0")):
         out[name] = base / name
-        assert main(["train", str(dataset), "--category", "weave", "--contamination", contamination, "--seed", seed,
-                     "--out", str(out[name]), *TINY]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    str(dataset),
+                    "--category",
+                    "weave",
+                    "--contamination",
+                    contamination,
+                    "--seed",
+                    seed,
+                    "--out",
+                    str(out[name]),
+                    *TINY,
+                ]
+            )
+            == 0
+        )
     return out
 
 
@@ -99,8 +115,16 @@ def test_every_image_is_an_inline_png(report: Path) -> None:
 
 def test_report_sections(report: Path, runs) -> None:
     page = report.read_text(encoding="utf-8")
-    for text in ("Metrics", "Contamination curve", "ROC curves", "SCL weight histogram", "Worst false positives",
-                 "Worst false negatives", "±", "seeds"):
+    for text in (
+        "Metrics",
+        "Contamination curve",
+        "ROC curves",
+        "SCL weight histogram",
+        "Worst false positives",
+        "Worst false negatives",
+        "±",
+        "seeds",
+    ):
         assert text in page
     assert "differs from metrics.json" not in page  # recomputed scores reproduce the run's AUROC
     assert str(runs["c20s1"]) in page
@@ -120,7 +144,9 @@ def test_train_writes_scores_csv_matching_metrics(runs) -> None:
     table = read_scores(runs["c20s0"])
     metrics = json.loads((runs["c20s0"] / "metrics.json").read_text())
     assert len(table.ids) == metrics["n_test"]
-    assert auroc(torch.tensor(table.scores), torch.tensor(table.labels)) == pytest.approx(metrics["image_auroc"], abs=1e-6)
+    assert auroc(torch.tensor(table.scores), torch.tensor(table.labels)) == pytest.approx(
+        metrics["image_auroc"], abs=1e-6
+    )
 
 
 def test_recomputed_scores_reproduce_the_run(runs, tmp_path: Path) -> None:
@@ -132,7 +158,8 @@ def test_recomputed_scores_reproduce_the_run(runs, tmp_path: Path) -> None:
     assert record.scores.source == "recomputed"
     assert len(record.scores.ids) == metrics["n_test"]
     assert auroc(torch.tensor(record.scores.scores), torch.tensor(record.scores.labels)) == pytest.approx(
-        metrics["image_auroc"], abs=1e-6)
+        metrics["image_auroc"], abs=1e-6
+    )
 
 
 def test_roc_curve_auc_equals_auroc_with_ties() -> None:
@@ -143,7 +170,9 @@ def test_roc_curve_auc_equals_auroc_with_ties() -> None:
     fpr, tpr = roc_curve(scores, labels)
     assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
-    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # the curve the report draws: its area is AUROC
+    area = float(
+        np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)
+    )  # the curve the report draws: its area is AUROC
     assert area == pytest.approx(auroc(torch.tensor(scores), torch.tensor(labels)), abs=1e-9)
 
 
@@ -200,8 +229,9 @@ def test_register_and_parent_folder_expansion(runs, tmp_path: Path, capsys) -> N
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "cli.html"
-    args = parser.parse_args(["report", str(runs["c20s0"].parent), "--out", str(out), "--no-recompute",
-                              "--examples", "0"])
+    args = parser.parse_args(
+        ["report", str(runs["c20s0"].parent), "--out", str(out), "--no-recompute", "--examples", "0"]
+    )
     assert args.func(args) == 0
     page = out.read_text()
     assert all(str(p) in page for p in runs.values())  # the parent folder expanded to its three runs
@@ -213,10 +243,21 @@ def test_report_renders_in_chromium(report: Path, tmp_path: Path) -> None:
     if chromium is None:
         pytest.skip("chromium is not installed (apt-get install chromium) - cannot check rendering")
     shot = tmp_path / "shot.png"
-    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2000",
-               report.resolve().as_uri()]
+    command = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1280,2000",
+        report.resolve().as_uri(),
+    ]
     subprocess.run(command, capture_output=True, timeout=180, check=False)
     assert shot.exists(), "chromium wrote no screenshot"
     pixels = np.asarray(Image.open(shot).convert("RGB"))
@@ -256,8 +297,14 @@ def test_write_tensorboard_from_history(runs, tmp_path: Path) -> None:
     history = json.loads((runs["c20s0"] / "history.json").read_text())
     write_tensorboard(tmp_path / "tb", history)
     scalars = _scalars(tmp_path / "tb")
-    for tag in ("train/loss", "comet/lambda", "comet/det_sigma", "scl/mean_weight", "scl/mean_weight_injected",
-                "scl/mean_weight_nominal"):
+    for tag in (
+        "train/loss",
+        "comet/lambda",
+        "comet/det_sigma",
+        "scl/mean_weight",
+        "scl/mean_weight_injected",
+        "scl/mean_weight_nominal",
+    ):
         assert [s for s, _ in scalars[tag]] == [1, 2], tag
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([h["loss"] for h in history], rel=1e-6)
     assert [v for _, v in scalars["comet/lambda"]] == pytest.approx([h["lam"] for h in history], rel=1e-6)
@@ -268,10 +315,21 @@ def test_write_tensorboard_from_history(runs, tmp_path: Path) -> None:
 def test_tensorboard_logger_as_epoch_callback(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path / "tb")
     for epoch in range(3):
-        log = EpochLog(epoch=epoch, loss=1.0 / (epoch + 1), lam=0.005 * (epoch + 1), det_sigma=1e-6, fence=0.2,
-                       mean_weight=0.9, low_confidence=2, weight_histogram=[0, 0, 1, 0, 0, 0, 0, 0, 0, 9],
-                       mean_weight_injected=None, mean_weight_nominal=None, meta_l_tr=None, meta_l_val=None,
-                       seconds=0.1)
+        log = EpochLog(
+            epoch=epoch,
+            loss=1.0 / (epoch + 1),
+            lam=0.005 * (epoch + 1),
+            det_sigma=1e-6,
+            fence=0.2,
+            mean_weight=0.9,
+            low_confidence=2,
+            weight_histogram=[0, 0, 1, 0, 0, 0, 0, 0, 0, 9],
+            mean_weight_injected=None,
+            mean_weight_nominal=None,
+            meta_l_tr=None,
+            meta_l_val=None,
+            seconds=0.1,
+        )
         logger(None, log)
     logger.close()
     scalars = _scalars(tmp_path / "tb")
@@ -281,9 +339,21 @@ def test_tensorboard_logger_as_epoch_callback(tmp_path: Path) -> None:
 
 
 def test_write_tensorboard_takes_one_epoch_log(tmp_path: Path) -> None:
-    log = EpochLog(epoch=4, loss=0.5, lam=0.01, det_sigma=2e-6, fence=0.3, mean_weight=0.8, low_confidence=3,
-                   weight_histogram=[1] * 10, mean_weight_injected=0.4, mean_weight_nominal=0.95, meta_l_tr=0.6,
-                   meta_l_val=0.7, seconds=1.0)
+    log = EpochLog(
+        epoch=4,
+        loss=0.5,
+        lam=0.01,
+        det_sigma=2e-6,
+        fence=0.3,
+        mean_weight=0.8,
+        low_confidence=3,
+        weight_histogram=[1] * 10,
+        mean_weight_injected=0.4,
+        mean_weight_nominal=0.95,
+        meta_l_tr=0.6,
+        meta_l_val=0.7,
+        seconds=1.0,
+    )
     write_tensorboard(tmp_path / "tb", log)
     scalars = _scalars(tmp_path / "tb")
     assert scalars["scl/mean_weight_injected"] == [(5, pytest.approx(0.4))]
@@ -295,8 +365,13 @@ def test_run_folder_values_are_escaped(runs, tmp_path: Path) -> None:
     shutil.copytree(runs["c10s0"], run)
     metrics = json.loads((run / "metrics.json").read_text())
     attack = "<script>alert(1)</script>"
-    metrics.update(category=attack, strategy=attack, n_train=attack, n_test="<img src=x onerror=alert(2)>",
-                   epochs="<b>3</b>")
+    metrics.update(
+        category=attack,
+        strategy=attack,
+        n_train=attack,
+        n_test="<img src=x onerror=alert(2)>",
+        epochs="<b>3</b>",
+    )
     (run / "metrics.json").write_text(json.dumps(metrics))
     page = build_report([run], tmp_path / "r.html", device="cpu").read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page

@@ -11,9 +11,21 @@ from comet_ray.resume import EpochResume, run_fingerprint
 
 
 def _log(epoch: int) -> EpochLog:
-    return EpochLog(epoch=epoch, loss=1.0 / (epoch + 1), lam=0.1, det_sigma=0.0, fence=0.5, mean_weight=1.0,
-                    low_confidence=0, weight_histogram=[0] * 10, mean_weight_injected=None,
-                    mean_weight_nominal=None, meta_l_tr=None, meta_l_val=None, seconds=0.1)
+    return EpochLog(
+        epoch=epoch,
+        loss=1.0 / (epoch + 1),
+        lam=0.1,
+        det_sigma=0.0,
+        fence=0.5,
+        mean_weight=1.0,
+        low_confidence=0,
+        weight_histogram=[0] * 10,
+        mean_weight_injected=None,
+        mean_weight_nominal=None,
+        meta_l_tr=None,
+        meta_l_val=None,
+        seconds=0.1,
+    )
 
 
 def test_fingerprint_follows_knobs_and_data_but_not_the_output_folder() -> None:

@@ -40,21 +40,39 @@ def s3(s3_server, s3_dataset) -> SimpleNamespace:
 
 
 def _normalised(samples, root_prefix: str) -> list[tuple]:
-    return [(s.sample_id, s.category, s.split, s.defect, s.uri.removeprefix(root_prefix),
-             (s.mask_uri or "").removeprefix(root_prefix)) for s in samples]
+    return [
+        (
+            s.sample_id,
+            s.category,
+            s.split,
+            s.defect,
+            s.uri.removeprefix(root_prefix),
+            (s.mask_uri or "").removeprefix(root_prefix),
+        )
+        for s in samples
+    ]
 
 
 # --- URIs (no server) -----------------------------------------------------------------------------
 
 
 def test_s3_uris_keep_credentials_out_of_sight() -> None:
-    location = parse_s3_uri(f"s3://{FAKE_ACCESS_KEY}:{FAKE_SECRET_KEY.replace('/', '%2F')}@bucket/a/b/?region=eu-west-1")
-    assert (location.bucket, location.key, location.path, location.region) == ("bucket", "a/b", "bucket/a/b", "eu-west-1")
+    location = parse_s3_uri(
+        f"s3://{FAKE_ACCESS_KEY}:{FAKE_SECRET_KEY.replace('/', '%2F')}@bucket/a/b/?region=eu-west-1"
+    )
+    assert (location.bucket, location.key, location.path, location.region) == (
+        "bucket",
+        "a/b",
+        "bucket/a/b",
+        "eu-west-1",
+    )
     assert (location.access_key, location.secret_key) == (FAKE_ACCESS_KEY, FAKE_SECRET_KEY)
     assert FAKE_SECRET_KEY not in repr(location) and location.public == "s3://bucket/a/b"
     assert public_s3_uri(f"s3://{FAKE_ACCESS_KEY}:x@bucket/a?endpoint_override=h") == "s3://bucket/a"
     assert public_s3_uri("/local/path") == "/local/path"
-    assert FAKE_SECRET_KEY not in repr(StorageSpec("http://h:1", access_key=FAKE_ACCESS_KEY, secret_key=FAKE_SECRET_KEY))
+    assert FAKE_SECRET_KEY not in repr(
+        StorageSpec("http://h:1", access_key=FAKE_ACCESS_KEY, secret_key=FAKE_SECRET_KEY)
+    )
     with pytest.raises(StorageError, match="no bucket"):
         parse_s3_uri("s3:///key")
 
@@ -85,7 +103,9 @@ def test_endpoint_and_region_from_env_and_credentials_from_profile(s3, tmp_path,
     assert len(build_sample_table(uri, "weave")) == 30
     # credentials from a named profile in a shared credentials file, none in the environment
     credentials = tmp_path / "credentials"
-    credentials.write_text(f"[comet]\naws_access_key_id = {FAKE_ACCESS_KEY}\naws_secret_access_key = {FAKE_SECRET_KEY}\n")
+    credentials.write_text(
+        f"[comet]\naws_access_key_id = {FAKE_ACCESS_KEY}\naws_secret_access_key = {FAKE_SECRET_KEY}\n"
+    )
     (tmp_path / "config").write_text("[profile comet]\nregion = eu-central-1\n")
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
@@ -94,7 +114,10 @@ def test_endpoint_and_region_from_env_and_credentials_from_profile(s3, tmp_path,
     monkeypatch.setenv("AWS_PROFILE", "comet")
     samples = build_sample_table(uri, "weave")
     assert len(samples) == 30
-    assert read_bytes(samples[0].uri, open_dataset_filesystem(uri)[0]) == (local / samples[0].sample_id).read_bytes()
+    assert (
+        read_bytes(samples[0].uri, open_dataset_filesystem(uri)[0])
+        == (local / samples[0].sample_id).read_bytes()
+    )
 
 
 # --- one-line errors ------------------------------------------------------------------------------
@@ -106,8 +129,19 @@ def test_denied_credentials_give_one_line_without_secrets(s3, monkeypatch, one_l
     with pytest.raises(StorageError, match="access denied to s3://comet-test/datasets/mvtec") as err:
         build_sample_table(uri, "weave", open_dataset_filesystem(uri, s3.endpoint)[0])
     assert "AWS_ACCESS_KEY_ID" in str(err.value) and "\n" not in str(err.value)
-    code = main(["train", uri, "--category", "weave", "--out", str(tmp_path / "run"),
-                 "--s3-endpoint", s3.endpoint, *TINY])
+    code = main(
+        [
+            "train",
+            uri,
+            "--category",
+            "weave",
+            "--out",
+            str(tmp_path / "run"),
+            "--s3-endpoint",
+            s3.endpoint,
+            *TINY,
+        ]
+    )
     assert code == 2
     line = one_line_error()
     assert "access denied" in line and WRONG_SECRET not in line and FAKE_SECRET_KEY not in line
@@ -121,11 +155,24 @@ def test_endpoint_down_gives_one_line_quickly(s3, monkeypatch, capsys, one_line_
     start = time.monotonic()
     with pytest.raises(StorageError, match=f"cannot reach the object store at {down}.*connection refused"):
         build_sample_table(uri, "weave", open_dataset_filesystem(uri, down)[0])
-    code = main(["evaluate", str(tmp_path / "model.pt"), uri, "--category", "weave", "--s3-endpoint", down,
-                 "--device", "cpu"])
+    code = main(
+        [
+            "evaluate",
+            str(tmp_path / "model.pt"),
+            uri,
+            "--category",
+            "weave",
+            "--s3-endpoint",
+            down,
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 2  # the checkpoint is missing: evaluate fails before touching storage
     capsys.readouterr()
-    code = main(["train", uri, "--category", "weave", "--out", str(tmp_path / "run"), "--s3-endpoint", down, *TINY])
+    code = main(
+        ["train", uri, "--category", "weave", "--out", str(tmp_path / "run"), "--s3-endpoint", down, *TINY]
+    )
     assert code == 2 and "cannot reach the object store" in one_line_error()
     assert time.monotonic() - start < 30
 
@@ -133,15 +180,30 @@ def test_endpoint_down_gives_one_line_quickly(s3, monkeypatch, capsys, one_line_
 def test_missing_bucket_and_wrong_prefix(s3, one_line_error, tmp_path) -> None:
     endpoint = s3.endpoint
     with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
-        build_sample_table("s3://no-such-bucket/mvtec", "weave", open_dataset_filesystem("s3://x", endpoint)[0])
+        build_sample_table(
+            "s3://no-such-bucket/mvtec", "weave", open_dataset_filesystem("s3://x", endpoint)[0]
+        )
     with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
         list_categories("s3://no-such-bucket", open_dataset_filesystem("s3://x", endpoint)[0])
     with pytest.raises(DatasetLayoutError, match="s3://comet-test/datasets/nope does not exist: no object"):
-        build_sample_table("s3://comet-test/datasets/nope", "weave", open_dataset_filesystem("s3://x", endpoint)[0])
+        build_sample_table(
+            "s3://comet-test/datasets/nope", "weave", open_dataset_filesystem("s3://x", endpoint)[0]
+        )
     with pytest.raises(DatasetLayoutError, match="category 'gadget' not found.*available: \\['weave'\\]"):
         build_sample_table(s3.uri, "gadget", open_dataset_filesystem("s3://x", endpoint)[0])
-    code = main(["train", "s3://no-such-bucket/mvtec", "--category", "weave", "--out", str(tmp_path / "run"),
-                 "--s3-endpoint", endpoint, *TINY])
+    code = main(
+        [
+            "train",
+            "s3://no-such-bucket/mvtec",
+            "--category",
+            "weave",
+            "--out",
+            str(tmp_path / "run"),
+            "--s3-endpoint",
+            endpoint,
+            *TINY,
+        ]
+    )
     assert code == 2 and "bucket 'no-such-bucket' does not exist" in one_line_error()
 
 
@@ -182,7 +244,9 @@ def test_server_coming_back_is_retried_with_backoff(s3, monkeypatch) -> None:
         assert len(samples) == 30 and proxy.connections >= 1
 
 
-def test_server_restarted_while_training_reads_images_loses_nothing(s3, tmp_path, monkeypatch, capsys) -> None:
+def test_server_restarted_while_training_reads_images_loses_nothing(
+    s3, tmp_path, monkeypatch, capsys
+) -> None:
     """The real server process is stopped and started again while ``train`` is reading the category.
 
     A slow link (the proxy delays every answer) keeps the reads going long enough for the restart
@@ -190,8 +254,22 @@ def test_server_restarted_while_training_reads_images_loses_nothing(s3, tmp_path
     """
     monkeypatch.setenv("COMET_RAY_S3_MAX_ATTEMPTS", "12")
     reference = tmp_path / "reference"
-    assert main(["train", s3.uri, "--category", "weave", "--out", str(reference), "--s3-endpoint", s3.endpoint,
-                 *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                s3.uri,
+                "--category",
+                "weave",
+                "--out",
+                str(reference),
+                "--s3-endpoint",
+                s3.endpoint,
+                *TINY,
+            ]
+        )
+        == 0
+    )
     outage: dict[str, float] = {}
 
     def restart_mid_read(proxy: FlakyProxy) -> None:
@@ -206,8 +284,19 @@ def test_server_restarted_while_training_reads_images_loses_nothing(s3, tmp_path
     with FlakyProxy(s3.server.port, chunk_delay=0.05) as proxy:
         restarter = threading.Thread(target=restart_mid_read, args=(proxy,), daemon=True)
         restarter.start()
-        code = main(["train", s3.uri, "--category", "weave", "--out", str(run), "--s3-endpoint", proxy.endpoint,
-                     *TINY])
+        code = main(
+            [
+                "train",
+                s3.uri,
+                "--category",
+                "weave",
+                "--out",
+                str(run),
+                "--s3-endpoint",
+                proxy.endpoint,
+                *TINY,
+            ]
+        )
         restarter.join(timeout=180)
         total = proxy.bytes_down
     assert code == 0, capsys.readouterr().err
@@ -215,7 +304,9 @@ def test_server_restarted_while_training_reads_images_loses_nothing(s3, tmp_path
     assert total - outage["after_bytes"] > 50_000, "too little was read after the restart to prove a retry"
     assert json.loads((run / "manifest.json").read_text())["skipped"] == []
     ran, ref = (json.loads((p / "metrics.json").read_text()) for p in (run, reference))
-    assert ran["n_train"] == ref["n_train"] and ran["image_auroc"] == pytest.approx(ref["image_auroc"], abs=1e-6)
+    assert ran["n_train"] == ref["n_train"] and ran["image_auroc"] == pytest.approx(
+        ref["image_auroc"], abs=1e-6
+    )
 
 
 # --- upload ---------------------------------------------------------------------------------------
@@ -257,8 +348,20 @@ def test_upload_command(s3, tmp_path, capsys) -> None:
     (local / ".git" / "HEAD").write_bytes(b"ref")
     with pytest.raises(StorageError, match="bucket 'fresh-bucket' does not exist.*--create-bucket"):
         upload_tree(local, "s3://fresh-bucket/data", endpoint)
-    assert _upload_cli(["upload", str(local), "s3://fresh-bucket/data/", "--s3-endpoint", endpoint,
-                        "--create-bucket", "--quiet"]) == 0
+    assert (
+        _upload_cli(
+            [
+                "upload",
+                str(local),
+                "s3://fresh-bucket/data/",
+                "--s3-endpoint",
+                endpoint,
+                "--create-bucket",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "created bucket 'fresh-bucket'" in out
     assert "uploaded 2 file(s)" in out and "(3000 bytes)" in out and "2 hidden file(s) skipped" in out
@@ -290,8 +393,26 @@ def test_train_evaluate_predict_on_s3_skip_corrupt_and_leak_no_secret(s3, tmp_pa
     endpoint = s3.endpoint
     corrupt_root = "s3://comet-test/corrupt"
     run = tmp_path / "run"
-    assert main(["train", corrupt_root, "--category", "weave", "--contamination", "0.2", "--out", str(run),
-                 "--s3-endpoint", endpoint, "--cache-dir", str(tmp_path / "cache"), *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                corrupt_root,
+                "--category",
+                "weave",
+                "--contamination",
+                "0.2",
+                "--out",
+                str(run),
+                "--s3-endpoint",
+                endpoint,
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["data_root"] == corrupt_root
     assert [s["sample_id"] for s in manifest["skipped"]] == ["weave/train/good/zz_corrupt.png"]
@@ -301,14 +422,45 @@ def test_train_evaluate_predict_on_s3_skip_corrupt_and_leak_no_secret(s3, tmp_pa
 
     # evaluate with credentials in the URI (pyarrow's form): they work, and are written nowhere
     secret_uri = f"s3://{FAKE_ACCESS_KEY}:{FAKE_SECRET_KEY.replace('/', '%2F')}@comet-test/corrupt"
-    assert main(["evaluate", str(run), secret_uri, "--category", "weave", "--device", "cpu",
-                 "--s3-endpoint", endpoint, "--out", str(tmp_path / "eval" / "eval.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(run),
+                secret_uri,
+                "--category",
+                "weave",
+                "--device",
+                "cpu",
+                "--s3-endpoint",
+                endpoint,
+                "--out",
+                str(tmp_path / "eval" / "eval.json"),
+            ]
+        )
+        == 0
+    )
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert evaluated["n_images"] == metrics["n_test"]
     assert evaluated["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-6)
 
-    assert main(["predict", str(run / "model.pt"), f"{corrupt_root}/weave/test/spot/", "s3://comet-test/corrupt/weave/train/good/zz_corrupt.png",
-                 "--out", str(tmp_path / "pred"), "--device", "cpu", "--s3-endpoint", endpoint]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(run / "model.pt"),
+                f"{corrupt_root}/weave/test/spot/",
+                "s3://comet-test/corrupt/weave/train/good/zz_corrupt.png",
+                "--out",
+                str(tmp_path / "pred"),
+                "--device",
+                "cpu",
+                "--s3-endpoint",
+                endpoint,
+            ]
+        )
+        == 0
+    )
     rows = csv_rows(tmp_path / "pred" / "predictions.csv")
     assert len(rows) == 8 + 1 and all(r["path"].startswith(corrupt_root) for r in rows)
     broken = next(r for r in rows if r["path"].endswith("zz_corrupt.png"))

@@ -21,17 +21,28 @@ def test_two_workers_match_one_on_bottle(bottle_root, imagenet_torch_home, tmp_p
     from comet_ray.demo import demo_config
     from comet_ray.distributed.train import fit_distributed
 
-    weights = imagenet_torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"  # COMET_RAY_TEST_SHARED's
+    weights = (
+        imagenet_torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    )  # COMET_RAY_TEST_SHARED's
     # bench/scale_quality.py's configuration: the demo's settings on bottle at 15 % contamination
     config = demo_config(str(bottle_root), epochs=8, seed=0)
     config.category, config.contamination, config.device = "mvtec_bottle", 0.15, "cpu"
     config.features.weights = str(weights)
     ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False)
     try:
-        runs = {workers: fit_distributed(config, workers, 0, 2 / workers, storage_path=str(tmp_path / "ray"),
-                                         run_name=f"n{workers}", feature_cache=str(tmp_path / "features"),
-                                         out=str(tmp_path / f"n{workers}"))
-                for workers in (1, 2)}
+        runs = {
+            workers: fit_distributed(
+                config,
+                workers,
+                0,
+                2 / workers,
+                storage_path=str(tmp_path / "ray"),
+                run_name=f"n{workers}",
+                feature_cache=str(tmp_path / "features"),
+                out=str(tmp_path / f"n{workers}"),
+            )
+            for workers in (1, 2)
+        }
     finally:
         ray.shutdown()
     assert runs[1]["image_auroc"] > 0.9  # it learned (measured 0.964)

@@ -43,8 +43,13 @@ OPTIONS = StreamOptions(decode_batch_size=8, read_threads=4, actor_cpus=1.0, dec
 @pytest.fixture(scope="module")
 def local_ray(s3_env):
     """A private local Ray; started after ``s3_env`` so its workers inherit the S3 credentials."""
-    ray.init(num_cpus=2, include_dashboard=False, address="local", object_store_memory=OBJECT_STORE,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        address="local",
+        object_store_memory=OBJECT_STORE,
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 
@@ -58,7 +63,9 @@ def _assert_same_split(got, expected) -> None:
     assert got.store.ids == expected.store.ids
     assert got.store.grid == expected.store.grid
     assert got.store.features.dtype == expected.store.features.dtype
-    torch.testing.assert_close(got.store.features.float(), expected.store.features.float(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(
+        got.store.features.float(), expected.store.features.float(), atol=2e-3, rtol=2e-3
+    )
     assert torch.equal(got.masks, expected.masks)
     assert torch.equal(got.mask_available, expected.mask_available)
     assert got.mask_issues == expected.mask_issues
@@ -74,8 +81,9 @@ def test_uint8_crop_then_normalise_is_preprocess_image(tmp_path) -> None:
         assert torch.equal(normalise_images(torch.from_numpy(crop)[None])[0], preprocess_image(img, size))
 
 
-def test_s3_stream_equals_in_process_and_reuses_the_entry(local_ray, s3_dataset, s3_server, extractor,
-                                                         monkeypatch) -> None:
+def test_s3_stream_equals_in_process_and_reuses_the_entry(
+    local_ray, s3_dataset, s3_server, extractor, monkeypatch
+) -> None:
     """The pipeline hook: S3 in, a cache entry on S3 written by the actors, same result as in process."""
     root = "s3://comet-test/corrupt"
     fs, _ = open_dataset_filesystem(root, s3_server.endpoint)
@@ -84,11 +92,18 @@ def test_s3_stream_equals_in_process_and_reuses_the_entry(local_ray, s3_dataset,
     cache = "s3://comet-test/stream-cache"
     ids = [s.sample_id for s in samples]
 
-    entry, origin = extract_to_entry_streaming(samples, extractor, s3_server.endpoint, True, cache, options=OPTIONS)
-    assert origin.startswith(f"extracted {len(samples) - 1} images into the cache {cache}/") and "on 1 node" in origin
+    entry, origin = extract_to_entry_streaming(
+        samples, extractor, s3_server.endpoint, True, cache, options=OPTIONS
+    )
+    assert (
+        origin.startswith(f"extracted {len(samples) - 1} images into the cache {cache}/")
+        and "on 1 node" in origin
+    )
     got = read_split(entry, ids, True)
     _assert_same_split(got, expected)
-    assert [(s["sample_id"], s["uri"]) for s in got.skipped] == [(s["sample_id"], s["uri"]) for s in expected.skipped]
+    assert [(s["sample_id"], s["uri"]) for s in got.skipped] == [
+        (s["sample_id"], s["uri"]) for s in expected.skipped
+    ]
     assert [s["uri"] for s in got.skipped] == ["s3://comet-test/corrupt/weave/train/good/zz_corrupt.png"]
     assert got.skipped[0]["reason"].startswith("UnidentifiedImageError")
     assert len(got.store) == len(samples) - 1 and got.masks.shape[0] == len(samples) - 1
@@ -97,17 +112,22 @@ def test_s3_stream_equals_in_process_and_reuses_the_entry(local_ray, s3_dataset,
     assert all(part["node"] and part["finished"] >= part["started"] for part in entry.parts)
     client = s3_server.client()
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="comet-test", Prefix="stream-cache/")["Contents"]]
-    assert sum(f"/{PARTS_DIR}/" in k and k.endswith(".npy") and ".mask" not in k for k in keys) == len(entry.parts)
+    assert sum(f"/{PARTS_DIR}/" in k and k.endswith(".npy") and ".mask" not in k for k in keys) == len(
+        entry.parts
+    )
     assert sum(k.endswith("/" + INDEX_FILE) for k in keys) == 1
 
     # another run (epoch, seed, Tune trial) reads the entry back without running the pipeline
     monkeypatch.setattr(streaming, "build_dataset", lambda *a, **k: pytest.fail("pipeline ran again"))
-    again, origin = extract_to_entry_streaming(samples, extractor, s3_server.endpoint, True, cache, options=OPTIONS)
+    again, origin = extract_to_entry_streaming(
+        samples, extractor, s3_server.endpoint, True, cache, options=OPTIONS
+    )
     assert origin.startswith(f"read {len(samples) - 1} images from the cache")
     _assert_same_split(read_split(again, ids, True), got)
     # the same entry the in-process path looks for: one cache whichever engine filled it
-    _assert_same_split(extract_features_cached(samples, extractor, fs, True, cache, s3_endpoint=s3_server.endpoint),
-                       got)
+    _assert_same_split(
+        extract_features_cached(samples, extractor, fs, True, cache, s3_endpoint=s3_server.endpoint), got
+    )
     _assert_same_split(read_split(open_entry(entry.shown, s3_server.endpoint), ids, True), got)
 
 
@@ -125,7 +145,9 @@ def test_storage_failure_in_a_worker_is_one_line(local_ray, s3_dataset, s3_serve
     samples = build_sample_table(root, "weave", open_dataset_filesystem(root, s3_server.endpoint)[0])[:2]
     wrong = StorageSpec(s3_server.endpoint, access_key=FAKE_ACCESS_KEY, secret_key="wrong" * 8)
     ds = ray.data.from_items(streaming._sample_rows(samples)).map_batches(
-        streaming._decode_batch, batch_format="numpy", num_cpus=0.5,
+        streaming._decode_batch,
+        batch_format="numpy",
+        num_cpus=0.5,
         fn_kwargs={"image_size": 64, "with_masks": True, "storage": wrong, "read_threads": 2},
     )
     with pytest.raises(StorageError, match="access denied to s3://comet-test/datasets/mvtec/weave/") as err:
@@ -146,14 +168,21 @@ def test_dataset_larger_than_the_object_store_streams_to_an_entry(local_ray, tmp
         pixels = np.clip(base[..., None] + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=85)
     samples = build_sample_table(str(tmp_path / "data"), "big")
-    config = FeatureConfig(backbone="mobilenet_v2", pretrained=False, image_size=size, feature_dim=dim, batch_size=16)
+    config = FeatureConfig(
+        backbone="mobilenet_v2", pretrained=False, image_size=size, feature_dim=dim, batch_size=16
+    )
     grid = (size // 8, size // 8)
     through_store = count * (3 * size * size + grid[0] * grid[1] * dim * 2)
     capacity = int(ray.cluster_resources()["object_store_memory"])
     assert through_store > capacity
     output = tmp_path / "features"
-    got = stream_features(samples, config, output=str(output), with_masks=False,
-                          options=StreamOptions(decode_batch_size=16, read_threads=4))
+    got = stream_features(
+        samples,
+        config,
+        output=str(output),
+        with_masks=False,
+        options=StreamOptions(decode_batch_size=16, read_threads=4),
+    )
     assert len(got.store) == count and got.skipped == []
     assert got.store.features.shape == (count, grid[0] * grid[1], dim)
     assert got.store.ids == [s.sample_id for s in samples]

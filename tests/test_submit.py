@@ -37,9 +37,29 @@ from comet_ray.errors import CometError
 from support.cluster import free_port_range, stop_processes
 from support.s3server import free_ports
 
-TINY = ["--backbone", "mobilenet_v2", "--no-pretrained", "--image-size", "64", "--feature-dim", "32",
-        "--epochs", "1", "--passes", "1", "--set", "discriminator_hidden=32", "--set", "noise_std=0.1",
-        "--set", "inner_steps=1", "--set", "meta_tasks=2", "--device", "cpu"]
+TINY = [
+    "--backbone",
+    "mobilenet_v2",
+    "--no-pretrained",
+    "--image-size",
+    "64",
+    "--feature-dim",
+    "32",
+    "--epochs",
+    "1",
+    "--passes",
+    "1",
+    "--set",
+    "discriminator_hidden=32",
+    "--set",
+    "noise_std=0.1",
+    "--set",
+    "inner_steps=1",
+    "--set",
+    "meta_tasks=2",
+    "--device",
+    "cpu",
+]
 START_TIMEOUT = 120.0
 
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")
@@ -64,8 +84,17 @@ class RayHead:
 
     def __init__(self, token: str | None = None, resources: dict | None = None) -> None:
         self.temp = Path(tempfile.mkdtemp(prefix="crs", dir="/tmp"))  # short: Ray puts Unix sockets under it
-        (gcs, dashboard, client, node_manager, object_manager, agent_listen, agent_grpc, runtime_env_agent,
-         metrics) = free_ports(9)
+        (
+            gcs,
+            dashboard,
+            client,
+            node_manager,
+            object_manager,
+            agent_listen,
+            agent_grpc,
+            runtime_env_agent,
+            metrics,
+        ) = free_ports(9)
         low = free_port_range(60)
         high = low + 59
         self.dashboard_port = dashboard
@@ -74,26 +103,50 @@ class RayHead:
         env = dict(os.environ)
         for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
             env.pop(name, None)
-        env.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-                   RAY_AUTH_MODE="token" if token else "disabled",
-                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+        env.update(
+            RAY_USAGE_STATS_ENABLED="0",
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+            RAY_AUTH_MODE="token" if token else "disabled",
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        )
         if token:
             env["RAY_AUTH_TOKEN"] = token
         ray_cli = Path(sys.executable).parent / "ray"
         command = [
-            str(ray_cli), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-            f"--temp-dir={self.temp}", f"--port={gcs}", f"--dashboard-port={dashboard}",
-            "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--ray-client-server-port={client}",
-            f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-            f"--dashboard-agent-listen-port={agent_listen}", f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}",
-            f"--min-worker-port={low}", f"--max-worker-port={high}", "--num-cpus=2", "--num-gpus=0",
-            "--object-store-memory=100000000", "--disable-usage-stats",
+            str(ray_cli),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={self.temp}",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            f"--ray-client-server-port={client}",
+            f"--node-manager-port={node_manager}",
+            f"--object-manager-port={object_manager}",
+            f"--dashboard-agent-listen-port={agent_listen}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env_agent}",
+            f"--metrics-export-port={metrics}",
+            f"--min-worker-port={low}",
+            f"--max-worker-port={high}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--object-store-memory=100000000",
+            "--disable-usage-stats",
             *([f"--resources={json.dumps(resources)}"] if resources else []),
         ]
         self.log = open(self.temp / "ray-start.log", "wb")  # noqa: SIM115 - closed with the head
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def wait_ready(self) -> None:
         """Block until the dashboard's job API answers (heads start in parallel, then each is awaited)."""
@@ -110,7 +163,9 @@ class RayHead:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(1.0)
-        raise RuntimeError(f"the job API at {self.url} did not come up in {START_TIMEOUT:.0f}s:\n{self.output()}")
+        raise RuntimeError(
+            f"the job API at {self.url} did not come up in {START_TIMEOUT:.0f}s:\n{self.output()}"
+        )
 
     def output(self) -> str:
         try:
@@ -186,11 +241,26 @@ def clean_env(monkeypatch, tmp_path):
 
 # --------------------------------------------------------------------------- without a cluster
 def test_plain_http_to_another_host_is_refused_in_one_line(clean_env, capsys) -> None:
-    code = run_cli(["submit", "--address", "http://10.1.2.3:8265", "--", "train", "data", "--category", "c",
-                    "--out", "o"])
+    code = run_cli(
+        [
+            "submit",
+            "--address",
+            "http://10.1.2.3:8265",
+            "--",
+            "train",
+            "data",
+            "--category",
+            "c",
+            "--out",
+            "o",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err.startswith("comet-ray: error: refusing plain-http address http://10.1.2.3:8265") and "\n" not in err
+    assert (
+        err.startswith("comet-ray: error: refusing plain-http address http://10.1.2.3:8265")
+        and "\n" not in err
+    )
     clean_env.setenv("RAY_ADDRESS", "http://ray-head.example.com:8265")
     with pytest.raises(CometError, match="refusing plain-http"):
         submit.check_address(submit.resolve_address(None), insecure=False)
@@ -232,9 +302,14 @@ def test_address_and_token_resolution(clean_env, tmp_path) -> None:
 def test_entrypoint_runtime_env_and_results_line(tmp_path) -> None:
     args = submit.command_args(["--", "train", "/data root", "--category", "weave", "--out", "runs/w"])
     assert args[0] == "train"
-    assert submit.build_entrypoint(args) == "python -m comet_ray train '/data root' --category weave --out runs/w"
+    assert (
+        submit.build_entrypoint(args)
+        == "python -m comet_ray train '/data root' --category weave --out runs/w"
+    )
     with_upload = submit.build_entrypoint(args, "s3://bucket/runs/")
-    assert with_upload.endswith("&& python -m comet_ray.distributed.submit push-results runs/w s3://bucket/runs/w")
+    assert with_upload.endswith(
+        "&& python -m comet_ray.distributed.submit push-results runs/w s3://bucket/runs/w"
+    )
     assert "cluster's filesystem" in submit.where_results_go(args)
     assert submit.where_results_go(["train", "d", "--out=s3://b/r"]) == "results: s3://b/r"
     with pytest.raises(CometError, match="nothing to run"):
@@ -257,11 +332,15 @@ def test_entrypoint_runtime_env_and_results_line(tmp_path) -> None:
 
 def test_the_driver_asks_for_a_worker_node_unless_told_otherwise(capsys) -> None:
     assert driver_resources(None) == {DRIVER_RESOURCE: DRIVER_SHARE} and 0 < DRIVER_SHARE < 1
-    assert driver_resources(None, num_gpus=1) == {} and driver_resources(None, num_cpus=2) == {}  # not on a head
+    assert (
+        driver_resources(None, num_gpus=1) == {} and driver_resources(None, num_cpus=2) == {}
+    )  # not on a head
     assert driver_resources('{"job-driver": 1, "big": 2}') == {"job-driver": 1.0, "big": 2.0}
     assert driver_resources("{}") == {}
     for bad in ("[1]", '{"job-driver": 0}', '{"job-driver": true}', "job-driver"):
-        with pytest.raises(CometError, match="--entrypoint-resources expects a JSON object of positive numbers"):
+        with pytest.raises(
+            CometError, match="--entrypoint-resources expects a JSON object of positive numbers"
+        ):
             driver_resources(bad)
     with pytest.raises(SystemExit):
         run_cli(["submit", "--help"])
@@ -296,21 +375,40 @@ def test_the_job_package_holds_every_module_and_imports_without_an_install(tmp_p
     source = sorted(p.relative_to(root).as_posix() for p in (root / "comet_ray").rglob("*.py"))
     assert shipped == source  # comet_ray/data/ included: the excludes are anchored at the project root
     assert not (unpacked / ".venv").exists() and not (unpacked / ".git").exists()
-    modules = [p.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for p in shipped
-               if not p.endswith("__main__.py")]
+    modules = [
+        p.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+        for p in shipped
+        if not p.endswith("__main__.py")
+    ]
     python = cluster_python(tmp_path / "py")
-    check = ("import importlib, os, sys\n"
-             "for name in sys.argv[1:]:\n"
-             "    module = importlib.import_module(name)\n"
-             "    assert module.__file__.startswith(os.getcwd() + os.sep), (name, module.__file__)\n"
-             "print('imported', len(sys.argv) - 1)")
+    check = (
+        "import importlib, os, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    module = importlib.import_module(name)\n"
+        "    assert module.__file__.startswith(os.getcwd() + os.sep), (name, module.__file__)\n"
+        "print('imported', len(sys.argv) - 1)"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "COMET_RAY_CACHE")}
-    result = subprocess.run([str(python), "-c", check, *modules], cwd=unpacked, env=env, capture_output=True,
-                            text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [str(python), "-c", check, *modules],
+        cwd=unpacked,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == f"imported {len(modules)}"
-    outside = subprocess.run([str(python), "-c", "import comet_ray"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=60, check=False)
+    outside = subprocess.run(
+        [str(python), "-c", "import comet_ray"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert "No module named 'comet_ray'" in outside.stderr  # the modules above came from the package alone
 
 
@@ -357,10 +455,25 @@ def test_submit_train_succeeds_and_a_bad_path_fails(heads, dataset, tmp_path, cl
 
     bad_out, bad_err, bad_result = io.StringIO(), io.StringIO(), {}
     # '{}': a driver that may run anywhere, here on the one node, which offers no job-driver resource
-    bad_args = _parse(["submit", "--address", token_head.url, "--submission-id", "comet-test-bad",
-                       "--entrypoint-resources", "{}", "--",
-                       "train", str(tmp_path / "no-such-data"), "--category", "weave",
-                       "--out", str(tmp_path / "bad-run"), *TINY])
+    bad_args = _parse(
+        [
+            "submit",
+            "--address",
+            token_head.url,
+            "--submission-id",
+            "comet-test-bad",
+            "--entrypoint-resources",
+            "{}",
+            "--",
+            "train",
+            str(tmp_path / "no-such-data"),
+            "--category",
+            "weave",
+            "--out",
+            str(tmp_path / "bad-run"),
+            *TINY,
+        ]
+    )
 
     def run_bad() -> None:
         try:
@@ -372,8 +485,23 @@ def test_submit_train_succeeds_and_a_bad_path_fails(heads, dataset, tmp_path, cl
     worker.start()
 
     out = tmp_path / "run"
-    code = run_cli(["submit", "--address", head.url, "--submission-id", "comet-test-ok", "--",
-                    "train", str(dataset), "--category", "weave", "--out", str(out), *TINY])
+    code = run_cli(
+        [
+            "submit",
+            "--address",
+            head.url,
+            "--submission-id",
+            "comet-test-ok",
+            "--",
+            "train",
+            str(dataset),
+            "--category",
+            "weave",
+            "--out",
+            str(out),
+            *TINY,
+        ]
+    )
     captured = capsys.readouterr()
     worker.join(timeout=240)
     assert code == 0, captured.out[-3000:] + captured.err[-3000:]
@@ -394,8 +522,26 @@ def test_submit_train_succeeds_and_a_bad_path_fails(heads, dataset, tmp_path, cl
     assert token_head.token not in bad_out.getvalue() + bad_err.getvalue() + captured.out + captured.err
 
     # With the defaults, a driver never starts on a head that offers no job-driver resource: it waits.
-    assert run_cli(["submit", "--no-wait", "--address", token_head.url, "--submission-id", "comet-test-pending",
-                    "--", "train", str(dataset), "--category", "weave", "--out", str(tmp_path / "pending")]) == 0
+    assert (
+        run_cli(
+            [
+                "submit",
+                "--no-wait",
+                "--address",
+                token_head.url,
+                "--submission-id",
+                "comet-test-pending",
+                "--",
+                "train",
+                str(dataset),
+                "--category",
+                "weave",
+                "--out",
+                str(tmp_path / "pending"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     jobs = submit.connect(token_head.url)
     statuses = set()

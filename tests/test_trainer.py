@@ -104,7 +104,9 @@ class _Rank(Collective):
 def test_more_workers_than_training_images_is_refused() -> None:
     config = make_config("comet")
     with pytest.raises(ValueError, match=f"{N} training images cannot be shared by {N + 1} workers"):
-        CometTrainer(build_detector("simplenet", D, config.model), make_store(), config, collective=_Rank(0, N + 1))
+        CometTrainer(
+            build_detector("simplenet", D, config.model), make_store(), config, collective=_Rank(0, N + 1)
+        )
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
@@ -115,7 +117,9 @@ def test_every_worker_takes_the_same_steps_over_its_own_shard(world: int) -> Non
     store = make_store()
     seen, steps, global_batches = [], set(), set()
     for rank in range(world):
-        trainer = CometTrainer(build_detector("simplenet", D, config.model), store, config, collective=_Rank(rank, world))
+        trainer = CometTrainer(
+            build_detector("simplenet", D, config.model), store, config, collective=_Rank(rank, world)
+        )
         batches = trainer._batches(torch.Generator().manual_seed(rank))
         steps.add(len(batches))
         global_batches.add(tuple(trainer.global_batch))

@@ -50,8 +50,14 @@ def swept(local_ray, tmp_path_factory):
     root = tmp_path_factory.mktemp("tune-data")
     make_texture_category(root, "weave", n_train=16, n_test_good=8, defects={"spot": 10}, size=64, seed=3)
     work = tmp_path_factory.mktemp("tune-work")
-    settings = SweepSettings(levels=[0.0, 0.2], trials=2, storage_path=str(work / "store"), out=str(work / "out"),
-                             seeds=1, cpus_per_trial=1.0)
+    settings = SweepSettings(
+        levels=[0.0, 0.2],
+        trials=2,
+        storage_path=str(work / "store"),
+        out=str(work / "out"),
+        seeds=1,
+        cpus_per_trial=1.0,
+    )
     summary = sweep(tiny_base(root), settings)
     return root, work, settings, summary
 
@@ -114,7 +120,8 @@ def test_selection_never_reads_test_labels(swept) -> None:
     for strategy in ("baseline", "comet"):
         guarded = select_best([NoTestColumns(r) for r in rows], strategy=strategy)
         assert {k: r["trial_id"] for k, r in guarded.items()} == {
-            k: r["trial_id"] for k, r in select_best(rows, strategy=strategy).items()}
+            k: r["trial_id"] for k, r in select_best(rows, strategy=strategy).items()
+        }
     rng = random.Random(0)
     test_columns = [c for c in rows[0] if c.startswith("test_")]
     for _ in range(5):
@@ -140,7 +147,8 @@ def test_baseline_is_tuned_with_the_same_budget(swept) -> None:
         best_base = json.loads((work / "out" / f"rho_{level:g}" / "best_baseline.json").read_text())
         for row in comet:
             assert {k: row[f"knob_{k}"] for k in chosen_knobs(best_base)} == {
-                k: str(v) for k, v in chosen_knobs(best_base).items()}
+                k: str(v) for k, v in chosen_knobs(best_base).items()
+            }
 
 
 def test_repeats_never_report_on_images_selection_saw(swept) -> None:
@@ -153,7 +161,8 @@ def test_repeats_never_report_on_images_selection_saw(swept) -> None:
         selection = json.loads((out / f"rho_{level}" / "selection_split.json").read_text())
         seen = set(selection["validation_ids"])
         assert seen and {r["split_seed"] for r in results if r["level"] == float(level)} == {
-            str(selection["split_seed"])}
+            str(selection["split_seed"])
+        }
         manifests = sorted((out / f"rho_{level}" / "repeats").glob("*.manifest.json"))
         assert len(manifests) == 2
         for path in manifests:
@@ -174,7 +183,9 @@ def test_repeat_seeds_vary_training_only(tmp_path) -> None:
     samples = check_trainable(base).samples
     configs = repeat_configs(base, 0.2, {"baseline": {}, "comet": {"fence_k": 2.0}}, seeds=3)
     assert sorted({c.seed for c in configs}) == [5, 6, 7] and {c.data_seed for c in configs} == {11}
-    assert [c.comet.strategy for c in configs[:2]] == ["baseline", "comet"] and configs[1].comet.fence_k == 2.0
+    assert [c.comet.strategy for c in configs[:2]] == ["baseline", "comet"] and configs[
+        1
+    ].comet.fence_k == 2.0
     _, selected, _, _ = select_samples(samples, configs[0])
     seen = {s.sample_id for s in selected}
     for config in configs:
@@ -190,12 +201,25 @@ def test_repeat_seeds_vary_training_only(tmp_path) -> None:
 def test_saturated_objective_still_separates_trials() -> None:
     """All trials at validation AUROC 1.0: the validation AUPRO decides, then the lower training loss,
     never the order of the rows (the first row used to win, whatever it was)."""
-    def row(trial_id, objective, aupro, loss, strategy="comet"):
-        return {"level": 0.1, "strategy": strategy, "trial_id": trial_id, "objective": objective,
-                "validation_aupro": aupro, "final_loss": loss}
 
-    rows = [row("a", 1.0, 0.70, 0.1), row("b", 1.0, 0.80, 0.3), row("c", 1.0, 0.80, 0.2), row("d", 0.9, 0.99, 0.0),
-            row("e", None, 0.9, 0.0), row("f", 1.0, 0.9, 0.0, "baseline")]
+    def row(trial_id, objective, aupro, loss, strategy="comet"):
+        return {
+            "level": 0.1,
+            "strategy": strategy,
+            "trial_id": trial_id,
+            "objective": objective,
+            "validation_aupro": aupro,
+            "final_loss": loss,
+        }
+
+    rows = [
+        row("a", 1.0, 0.70, 0.1),
+        row("b", 1.0, 0.80, 0.3),
+        row("c", 1.0, 0.80, 0.2),
+        row("d", 0.9, 0.99, 0.0),
+        row("e", None, 0.9, 0.0),
+        row("f", 1.0, 0.9, 0.0, "baseline"),
+    ]
     assert select_best(rows)[0.1]["trial_id"] == "c"
     assert select_best(rows, strategy="baseline")[0.1]["trial_id"] == "f"
     no_masks = [{**r, "validation_aupro": None} for r in rows]  # no validation masks: the loss decides
@@ -226,7 +250,9 @@ def test_search_space_is_validated(tmp_path) -> None:
 
 def test_flow_model_sweeps_with_the_same_tune_code(local_ray, tmp_path) -> None:
     """Model-agnostic: the normalizing flow goes through the same trial code as SimpleNet."""
-    make_texture_category(tmp_path / "data", "weave", n_train=12, n_test_good=6, defects={"spot": 6}, size=64, seed=4)
+    make_texture_category(
+        tmp_path / "data", "weave", n_train=12, n_test_good=6, defects={"spot": 6}, size=64, seed=4
+    )
     base = tiny_base(tmp_path / "data")
     base.epochs = 2
     base.model.model = "flow"
@@ -234,13 +260,22 @@ def test_flow_model_sweeps_with_the_same_tune_code(local_ray, tmp_path) -> None:
     base.model.flow_hidden = 32
     space = tmp_path / "space.yaml"  # the flow's own base knob for the baseline, one CoMet knob
     space.write_text("flow_lr: {loguniform: [1.0e-4, 1.0e-3]}\nfence_k: {uniform: [0.5, 3.0]}\n")
-    settings = SweepSettings(levels=[0.2], trials=2, storage_path=str(tmp_path / "store"), out=str(tmp_path / "out"),
-                             seeds=0, cpus_per_trial=1.0, space_file=str(space))
+    settings = SweepSettings(
+        levels=[0.2],
+        trials=2,
+        storage_path=str(tmp_path / "store"),
+        out=str(tmp_path / "out"),
+        seeds=0,
+        cpus_per_trial=1.0,
+        space_file=str(space),
+    )
     sweep(base, settings)
     rows = read_rows(tmp_path / "out" / "results.csv")
     # ASHA may stop one trial early (trials race); at least one of each must finish with an objective.
     assert len(rows) == 4 and {r["strategy"] for r in rows} == {"baseline", "comet"}
-    assert all(any(r["objective"] is not None for r in rows if r["strategy"] == s) for s in ("baseline", "comet"))
+    assert all(
+        any(r["objective"] is not None for r in rows if r["strategy"] == s) for s in ("baseline", "comet")
+    )
 
 
 def test_trials_that_train_with_ray_train_workers(local_ray, tmp_path) -> None:
@@ -249,13 +284,24 @@ def test_trials_that_train_with_ray_train_workers(local_ray, tmp_path) -> None:
     Tune checks every result for the searched metric; the workers' reports must carry ``objective``
     (this path failed every trial before), and a finished sweep leaves every CPU free again.
     """
-    make_texture_category(tmp_path / "data", "weave", n_train=12, n_test_good=6, defects={"spot": 6}, size=64, seed=5)
+    make_texture_category(
+        tmp_path / "data", "weave", n_train=12, n_test_good=6, defects={"spot": 6}, size=64, seed=5
+    )
     base = tiny_base(tmp_path / "data")
     base.epochs = 2
     space = tmp_path / "space.yaml"  # CoMet knobs only: no baseline search, two trials in all
     space.write_text(COMET_ONLY_SPACE)
-    settings = SweepSettings(levels=[0.0], trials=2, storage_path=str(tmp_path / "store"), out=str(tmp_path / "out"),
-                             seeds=0, workers=1, cpus_per_trial=0.25, cpus_per_worker=0.5, space_file=str(space))
+    settings = SweepSettings(
+        levels=[0.0],
+        trials=2,
+        storage_path=str(tmp_path / "store"),
+        out=str(tmp_path / "out"),
+        seeds=0,
+        workers=1,
+        cpus_per_trial=0.25,
+        cpus_per_worker=0.5,
+        space_file=str(space),
+    )
     sweep(base, settings)
     rows = read_rows(tmp_path / "out" / "results.csv")
     assert len(rows) == 2 and all(r["objective"] is not None for r in rows)  # FIFO here: no early stop

@@ -1,6 +1,5 @@
 """``comet-ray audit RUN``: load the run (local or ``s3://``), write the audit, and export the clean copy."""
 
-
 from __future__ import annotations
 
 import posixpath
@@ -37,8 +36,14 @@ class AuditOutcome:
     export: dict | None = None
 
 
-def write_audit(audit: TrainingAudit, checkpoint: Path | None, staging: Path, gallery: int, device: str,
-                s3_endpoint: str | None) -> list[Path]:
+def write_audit(
+    audit: TrainingAudit,
+    checkpoint: Path | None,
+    staging: Path,
+    gallery: int,
+    device: str,
+    s3_endpoint: str | None,
+) -> list[Path]:
     """audit.csv, audit.json, weights_trajectory.png and gallery/ into ``staging``; returns the panels."""
     panels: list[Path] = []
     if gallery > 0:
@@ -47,8 +52,12 @@ def write_audit(audit: TrainingAudit, checkpoint: Path | None, staging: Path, ga
         elif not audit.paths:
             audit.notes.append("the training images are not reachable: no gallery")
         else:
-            panels = [p for _, p in suspect_panels(audit, checkpoint, gallery, staging / GALLERY_DIR, device,
-                                                   s3_endpoint)]
+            panels = [
+                p
+                for _, p in suspect_panels(
+                    audit, checkpoint, gallery, staging / GALLERY_DIR, device, s3_endpoint
+                )
+            ]
     write_csv(audit.rows(), staging / "audit.csv")
     (staging / TRAJECTORY_FILE).write_bytes(trajectory_chart(audit))
     summary = {
@@ -89,8 +98,15 @@ def _fetch_run(run: str, s3_endpoint: str | None, into: Path) -> None:
         raise storage_error(exc, run, fs) from exc
 
 
-def run_audit(run: str, out: str | None = None, gallery: int = 8, export_to: str | None = None,
-              copy: bool = False, device: str = "auto", s3_endpoint: str | None = None) -> AuditOutcome:
+def run_audit(
+    run: str,
+    out: str | None = None,
+    gallery: int = 8,
+    export_to: str | None = None,
+    copy: bool = False,
+    device: str = "auto",
+    s3_endpoint: str | None = None,
+) -> AuditOutcome:
     """Audit a run folder (local or ``s3://``) and write the audit to ``out`` (default ``RUN/audit``).
 
     Everything is checked before anything is written: a run folder from an older version, a missing

@@ -1,6 +1,5 @@
 """``--export-clean DEST``: the category without the images the audit flagged."""
 
-
 from __future__ import annotations
 
 import os
@@ -41,17 +40,23 @@ def check_export_destination(dest: str, audit: TrainingAudit, s3_endpoint: str |
         except OSError as exc:
             raise storage_error(exc, dest, fs) from exc
         if found:
-            raise CometError(f"--export-clean destination {public_s3_uri(dest)} already holds objects; "
-                             "choose an empty prefix (nothing is overwritten)")
+            raise CometError(
+                f"--export-clean destination {public_s3_uri(dest)} already holds objects; "
+                "choose an empty prefix (nothing is overwritten)"
+            )
         if audit.data_root.startswith("s3://"):
             source = public_s3_uri(audit.data_root).rstrip("/") + "/"
             target = public_s3_uri(dest).rstrip("/") + "/"
             if target.startswith(source) or source.startswith(target):
-                raise CometError(f"--export-clean destination {public_s3_uri(dest)} overlaps the data root {source}")
+                raise CometError(
+                    f"--export-clean destination {public_s3_uri(dest)} overlaps the data root {source}"
+                )
         return
     target = Path(dest)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise CometError(f"--export-clean destination {target} exists and is not empty (nothing is overwritten)")
+        raise CometError(
+            f"--export-clean destination {target} exists and is not empty (nothing is overwritten)"
+        )
     if not audit.data_root.startswith("s3://"):
         source = Path(audit.data_root)
         if _is_within(target, source) or _is_within(source, target):
@@ -59,7 +64,7 @@ def check_export_destination(dest: str, audit: TrainingAudit, s3_endpoint: str |
 
 
 def _relative(uri: str, folder: str, prefix: str) -> str:
-    path = uri[len(prefix):] if prefix and uri.startswith(prefix) else uri
+    path = uri[len(prefix) :] if prefix and uri.startswith(prefix) else uri
     if path.startswith("/") and not folder.startswith("/"):
         path = path.lstrip("/")
     return posixpath.relpath(path, folder)
@@ -85,9 +90,14 @@ def export_plan(audit: TrainingAudit, scan, folder: str, prefix: str) -> tuple[l
     for sample_id in audit.ids:
         row = rows[sample_id]
         if row["flagged"]:
-            left_out.append({**{k: row[k] for k in ("sample_id", "path", "rank", "weight", "score",
-                                                    "first_below_one")},
-                             "reason": f"SCL weight {row['weight']:.3g} < 1 after the last epoch"})
+            left_out.append(
+                {
+                    **{
+                        k: row[k] for k in ("sample_id", "path", "rank", "weight", "score", "first_below_one")
+                    },
+                    "reason": f"SCL weight {row['weight']:.3g} < 1 after the last epoch",
+                }
+            )
             continue
         if sample_id not in by_id:  # deleted or renamed at the source since training
             missing.append(sample_id)
@@ -98,7 +108,9 @@ def export_plan(audit: TrainingAudit, scan, folder: str, prefix: str) -> tuple[l
             kept_injected.append(sample_id)
         plan.append((by_id[sample_id].uri, rel))
     trained = set(audit.ids)
-    not_in_run = sorted(s.sample_id for s in scan.samples if s.split == "train" and s.sample_id not in trained)
+    not_in_run = sorted(
+        s.sample_id for s in scan.samples if s.split == "train" and s.sample_id not in trained
+    )
     n_test = n_masks = 0
     for sample in scan.samples:
         if sample.split != "test" or sample.sample_id in moved:
@@ -125,7 +137,7 @@ def export_plan(audit: TrainingAudit, scan, folder: str, prefix: str) -> tuple[l
         "missing_at_source": missing,
         "not_in_run": not_in_run,
         "layout": "train/: the run's training images minus left_out (injected ones under train/<defect>/); "
-                  "test/ and ground_truth/: the source's, minus the images the run moved into training",
+        "test/ and ground_truth/: the source's, minus the images the run moved into training",
     }
     return plan, manifest
 
@@ -134,12 +146,21 @@ def _top_level_files(fs, folder: str, prefix: str) -> list[tuple[str, str]]:
     import pyarrow.fs as pafs
 
     infos = fs.get_file_info(pafs.FileSelector(folder, recursive=False))
-    return [(prefix + i.path, i.base_name) for i in infos
-            if i.type == pafs.FileType.File and not i.base_name.startswith(".")]
+    return [
+        (prefix + i.path, i.base_name)
+        for i in infos
+        if i.type == pafs.FileType.File and not i.base_name.startswith(".")
+    ]
 
 
-def export_clean(audit: TrainingAudit, scan, dest: str, copy: bool = False, s3_endpoint: str | None = None,
-                 workers: int = 8) -> dict:
+def export_clean(
+    audit: TrainingAudit,
+    scan,
+    dest: str,
+    copy: bool = False,
+    s3_endpoint: str | None = None,
+    workers: int = 8,
+) -> dict:
     """Write the category without the flagged images to ``dest`` (a folder or ``s3://`` prefix).
 
     ``dest/<category>/...`` becomes a category ``comet-ray train`` accepts (see :func:`export_plan`),
@@ -167,7 +188,7 @@ def export_clean(audit: TrainingAudit, scan, dest: str, copy: bool = False, s3_e
         def put(item: tuple[str, str]) -> None:
             uri, rel = item
             target = posixpath.join(base, category, rel)
-            source = uri[len(prefix):] if prefix else uri
+            source = uri[len(prefix) :] if prefix else uri
             if same_store:
                 dst_fs.copy_file(source, target)  # server-side copy
             else:
@@ -191,7 +212,7 @@ def export_clean(audit: TrainingAudit, scan, dest: str, copy: bool = False, s3_e
             out = staging / category / rel
             out.parent.mkdir(parents=True, exist_ok=True)
             if prefix:  # s3 source: download
-                with src_fs.open_input_stream(uri[len(prefix):]) as stream, open(out, "wb") as sink:
+                with src_fs.open_input_stream(uri[len(prefix) :]) as stream, open(out, "wb") as sink:
                     shutil.copyfileobj(stream, sink, 1 << 20)
             elif copy:
                 shutil.copy2(uri, out)

@@ -1,7 +1,6 @@
 """The audit's ranking and metrics: plain arrays (ids, weights, scores, injected ids) in, numbers out,
 so benchmarks score any ranking the same way."""
 
-
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -11,7 +10,9 @@ import numpy as np
 FLAG_RULE = "SCL weight below 1 after the last epoch (the image scored above SCL's outlier fence)"
 
 
-def rank_order(weights: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
+def rank_order(
+    weights: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray | None = None
+) -> np.ndarray:
     """Row indices from most to least suspect: lowest weight first, then highest score, then row order.
 
     To rank by score alone (a model without SCL weights), pass weights of 1. A NaN score ranks lowest.
@@ -71,14 +72,16 @@ def audit_metrics(
     hits = int((flagged & injected).sum())
     k = n_injected if k is None else int(k)
     order = rank_order(weights, scores)
-    result.update({
-        "n_injected": n_injected,
-        "n_flagged_injected": hits,
-        "precision": hits / n_flagged if n_flagged else None,
-        "recall": hits / n_injected if n_injected else None,
-        "k": k,
-        "precision_at_k": precision_at_k(order, injected, k),
-    })
+    result.update(
+        {
+            "n_injected": n_injected,
+            "n_flagged_injected": hits,
+            "precision": hits / n_flagged if n_flagged else None,
+            "recall": hits / n_injected if n_injected else None,
+            "k": k,
+            "precision_at_k": precision_at_k(order, injected, k),
+        }
+    )
     return result
 
 

@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     start = time.perf_counter()
     try:
         if argv is None:  # what this process shows of its arguments
@@ -75,7 +76,9 @@ def run_command(argv: list[str]) -> int:
     out = submit.option_value(argv, "--out")
     if code == 0 and uri and out and not out.startswith("s3://"):
         try:
-            return submit.push_results(out, submit.results_destination(out, uri), os.environ.get("AWS_ENDPOINT_URL"))
+            return submit.push_results(
+                out, submit.results_destination(out, uri), os.environ.get("AWS_ENDPOINT_URL")
+            )
         except CometError as exc:
             print(f"comet-ray: error: {exc}", file=sys.stderr)
             return 2

@@ -28,10 +28,18 @@ from comet_ray.errors import CometError
 
 S3 = "s3://"
 PROFILE = "comet-ray-uri"
-ENV_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-             "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE")
-SUBMIT_NOTICE = ("credentials in s3:// URIs are not sent with a job (the cluster stores its command line): "
-                 "they were removed; the cluster's nodes need their own (instance role or environment)")
+ENV_NAMES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_PROFILE",
+)
+SUBMIT_NOTICE = (
+    "credentials in s3:// URIs are not sent with a job (the cluster stores its command line): "
+    "they were removed; the cluster's nodes need their own (instance role or environment)"
+)
 
 
 def strip_value(value: str) -> tuple[str, tuple[str | None, str | None] | None]:
@@ -93,12 +101,16 @@ def take_uri_credentials(args: argparse.Namespace) -> bool:
     if not found:
         return False
     if len(found) > 1:
-        raise CometError("the s3:// URIs carry different credentials; give one set, or none and use "
-                         "AWS_PROFILE / AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        raise CometError(
+            "the s3:// URIs carry different credentials; give one set, or none and use "
+            "AWS_PROFILE / AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
     access_key, secret_key = found.pop()
     if not (access_key and secret_key):
-        raise CometError("an s3://KEY:SECRET@bucket URI needs both the access key and the secret "
-                         "(or neither: AWS_PROFILE / AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+        raise CometError(
+            "an s3://KEY:SECRET@bucket URI needs both the access key and the secret "
+            "(or neither: AWS_PROFILE / AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+        )
     use_credentials_file(access_key, secret_key)
     return True
 

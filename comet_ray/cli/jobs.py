@@ -14,8 +14,10 @@ from comet_ray.errors import CometError
 
 
 def _detach_hint(job_id: str, address_flag: str) -> str:
-    return (f"detached; the job keeps running. Follow it: comet-ray logs {job_id} --follow{address_flag}  "
-            f"stop it: comet-ray stop {job_id}{address_flag}")
+    return (
+        f"detached; the job keeps running. Follow it: comet-ray logs {job_id} --follow{address_flag}  "
+        f"stop it: comet-ray stop {job_id}{address_flag}"
+    )
 
 
 def _address_flag(args: argparse.Namespace) -> str:
@@ -45,8 +47,9 @@ def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         options["entrypoint_num_cpus"] = args.entrypoint_num_cpus
     if args.entrypoint_num_gpus:
         options["entrypoint_num_gpus"] = args.entrypoint_num_gpus
-    resources = placement.driver_resources(args.entrypoint_resources, args.entrypoint_num_cpus,
-                                           args.entrypoint_num_gpus)
+    resources = placement.driver_resources(
+        args.entrypoint_resources, args.entrypoint_num_cpus, args.entrypoint_num_gpus
+    )
     if resources:
         options["entrypoint_resources"] = resources
     metadata = {"comet_ray_command": command[0]}
@@ -55,12 +58,20 @@ def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         metadata["out"] = public_s3_uri(out_dir)
     shipped = runtime_env.get("working_dir") or ", ".join(runtime_env.get("py_modules") or [])
     print(f"[comet-ray] {placement.placement_line(resources)}", file=err, flush=True)
-    print(f"[comet-ray] uploading {shipped} to {url} (without {', '.join(submit.DEFAULT_EXCLUDES[:3])}, ...)",
-          file=err, flush=True)
+    print(
+        f"[comet-ray] uploading {shipped} to {url} (without {', '.join(submit.DEFAULT_EXCLUDES[:3])}, ...)",
+        file=err,
+        flush=True,
+    )
     started = time.time()
     try:
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
-                                   metadata=metadata, **options)
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            submission_id=submission_id,
+            metadata=metadata,
+            **options,
+        )
     except Exception as exc:  # noqa: BLE001 - upload/validation problems reported as one line
         from ray.exceptions import AuthenticationError
 
@@ -74,8 +85,11 @@ def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
     flag = _address_flag(args)
     if args.no_wait:
         print(job_id, file=out, flush=True)
-        print(f"[comet-ray] follow: comet-ray logs {job_id} --follow{flag} | status: comet-ray status {job_id}{flag} "
-              f"| stop: comet-ray stop {job_id}{flag}", file=err)
+        print(
+            f"[comet-ray] follow: comet-ray logs {job_id} --follow{flag} | status: comet-ray status {job_id}{flag} "
+            f"| stop: comet-ray stop {job_id}{flag}",
+            file=err,
+        )
         if results:
             print(f"[comet-ray] {results}", file=err)
         return 0
@@ -84,7 +98,11 @@ def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
     except KeyboardInterrupt:
         print(f"\n[comet-ray] {_detach_hint(job_id, flag)}", file=err)
         return 130
-    print(f"[comet-ray] job {job_id} {status} after {submit._elapsed(time.time() - started)}", file=err, flush=True)
+    print(
+        f"[comet-ray] job {job_id} {status} after {submit._elapsed(time.time() - started)}",
+        file=err,
+        flush=True,
+    )
     if status == "SUCCEEDED" and results:
         print(f"[comet-ray] {results}", file=out, flush=True)
     elif status != "SUCCEEDED":
@@ -145,42 +163,73 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default=None,
-                        help=f"job API of the cluster (env RAY_ADDRESS; default {submit.DEFAULT_ADDRESS}, "
-                             "the local end of `ray dashboard` / `kubectl port-forward`)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="allow a plain-http address that is not loopback (code and token travel unencrypted)")
+    parser.add_argument(
+        "--address",
+        default=None,
+        help=f"job API of the cluster (env RAY_ADDRESS; default {submit.DEFAULT_ADDRESS}, "
+        "the local end of `ray dashboard` / `kubectl port-forward`)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a plain-http address that is not loopback (code and token travel unencrypted)",
+    )
 
 
 def register(subparsers) -> None:
     """Add ``comet-ray submit``, ``status``, ``logs`` and ``stop`` to the CLI's subparsers."""
     submit_parser = subparsers.add_parser(
-        "submit", help="run a comet-ray command on a Ray cluster (Ray Jobs API) and stream its output",
+        "submit",
+        help="run a comet-ray command on a Ray cluster (Ray Jobs API) and stream its output",
         usage="comet-ray submit [options] -- COMMAND [ARGS ...]",
         description="Upload this project and run `python -m comet_ray COMMAND ARGS` as a Ray job. "
-                    "Exit status: 0 when the job SUCCEEDED, 1 when it FAILED or was STOPPED.",
+        "Exit status: 0 when the job SUCCEEDED, 1 when it FAILED or was STOPPED.",
     )
     _add_connection_options(submit_parser)
-    submit_parser.add_argument("--no-wait", action="store_true", help="print the job id and return after submitting")
-    submit_parser.add_argument("--runtime-env", default=None, metavar="FILE",
-                               help="runtime env YAML/JSON (e.g. jobs/runtime_env.yaml: installs the project with pip on "
-                                    "clusters whose image lacks it); the project is added as working_dir unless it sets one")
-    submit_parser.add_argument("--submission-id", default=None, help="job id to use (default: comet-COMMAND-TIME-RANDOM)")
-    submit_parser.add_argument("--entrypoint-num-gpus", type=float, default=0.0,
-                               help="GPUs reserved for the command's own process (1 for a single-GPU `train`; 0 when "
-                                    "it starts Ray Train / Tune workers that reserve their own; default 0)")
-    submit_parser.add_argument("--entrypoint-num-cpus", type=float, default=0.0,
-                               help="CPUs reserved for the command's process (default 0)")
-    submit_parser.add_argument("--entrypoint-resources", default=None, metavar="JSON",
-                               help=placement.DRIVER_HELP)
-    submit_parser.add_argument("--results-uri", default=None, metavar="S3_URI",
-                               help="after success, copy the --out folder to S3_URI/<name of --out> (from the cluster, "
-                                    "with the nodes' IAM role)")
-    submit_parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
-                               help="the comet-ray command line to run, e.g. -- train s3://bucket/mvtec --category bottle "
-                                    "--out runs/bottle")
+    submit_parser.add_argument(
+        "--no-wait", action="store_true", help="print the job id and return after submitting"
+    )
+    submit_parser.add_argument(
+        "--runtime-env",
+        default=None,
+        metavar="FILE",
+        help="runtime env YAML/JSON (e.g. jobs/runtime_env.yaml: installs the project with pip on "
+        "clusters whose image lacks it); the project is added as working_dir unless it sets one",
+    )
+    submit_parser.add_argument(
+        "--submission-id", default=None, help="job id to use (default: comet-COMMAND-TIME-RANDOM)"
+    )
+    submit_parser.add_argument(
+        "--entrypoint-num-gpus",
+        type=float,
+        default=0.0,
+        help="GPUs reserved for the command's own process (1 for a single-GPU `train`; 0 when "
+        "it starts Ray Train / Tune workers that reserve their own; default 0)",
+    )
+    submit_parser.add_argument(
+        "--entrypoint-num-cpus",
+        type=float,
+        default=0.0,
+        help="CPUs reserved for the command's process (default 0)",
+    )
+    submit_parser.add_argument(
+        "--entrypoint-resources", default=None, metavar="JSON", help=placement.DRIVER_HELP
+    )
+    submit_parser.add_argument(
+        "--results-uri",
+        default=None,
+        metavar="S3_URI",
+        help="after success, copy the --out folder to S3_URI/<name of --out> (from the cluster, "
+        "with the nodes' IAM role)",
+    )
+    submit_parser.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND ...",
+        help="the comet-ray command line to run, e.g. -- train s3://bucket/mvtec --category bottle "
+        "--out runs/bottle",
+    )
     submit_parser.set_defaults(func=cmd_submit, remote_command=True)  # see comet_ray.cli.credentials
 
     status = subparsers.add_parser("status", help="status of a cluster job")
@@ -190,8 +239,9 @@ def register(subparsers) -> None:
 
     logs = subparsers.add_parser("logs", help="output of a cluster job")
     logs.add_argument("job_id", help="submission id printed by comet-ray submit")
-    logs.add_argument("--follow", "-f", action="store_true",
-                      help="keep streaming until the job ends; exit 0/1 like submit")
+    logs.add_argument(
+        "--follow", "-f", action="store_true", help="keep streaming until the job ends; exit 0/1 like submit"
+    )
     _add_connection_options(logs)
     logs.set_defaults(func=cmd_logs)
 

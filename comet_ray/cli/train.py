@@ -51,16 +51,34 @@ def _train_many(args: argparse.Namespace, categories: list[str]) -> int:
     init_ray(args.address)
     workers = max(1, args.workers)
     gpus = auto_gpus(args.gpus_per_worker, workers)
-    common = dict(num_to_keep=args.num_to_keep, max_failures=args.max_failures, feature_cache=args.cache_dir,
-                  worker_feature_memory=args.worker_feature_memory)
+    common = dict(
+        num_to_keep=args.num_to_keep,
+        max_failures=args.max_failures,
+        feature_cache=args.cache_dir,
+        worker_feature_memory=args.worker_feature_memory,
+    )
     if not many:
-        metrics = fit_distributed(configs[0], workers, gpus, args.cpus_per_worker,
-                                  storage_path=store, run_name=args.run_name, **common)
+        metrics = fit_distributed(
+            configs[0],
+            workers,
+            gpus,
+            args.cpus_per_worker,
+            storage_path=store,
+            run_name=args.run_name,
+            **common,
+        )
         print(metrics_table([metrics]))
         print(f"results in {metrics['out']}")
         return 0
-    rows, table = fit_categories(configs, workers, gpus, args.cpus_per_worker, storage_path=store,
-                                 summary_path=storage.join(out, "summary.json"), **common)
+    rows, table = fit_categories(
+        configs,
+        workers,
+        gpus,
+        args.cpus_per_worker,
+        storage_path=store,
+        summary_path=storage.join(out, "summary.json"),
+        **common,
+    )
     print(table)
     print(f"results in {args.out} (summary.json)")
     return 1 if any("error" in row for row in rows) else 0
@@ -85,18 +103,33 @@ def _train_into(args: argparse.Namespace, out: str) -> None:
 
     config = train_config(args)
     device = resolve_device(config.device)
-    print(f"comet-ray train: {config.category} | strategy {config.comet.strategy} | device {device}", flush=True)
+    print(
+        f"comet-ray train: {config.category} | strategy {config.comet.strategy} | device {device}", flush=True
+    )
     if config.model.model == "knn":
-        print("note: --model knn is training-free (a memory bank of training patches): --epochs and --passes do "
-              "not apply; --strategy scl leaves the images SCL's fence flags out of the bank", flush=True)
-    data = prepare_data(config, device, cache_dir=args.cache_dir, progress=True, s3_endpoint=args.s3_endpoint,
-                        engine=args.engine)
+        print(
+            "note: --model knn is training-free (a memory bank of training patches): --epochs and --passes do "
+            "not apply; --strategy scl leaves the images SCL's fence flags out of the bank",
+            flush=True,
+        )
+    data = prepare_data(
+        config,
+        device,
+        cache_dir=args.cache_dir,
+        progress=True,
+        s3_endpoint=args.s3_endpoint,
+        engine=args.engine,
+    )
     if data.feature_origin:
         print(f"features: {data.feature_origin}", flush=True)
     report_left_out(data.skipped, "image(s) skipped", "manifest.json")
-    report_left_out(data.mask_issues, "mask(s) unusable (image kept for image-level metrics)", "manifest.json")
+    report_left_out(
+        data.mask_issues, "mask(s) unusable (image kept for image-level metrics)", "manifest.json"
+    )
     # Killed and run again, the same command continues from the last finished epoch (comet_ray.resume).
-    resume = EpochResume(out, run_fingerprint(config.to_dict(), list(data.train.store.ids), data.feature_info))
+    resume = EpochResume(
+        out, run_fingerprint(config.to_dict(), list(data.train.store.ids), data.feature_info)
+    )
     state, logs = resume.load()
     resumed_from = len(logs)
     if state is not None:
@@ -130,36 +163,67 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """``comet-ray train``."""
-    train = subparsers.add_parser("train", help="train one category and evaluate it once on held-out test images",
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = subparsers.add_parser(
+        "train",
+        help="train one category and evaluate it once on held-out test images",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_training_options(train)
-    train.add_argument("--out", required=True,
-                       help="run folder or s3://bucket/prefix: metrics.json, manifest.json, history.json, model.pt "
-                            "(several categories: one subfolder each); s3:// results appear once complete")
-    ray_options = train.add_argument_group("Ray Train (data-parallel; --workers 0 trains in this process, no Ray)")
+    train.add_argument(
+        "--out",
+        required=True,
+        help="run folder or s3://bucket/prefix: metrics.json, manifest.json, history.json, model.pt "
+        "(several categories: one subfolder each); s3:// results appear once complete",
+    )
+    ray_options = train.add_argument_group(
+        "Ray Train (data-parallel; --workers 0 trains in this process, no Ray)"
+    )
     ray_options.add_argument("--workers", type=int, default=0, help="Ray Train workers per category")
-    ray_options.add_argument("--gpus-per-worker", type=float, default=None,
-                             help="GPUs per worker (NCCL when > 0); default: 1 when the cluster has, or can "
-                                  "autoscale, a GPU for every worker, else 0")
-    ray_options.add_argument("--cpus-per-worker", type=float, default=1.0,
-                             help="CPUs per worker (fractions allowed); torch uses that many threads (at least 1)")
-    ray_options.add_argument("--worker-feature-memory", type=size, default=None, metavar="SIZE",
-                             help="most features one worker may hold (e.g. 24GiB; each holds 1/N of the category): "
-                                  "a run over it is refused before any worker starts")
-    ray_options.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    ray_options.add_argument("--storage-path", default=None,
-                             help="checkpoints and the feature cache (local folder or s3://; s3:// on a cluster of "
-                                  "several nodes); default OUT/.ray. Same path + run name = resume")
+    ray_options.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per worker (NCCL when > 0); default: 1 when the cluster has, or can "
+        "autoscale, a GPU for every worker, else 0",
+    )
+    ray_options.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=1.0,
+        help="CPUs per worker (fractions allowed); torch uses that many threads (at least 1)",
+    )
+    ray_options.add_argument(
+        "--worker-feature-memory",
+        type=size,
+        default=None,
+        metavar="SIZE",
+        help="most features one worker may hold (e.g. 24GiB; each holds 1/N of the category): "
+        "a run over it is refused before any worker starts",
+    )
+    ray_options.add_argument(
+        "--address", default=None, help="Ray cluster address (default: start a local Ray)"
+    )
+    ray_options.add_argument(
+        "--storage-path",
+        default=None,
+        help="checkpoints and the feature cache (local folder or s3://; s3:// on a cluster of "
+        "several nodes); default OUT/.ray. Same path + run name = resume",
+    )
     ray_options.add_argument("--run-name", default=None, help="default: <category>-<strategy>-seed<seed>")
     ray_options.add_argument("--num-to-keep", type=int, default=2, help="checkpoints kept per run")
-    ray_options.add_argument("--max-failures", type=int, default=2, help="worker-group failures recovered from checkpoints")
+    ray_options.add_argument(
+        "--max-failures", type=int, default=2, help="worker-group failures recovered from checkpoints"
+    )
     train.set_defaults(func=cmd_train)
 
 
 def register_demo(subparsers) -> None:
     """``comet-ray demo``."""
-    demo = subparsers.add_parser("demo", help="offline end-to-end demo: synthetic contaminated set, baseline vs CoMet",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo = subparsers.add_parser(
+        "demo",
+        help="offline end-to-end demo: synthetic contaminated set, baseline vs CoMet",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     demo.add_argument("--out", default="comet-ray-demo", help="output folder")
     demo.add_argument("--epochs", type=int, default=8, help="CoMet epochs per run")
     demo.add_argument("--seed", type=int, default=0, help="seed")

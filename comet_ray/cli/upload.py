@@ -11,8 +11,14 @@ from comet_ray.upload import DEFAULT_WORKERS, upload_tree
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    summary = upload_tree(args.local_root, args.destination, args.s3_endpoint, args.create_bucket,
-                          args.workers, progress=not args.quiet)
+    summary = upload_tree(
+        args.local_root,
+        args.destination,
+        args.s3_endpoint,
+        args.create_bucket,
+        args.workers,
+        progress=not args.quiet,
+    )
     for problem in summary.left_out:
         print(f"left out {problem['path']}: {problem['reason']}", file=sys.stderr)
     if summary.created_bucket:
@@ -24,14 +30,22 @@ def cmd_upload(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     """Add ``comet-ray upload`` to the CLI's subparsers."""
     parser = subparsers.add_parser(
-        "upload", help="copy a local dataset folder to s3://bucket/prefix (hidden files skipped)",
+        "upload",
+        help="copy a local dataset folder to s3://bucket/prefix (hidden files skipped)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("local_root", help="local folder, e.g. an MVTec AD root")
-    parser.add_argument("destination", help="s3://bucket/prefix; files keep their paths relative to LOCAL_ROOT")
-    parser.add_argument("--s3-endpoint", default=os.environ.get("AWS_ENDPOINT_URL"),
-                        help="endpoint of an S3-compatible store (env AWS_ENDPOINT_URL)")
-    parser.add_argument("--create-bucket", action="store_true", help="create the bucket when it does not exist")
+    parser.add_argument(
+        "destination", help="s3://bucket/prefix; files keep their paths relative to LOCAL_ROOT"
+    )
+    parser.add_argument(
+        "--s3-endpoint",
+        default=os.environ.get("AWS_ENDPOINT_URL"),
+        help="endpoint of an S3-compatible store (env AWS_ENDPOINT_URL)",
+    )
+    parser.add_argument(
+        "--create-bucket", action="store_true", help="create the bucket when it does not exist"
+    )
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="files uploaded in parallel")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=cmd_upload)

@@ -29,8 +29,10 @@ from comet_ray.models.anomaly_map import topk_mean
 from comet_ray.models.knn import PatchKNN, leave_one_out_scores
 
 BANK_LEAVE_OUT = ("patches", "images")
-SCORE_DESCRIPTION = ("mean of the top_k highest leave-one-out kNN patch distances of the image to the other "
-                     "training images (the score SCL fences to choose the memory bank)")
+SCORE_DESCRIPTION = (
+    "mean of the top_k highest leave-one-out kNN patch distances of the image to the other "
+    "training images (the score SCL fences to choose the memory bank)"
+)
 
 
 @dataclass
@@ -45,8 +47,11 @@ class ConfidentBank:
 
     def audit_record(self) -> dict:
         """``RunResult``'s audit fields: one "epoch" of weights and the leave-one-out scores."""
-        return {"weight_history": self.weights[None, :].clone(), "train_scores": self.scores.tolist(),
-                "train_score_description": SCORE_DESCRIPTION}
+        return {
+            "weight_history": self.weights[None, :].clone(),
+            "train_scores": self.scores.tolist(),
+            "train_score_description": SCORE_DESCRIPTION,
+        }
 
     def metrics(self, ids: list[str], injected_ids: set[str]) -> dict:
         """metrics.json entries: the fence, what was left out, and (contaminated) the mean weights."""
@@ -68,19 +73,24 @@ class ConfidentBank:
 
 
 @torch.no_grad()
-def fit_confident_bank(model: PatchKNN, store: FeatureStore, comet: CometConfig,
-                       generator: torch.Generator) -> ConfidentBank:
+def fit_confident_bank(
+    model: PatchKNN, store: FeatureStore, comet: CometConfig, generator: torch.Generator
+) -> ConfidentBank:
     """Score, fence and leave out, then fill ``model``'s bank from the patches left (``model.fit``)."""
     if store.held is not None:
-        raise CometError("--model knn --strategy scl compares every training image with every other one: it needs "
-                         "the whole training set in one process (use --workers 0)")
+        raise CometError(
+            "--model knn --strategy scl compares every training image with every other one: it needs "
+            "the whole training set in one process (use --workers 0)"
+        )
     features = store.features  # the stored dtype: searched and selected in chunks, never widened at once
     patch_scores = leave_one_out_scores(model, features, generator)
     scores = topk_mean(patch_scores, comet.top_k)
     fence_args = (comet.fence_k, comet.weight_form, comet.temperature_scale, comet.weight_floor)
     weights, fence = confidence_weights(scores, *fence_args)
     if comet.bank_leave_out not in BANK_LEAVE_OUT:
-        raise CometError(f"bank_leave_out must be one of {', '.join(BANK_LEAVE_OUT)}, got {comet.bank_leave_out!r}")
+        raise CometError(
+            f"bank_leave_out must be one of {', '.join(BANK_LEAVE_OUT)}, got {comet.bank_leave_out!r}"
+        )
     flagged = (weights < 1)[:, None].expand_as(patch_scores)
     patch_fence = None
     if comet.bank_leave_out == "patches" or comet.patch_weighting:
@@ -93,6 +103,7 @@ def fit_confident_bank(model: PatchKNN, store: FeatureStore, comet: CometConfig,
         left_out = flagged
     kept = ~left_out
     # The bank keeps the size it would have had from every training patch: leaving images out costs no coverage.
-    model.fit(features.reshape(-1, features.shape[-1])[kept.flatten()], generator, model.bank_size_for(kept.numel()))
+    model.fit(
+        features.reshape(-1, features.shape[-1])[kept.flatten()], generator, model.bank_size_for(kept.numel())
+    )
     return ConfidentBank(weights, scores.float(), fence, kept, patch_fence)
-

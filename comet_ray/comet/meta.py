@@ -38,7 +38,9 @@ def sample_tasks(
     """Row indices of ``n_tasks`` tasks, each ``task_size`` distinct rows drawn proportional to weight."""
     probabilities = weights.double().clamp_min(0) + 1e-12
     size = min(task_size, weights.numel())
-    return [torch.multinomial(probabilities, size, replacement=False, generator=generator) for _ in range(n_tasks)]
+    return [
+        torch.multinomial(probabilities, size, replacement=False, generator=generator) for _ in range(n_tasks)
+    ]
 
 
 def split_task(task: torch.Tensor, query_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:

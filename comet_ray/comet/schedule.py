@@ -32,8 +32,10 @@ def passes_per_epoch(passes: int, min_steps: int, epochs: int, steps_per_pass: i
 def check_experiment_knobs(config: TrainConfig) -> None:
     """Refuse, in one line, a knob that needs something the run does not have."""
     if config.comet.oracle_weights and config.contamination <= 0:
-        raise CometError("oracle_weights=true weighs the injected images 0: it needs --contamination > 0 "
-                         "(an experiment that knows which training images are anomalies)")
+        raise CometError(
+            "oracle_weights=true weighs the injected images 0: it needs --contamination > 0 "
+            "(an experiment that knows which training images are anomalies)"
+        )
 
 
 def oracle_weights(injected: torch.Tensor) -> torch.Tensor:
@@ -42,12 +44,19 @@ def oracle_weights(injected: torch.Tensor) -> torch.Tensor:
 
 
 def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(module: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                          collective: Collective | None = None) -> bool:
+def recalibrate_batchnorm(
+    module: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    collective: Collective | None = None,
+) -> bool:
     """Replace every BatchNorm's running statistics by their exact average over ``batches`` of
     (features, sample seeds) fed through ``module``'s training forward (the same true and synthetic
     patches training normalised), averaged over workers when distributed. False: nothing to recalibrate."""

@@ -150,7 +150,9 @@ class CometTrainer:
             raise ValueError("the training store holds another shard than this worker's")
         # Every worker takes the same number of steps per pass; the global batch of each is the sum of theirs.
         self.global_batch = [sum(sizes) for sizes in zip(*(self._batch_sizes(r) for r in range(world)))]
-        self.passes = schedule.passes_per_epoch(config.passes, config.min_steps, config.epochs, len(self.global_batch))
+        self.passes = schedule.passes_per_epoch(
+            config.passes, config.min_steps, config.epochs, len(self.global_batch)
+        )
         self.sample_weights = torch.ones(n)
         self.patch_weights: torch.Tensor | None = None
         # Every epoch's weights, one [N] row per epoch in store order: what ``comet-ray audit`` reads
@@ -176,7 +178,9 @@ class CometTrainer:
     def _sample_seeds(self, rows: torch.Tensor, *phase: int) -> torch.Tensor:
         return torch.tensor([mix_seed(self.config.seed, self.epoch, *phase, int(r)) for r in rows])
 
-    def _weighted_loss(self, module: nn.Module, rows: torch.Tensor, normaliser: int, *phase: int) -> torch.Tensor:
+    def _weighted_loss(
+        self, module: nn.Module, rows: torch.Tensor, normaliser: int, *phase: int
+    ) -> torch.Tensor:
         """sum_i w_i * mean_p(L_ip) / normaliser (or per-patch weights when ``patch_weighting``)."""
         features = self.store.batch(rows, self.device)
         seeds = self._sample_seeds(rows, *phase)
@@ -235,12 +239,18 @@ class CometTrainer:
             raise ValueError(f"unknown confidence signal {signal!r}; choose model or knn")
         if self._knn_scores is None:
             if self.store.held is not None:
-                raise ValueError("confidence_signal=knn compares every training image with every other one: "
-                                 "it needs the whole training set in one worker (use one worker)")
+                raise ValueError(
+                    "confidence_signal=knn compares every training image with every other one: "
+                    "it needs the whole training set in one worker (use one worker)"
+                )
             from comet_ray.models.knn import PatchKNN, leave_one_out_scores
 
-            knn = PatchKNN(self.store.dim, bank_fraction=self.config.model.knn_bank_fraction,
-                           coreset=self.config.model.knn_coreset, search=self.config.model.knn_search)
+            knn = PatchKNN(
+                self.store.dim,
+                bank_fraction=self.config.model.knn_bank_fraction,
+                coreset=self.config.model.knn_coreset,
+                search=self.config.model.knn_search,
+            )
             generator = torch.Generator().manual_seed(mix_seed(self.config.seed, 13))
             self._knn_scores = leave_one_out_scores(knn, self.store.features.cpu(), generator)
         return topk_mean(self._knn_scores, self.comet.top_k), self._knn_scores
@@ -329,7 +339,9 @@ class CometTrainer:
                 for optimiser in self.optimizers:
                     optimiser.zero_grad(set_to_none=True)
                 # DDP averages gradients over workers; scaling by world makes that the global batch mean.
-                loss = self._weighted_loss(self.train_module, batch, self.global_batch[step], 5, pass_index, step)
+                loss = self._weighted_loss(
+                    self.train_module, batch, self.global_batch[step], 5, pass_index, step
+                )
                 loss = loss * world
                 loss = loss + self._regularisation(self.model)
                 loss.backward()
@@ -366,8 +378,10 @@ class CometTrainer:
         if separation is not None:
             extra["separation"] = separation
             if self.epoch + 1 >= NOT_LEARNING_AFTER and separation < NOT_LEARNING_BELOW:
-                extra["warning"] = (f"WARNING: the discriminator is not learning (separation {separation:.2f} < "
-                                    f"{NOT_LEARNING_BELOW}): raise noise_std or train longer")
+                extra["warning"] = (
+                    f"WARNING: the discriminator is not learning (separation {separation:.2f} < "
+                    f"{NOT_LEARNING_BELOW}): raise noise_std or train longer"
+                )
                 logger.warning(extra["warning"])
         weights = self.sample_weights
         injected = self.injected
@@ -398,8 +412,10 @@ class CometTrainer:
             if on_epoch_end is not None:
                 on_epoch_end(self, log)
         if self.config.bn_recalibrate and self.epoch >= self.config.epochs:  # the final model's, on one pass
-            batches = ((self.store.batch(b, self.device), self._sample_seeds(b, 17))
-                       for b in self._batches(self._generator(17)))
+            batches = (
+                (self.store.batch(b, self.device), self._sample_seeds(b, 17))
+                for b in self._batches(self._generator(17))
+            )
             schedule.recalibrate_batchnorm(self.model, batches, self.collective)
         return logs
 

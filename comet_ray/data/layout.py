@@ -105,8 +105,10 @@ def list_image_uris(uri: str, s3_endpoint: str | None = None) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
         keys = [
-            i.path for i in infos
-            if i.type == pafs.FileType.File and _is_image(i.base_name)
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.File
+            and _is_image(i.base_name)
             and not any(_is_hidden(part) for part in posixpath.relpath(i.path, base).split("/"))
         ]
         if not keys:
@@ -141,8 +143,11 @@ def _list_categories(root: str, fs: pafs.FileSystem, base: str) -> list[str]:
     if fs.type_name == "local":  # pyarrow's listing fails on the first non-UTF-8 name
         names = [n.decode("utf-8") for n in os.listdir(os.fsencode(base)) if is_utf8_name(n)]
     else:
-        names = [info.base_name for info in fs.get_file_info(pafs.FileSelector(base, recursive=False))
-                 if info.type == pafs.FileType.Directory]
+        names = [
+            info.base_name
+            for info in fs.get_file_info(pafs.FileSelector(base, recursive=False))
+            if info.type == pafs.FileType.Directory
+        ]
     categories = sorted(
         name for name in names if not _is_hidden(name) and _is_dir(fs, posixpath.join(base, name, "train"))
     )
@@ -216,7 +221,9 @@ def _scan_category(root: str, category: str | None, fs: pafs.FileSystem, base: s
         raise DatasetLayoutError(f"{prefix + category_dir} has no train/ folder (expected train/<defect>/)")
 
     unlisted: list[dict] = []
-    masks = _mask_index(fs, posixpath.join(category_dir, "ground_truth"), unlisted, posixpath.join(category, "ground_truth"))
+    masks = _mask_index(
+        fs, posixpath.join(category_dir, "ground_truth"), unlisted, posixpath.join(category, "ground_truth")
+    )
     samples: list[Sample] = []
     for split in SPLITS:
         split_dir = posixpath.join(category_dir, split)
@@ -249,7 +256,11 @@ def _scan_category(root: str, category: str | None, fs: pafs.FileSystem, base: s
             )
 
     if not any(s.split == "train" for s in samples):
-        left_out = f"; {len(unlisted)} file(s) left out, first: {unlisted[0]['uri']} ({unlisted[0]['reason']})" if unlisted else ""
+        left_out = (
+            f"; {len(unlisted)} file(s) left out, first: {unlisted[0]['uri']} ({unlisted[0]['reason']})"
+            if unlisted
+            else ""
+        )
         raise DatasetLayoutError(
             f"{prefix + train_dir} contains no images (expected {', '.join(sorted(IMAGE_EXTENSIONS))}){left_out}"
         )
@@ -345,8 +356,13 @@ def _list_images(
         if unlisted is not None:
             for problem in listing.problems:
                 rel = os.path.relpath(problem["path"], directory).replace(os.sep, "/")
-                unlisted.append({"sample_id": posixpath.join(id_prefix, rel), "uri": problem["path"],
-                                 "reason": problem["reason"]})
+                unlisted.append(
+                    {
+                        "sample_id": posixpath.join(id_prefix, rel),
+                        "uri": problem["path"],
+                        "reason": problem["reason"],
+                    }
+                )
         return sorted(os.path.relpath(path, directory).replace(os.sep, "/") for path in listing.files)
     selector = pafs.FileSelector(directory, recursive=True, allow_not_found=True)
     found = []

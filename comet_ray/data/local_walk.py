@@ -26,7 +26,9 @@ class LocalListing:
     """What :func:`walk_files` found under one root."""
 
     files: list[str] = field(default_factory=list)  # absolute paths, valid UTF-8, sorted
-    problems: list[dict] = field(default_factory=list)  # {"path": printable path, "reason": why it was left out}
+    problems: list[dict] = field(
+        default_factory=list
+    )  # {"path": printable path, "reason": why it was left out}
     hidden: int = 0  # files left out because they or a parent folder start with "." (see count_hidden)
 
 
@@ -57,7 +59,9 @@ def walk_files(
 
     def on_error(exc: OSError) -> None:
         name = exc.filename if exc.filename is not None else top
-        listing.problems.append({"path": printable(name), "reason": f"cannot list folder ({exc.strerror or exc})"})
+        listing.problems.append(
+            {"path": printable(name), "reason": f"cannot list folder ({exc.strerror or exc})"}
+        )
 
     for folder, subfolders, names in os.walk(top, onerror=on_error, followlinks=True):
         identity = _identity(folder)
@@ -70,15 +74,19 @@ def walk_files(
                 listing.hidden += _count_files(path) if count_hidden else 0
                 continue
             if not is_utf8_name(name):
-                listing.problems.append({"path": printable(path), "reason": "folder name is not valid UTF-8; rename it"})
+                listing.problems.append(
+                    {"path": printable(path), "reason": "folder name is not valid UTF-8; rename it"}
+                )
                 continue
             identity = _identity(path)
             if identity in seen_folders:
                 first = printable(seen_folders[identity])
-                listing.problems.append({
-                    "path": printable(path),
-                    "reason": f"symbolic link to a folder already listed ({first}); skipped to avoid a loop or duplicates",
-                })
+                listing.problems.append(
+                    {
+                        "path": printable(path),
+                        "reason": f"symbolic link to a folder already listed ({first}); skipped to avoid a loop or duplicates",
+                    }
+                )
                 continue
             if identity is not None:
                 seen_folders[identity] = path
@@ -100,7 +108,9 @@ def _add_file(listing: LocalListing, path: bytes, wanted: Callable[[str], bool] 
     if wanted is not None and not wanted(name.decode("utf-8", "surrogateescape")):
         return
     if not is_utf8_name(path):
-        listing.problems.append({"path": printable(path), "reason": "file name is not valid UTF-8; rename it"})
+        listing.problems.append(
+            {"path": printable(path), "reason": "file name is not valid UTF-8; rename it"}
+        )
     elif not os.path.exists(path):  # a link to nothing, or a link loop among files
         listing.problems.append({"path": printable(path), "reason": "broken symbolic link"})
     elif not os.path.isfile(path):

@@ -34,16 +34,42 @@ CONNECT_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 120.0
 
 _DENIED = (
-    "ACCESS_DENIED", "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID", "MISSING_AUTHENTICATION",
-    "UNRECOGNIZED_CLIENT", "INVALID_CLIENT_TOKEN", "EXPIRED_TOKEN", "HTTP status 401", "HTTP status 403",
-    "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken", "Forbidden",
+    "ACCESS_DENIED",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "INVALID_ACCESS_KEY_ID",
+    "MISSING_AUTHENTICATION",
+    "UNRECOGNIZED_CLIENT",
+    "INVALID_CLIENT_TOKEN",
+    "EXPIRED_TOKEN",
+    "HTTP status 401",
+    "HTTP status 403",
+    "AccessDenied",
+    "SignatureDoesNotMatch",
+    "InvalidAccessKeyId",
+    "InvalidToken",
+    "ExpiredToken",
+    "Forbidden",
 )
 _NO_BUCKET = ("NO_SUCH_BUCKET", "NoSuchBucket")
 _UNREACHABLE = (
-    "NETWORK_CONNECTION", "Could not connect", "Couldn't connect", "Connection refused", "Connection reset",
-    "Couldn't resolve host", "Could not resolve host", "Timeout was reached", "REQUEST_TIMEOUT",
-    "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "SLOW_DOWN", "HTTP status 5",
-    "curlCode: 6,", "curlCode: 7,", "curlCode: 28,", "curlCode: 52,", "curlCode: 56,",
+    "NETWORK_CONNECTION",
+    "Could not connect",
+    "Couldn't connect",
+    "Connection refused",
+    "Connection reset",
+    "Couldn't resolve host",
+    "Could not resolve host",
+    "Timeout was reached",
+    "REQUEST_TIMEOUT",
+    "SERVICE_UNAVAILABLE",
+    "INTERNAL_FAILURE",
+    "SLOW_DOWN",
+    "HTTP status 5",
+    "curlCode: 6,",
+    "curlCode: 7,",
+    "curlCode: 28,",
+    "curlCode: 52,",
+    "curlCode: 56,",
 )
 
 
@@ -90,7 +116,7 @@ def split_userinfo(uri: str) -> tuple[str, str]:
         at = rest.find("@", authority, end)
     if at < 0:
         return uri, ""
-    return f"{scheme}://{rest[at + 1:]}", rest[:at]
+    return f"{scheme}://{rest[at + 1 :]}", rest[:at]
 
 
 def uri_credentials(uri: str) -> tuple[str, str | None, str | None]:
@@ -263,8 +289,15 @@ def boto_error(exc: BaseException, uri: str, endpoint: str | None = None) -> Sto
         return StorageError(
             f"no AWS credentials found for {shown}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
         )
-    if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ConnectTimeoutError,
-                        bex.ReadTimeoutError)):
+    if isinstance(
+        exc,
+        (
+            bex.EndpointConnectionError,
+            bex.ConnectionClosedError,
+            bex.ConnectTimeoutError,
+            bex.ReadTimeoutError,
+        ),
+    ):
         return StorageError(
             f"cannot reach the object store{at} for {shown} after retries: {type(exc).__name__} "
             f"(is the endpoint up? more attempts: {ENV_MAX_ATTEMPTS})"
@@ -281,8 +314,12 @@ def boto_error(exc: BaseException, uri: str, endpoint: str | None = None) -> Sto
                 "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and their permissions on this bucket"
             )
         if status and int(status) >= 500:
-            return StorageError(f"the object store{at} kept failing for {shown} after retries: {code or status}")
-        return StorageError(f"storage error on {shown}{at}: {code or status}: {error.get('Message', '')}".rstrip(": "))
+            return StorageError(
+                f"the object store{at} kept failing for {shown} after retries: {code or status}"
+            )
+        return StorageError(
+            f"storage error on {shown}{at}: {code or status}: {error.get('Message', '')}".rstrip(": ")
+        )
     if isinstance(exc, bex.BotoCoreError):
         return StorageError(f"storage error on {shown}{at}: {_short_reason(exc)}")
     return storage_error(exc, uri, endpoint=endpoint)

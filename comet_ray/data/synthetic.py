@@ -75,9 +75,15 @@ def make_texture_category(
     rng = np.random.default_rng(base.integers(1 << 31))
     category_dir = root / category
     for i in range(n_train):
-        _save(_texture(rng, size, np.random.default_rng(look_seed)), category_dir / "train" / "good" / f"{i:03d}.png")
+        _save(
+            _texture(rng, size, np.random.default_rng(look_seed)),
+            category_dir / "train" / "good" / f"{i:03d}.png",
+        )
     for i in range(n_test_good):
-        _save(_texture(rng, size, np.random.default_rng(look_seed)), category_dir / "test" / "good" / f"{i:03d}.png")
+        _save(
+            _texture(rng, size, np.random.default_rng(look_seed)),
+            category_dir / "test" / "good" / f"{i:03d}.png",
+        )
     for kind, count in defects.items():
         for i in range(count):
             texture = _texture(rng, size, np.random.default_rng(look_seed))

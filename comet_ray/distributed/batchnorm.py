@@ -151,4 +151,3 @@ class DataParallelCollective(TorchDistributedCollective):
         if convert_batchnorm(module) is not module:
             raise ValueError("the detector's root module must not be a BatchNorm layer")
         return SyncingDistributedDataParallel(module, device_ids=None, forward_sync_buffers=False)
-

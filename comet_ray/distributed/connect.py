@@ -32,6 +32,12 @@ def init_ray(address: str | None = None, log_to_driver: bool = True) -> None:
         port = probe.getsockname()[1]
     api = f"http://127.0.0.1:{port}"
     # every server (GCS, raylet, object manager, dashboard, agents) on loopback, whatever the machine's address
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port,
-             log_to_driver=log_to_driver, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        log_to_driver=log_to_driver,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}},
+    )

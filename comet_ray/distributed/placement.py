@@ -21,13 +21,15 @@ DRIVER_RESOURCE = "job-driver"
 DRIVER_SLOTS_PER_NODE = 16
 # What one driver asks for; a node type declares {"job-driver": 1} and holds DRIVER_SLOTS_PER_NODE drivers.
 DRIVER_SHARE = 1 / DRIVER_SLOTS_PER_NODE
-DRIVER_HELP = (f"custom resources the command's process (the driver) needs; default "
-               f"'{{\"{DRIVER_RESOURCE}\": {DRIVER_SHARE}}}' (unless it reserves CPUs or GPUs): "
-               f"\"{DRIVER_RESOURCE}\" is offered by the worker node types of clusters/ (1 per node, "
-               f"{DRIVER_SLOTS_PER_NODE} drivers each), never by the head, so no job code runs beside the "
-               "autoscaler's rights; a cluster of your own needs nodes started with --resources "
-               f"'{{\"{DRIVER_RESOURCE}\": 1}}' or the job stays PENDING; '{{}}' lets Ray place it anywhere, "
-               "the head included")
+DRIVER_HELP = (
+    f"custom resources the command's process (the driver) needs; default "
+    f"'{{\"{DRIVER_RESOURCE}\": {DRIVER_SHARE}}}' (unless it reserves CPUs or GPUs): "
+    f'"{DRIVER_RESOURCE}" is offered by the worker node types of clusters/ (1 per node, '
+    f"{DRIVER_SLOTS_PER_NODE} drivers each), never by the head, so no job code runs beside the "
+    "autoscaler's rights; a cluster of your own needs nodes started with --resources "
+    f"'{{\"{DRIVER_RESOURCE}\": 1}}' or the job stays PENDING; '{{}}' lets Ray place it anywhere, "
+    "the head included"
+)
 
 
 def parse_entrypoint_resources(text: str) -> dict[str, float]:
@@ -36,8 +38,9 @@ def parse_entrypoint_resources(text: str) -> dict[str, float]:
         value = json.loads(text)
     except ValueError:
         value = None
-    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-                                              for v in value.values()):
+    if not isinstance(value, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value.values()
+    ):
         raise CometError(f"--entrypoint-resources expects a JSON object of positive numbers, got {text!r}")
     return {str(k): float(v) for k, v in value.items()}
 
@@ -55,8 +58,10 @@ def driver_resources(text: str | None, num_cpus: float = 0.0, num_gpus: float = 
 def placement_line(resources: dict[str, float]) -> str:
     """One line for the user on where the driver may run."""
     if resources.get(DRIVER_RESOURCE):
-        return (f"driver: on a worker node offering {DRIVER_RESOURCE!r} (asks {resources[DRIVER_RESOURCE]:g}); "
-                "a cluster without one keeps the job PENDING (--entrypoint-resources '{}': any node)")
+        return (
+            f"driver: on a worker node offering {DRIVER_RESOURCE!r} (asks {resources[DRIVER_RESOURCE]:g}); "
+            "a cluster without one keeps the job PENDING (--entrypoint-resources '{}': any node)"
+        )
     if resources:
         return f"driver: on a node offering {json.dumps(resources)}"
     return "driver: wherever Ray places it (a node with the CPUs or GPUs it reserves; reserving none, the head too)"

@@ -54,10 +54,30 @@ RESULTS_URI_ENV = "COMET_RAY_RESULTS_URI"
 # leading "/": an unanchored "data/" matches at any depth and would strip the package's own
 # comet_ray/data/ from the job. Only names that are never part of the package match everywhere.
 DEFAULT_EXCLUDES = [
-    "/.venv/", "/venv/", "/.git/", "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/",
-    ".ruff_cache/", ".mypy_cache/", "/runs/", "/out/", "/data/", "/datasets/", "/.cache/", "/cache/",
-    "/.whl/", "/.gpu/", "/dist/", "/build/", "/comet-ray-demo/", "/predictions/", "/tune-runs/",
-    "/tune-results/", "/.ci/out/",
+    "/.venv/",
+    "/venv/",
+    "/.git/",
+    "__pycache__/",
+    "*.pyc",
+    "*.egg-info/",
+    ".pytest_cache/",
+    ".ruff_cache/",
+    ".mypy_cache/",
+    "/runs/",
+    "/out/",
+    "/data/",
+    "/datasets/",
+    "/.cache/",
+    "/cache/",
+    "/.whl/",
+    "/.gpu/",
+    "/dist/",
+    "/build/",
+    "/comet-ray-demo/",
+    "/predictions/",
+    "/tune-runs/",
+    "/tune-results/",
+    "/.ci/out/",
 ]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 POLL_SECONDS = 2.0
@@ -74,8 +94,10 @@ def resolve_address(address: str | None) -> str:
         text = "http://" + text
     scheme = text.split("://", 1)[0].lower()
     if scheme not in ("http", "https"):
-        raise CometError(f"address {text} is not the job API: use the dashboard's http(s)://HOST:8265 address "
-                         f"(for a remote cluster: `ray dashboard cluster.yaml`, then {DEFAULT_ADDRESS})")
+        raise CometError(
+            f"address {text} is not the job API: use the dashboard's http(s)://HOST:8265 address "
+            f"(for a remote cluster: `ray dashboard cluster.yaml`, then {DEFAULT_ADDRESS})"
+        )
     return text
 
 
@@ -98,9 +120,11 @@ def check_address(url: str, insecure: bool) -> str:
     except ValueError:
         raise CometError(f"address {url} has an invalid port") from None
     if parts.scheme == "http" and not is_loopback(parts.hostname) and not insecure:
-        raise CometError(f"refusing plain-http address {url}: code and token would cross the network unencrypted; "
-                         f"port-forward (`ray dashboard cluster.yaml`, then {DEFAULT_ADDRESS}), use https://, "
-                         "or pass --insecure")
+        raise CometError(
+            f"refusing plain-http address {url}: code and token would cross the network unencrypted; "
+            f"port-forward (`ray dashboard cluster.yaml`, then {DEFAULT_ADDRESS}), use https://, "
+            "or pass --insecure"
+        )
     return url
 
 
@@ -115,7 +139,9 @@ def find_token() -> tuple[str | None, str]:
         try:
             value = path.read_text().strip()
         except OSError as exc:
-            raise CometError(f"{TOKEN_PATH_ENV}={path}: cannot read the token file ({exc.strerror})") from None
+            raise CometError(
+                f"{TOKEN_PATH_ENV}={path}: cannot read the token file ({exc.strerror})"
+            ) from None
         if not value:
             raise CometError(f"{TOKEN_PATH_ENV}={path}: the token file is empty")
         return value, str(path)
@@ -155,13 +181,18 @@ def _probe(url: str, timeout: float = 5.0) -> None:
         reason = exc.strerror or exc.__class__.__name__
         hint = ""
         if is_loopback(parts.hostname or ""):
-            hint = (" -- is the port-forward running (`ray dashboard cluster.yaml` or "
-                    "`kubectl port-forward svc/<cluster>-head-svc 8265:8265`)?")
+            hint = (
+                " -- is the port-forward running (`ray dashboard cluster.yaml` or "
+                "`kubectl port-forward svc/<cluster>-head-svc 8265:8265`)?"
+            )
         raise CometError(f"cannot reach the Ray job API at {url}: {reason}{hint}") from None
 
 
-_RAY_CHATTER = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
-                "ray._private.runtime_env.packaging")
+_RAY_CHATTER = (
+    "ray.dashboard.modules.dashboard_sdk",
+    "ray.dashboard.modules.job.sdk",
+    "ray._private.runtime_env.packaging",
+)
 
 
 def _quiet_ray() -> None:
@@ -195,8 +226,10 @@ def _auth_message(url: str, text: str) -> str:
     _, source = find_token()
     if text.startswith("Authentication failed"):
         return f"the cluster at {url} rejected the token from {source or 'nowhere'} (403); use the cluster's token"
-    return (f"the cluster at {url} requires a token (401): set {TOKEN_ENV}, or {TOKEN_PATH_ENV}, "
-            f"or write it to {DEFAULT_TOKEN_FILE}")
+    return (
+        f"the cluster at {url} requires a token (401): set {TOKEN_ENV}, or {TOKEN_PATH_ENV}, "
+        f"or write it to {DEFAULT_TOKEN_FILE}"
+    )
 
 
 def _ray_version() -> str:
@@ -219,7 +252,9 @@ def _call(fn: Callable, *args, url: str = "", job_id: str = ""):
         text = _scrub(str(exc))
         if job_id and ("404" in text or "does not exist" in text):
             raise CometError(f"no job {job_id} on the cluster at {url}") from None
-        raise CometError(text.strip().splitlines()[0][:300] if text.strip() else "job API request failed") from None
+        raise CometError(
+            text.strip().splitlines()[0][:300] if text.strip() else "job API request failed"
+        ) from None
 
 
 # --------------------------------------------------------------------------- runtime env and entrypoint
@@ -286,8 +321,10 @@ def build_runtime_env(file_env: dict[str, Any] | None = None, root: Path | None 
         if not local.is_dir():
             raise CometError(f"runtime env working_dir {working_dir} is not a folder")
         if not (local / "comet_ray" / "__init__.py").is_file() and not env.get("py_modules"):
-            raise CometError(f"runtime env working_dir {local} does not hold the comet_ray package: run from the "
-                             "project root (relative working_dir paths are relative to the current directory)")
+            raise CometError(
+                f"runtime env working_dir {local} does not hold the comet_ray package: run from the "
+                "project root (relative working_dir paths are relative to the current directory)"
+            )
         env["working_dir"] = str(local)
         excludes = list(env.get("excludes") or [])
         env["excludes"] = excludes + [p for p in DEFAULT_EXCLUDES if p not in excludes]
@@ -303,8 +340,10 @@ def command_args(raw: list[str], known: set[str] | None = None) -> list[str]:
     if args and args[0] == "--":
         args = args[1:]
     if not args:
-        raise CometError("nothing to run: give a comet-ray command after --, e.g. "
-                         "comet-ray submit -- train DATA --category bottle --out runs/bottle")
+        raise CometError(
+            "nothing to run: give a comet-ray command after --, e.g. "
+            "comet-ray submit -- train DATA --category bottle --out runs/bottle"
+        )
     if args[0] in ("comet-ray", "comet_ray"):
         args = args[1:]
     if not args or args[0].startswith("-"):
@@ -332,8 +371,16 @@ def build_entrypoint(args: list[str], results_uri: str | None = None, python: st
     entry = shlex.join([python, "-m", "comet_ray", *args])
     out = option_value(args, "--out")
     if results_uri and out and not out.startswith("s3://"):
-        entry += " && " + shlex.join([python, "-m", "comet_ray.distributed.submit", "push-results", out,
-                                      results_destination(out, results_uri)])
+        entry += " && " + shlex.join(
+            [
+                python,
+                "-m",
+                "comet_ray.distributed.submit",
+                "push-results",
+                out,
+                results_destination(out, results_uri),
+            ]
+        )
     return entry
 
 
@@ -349,8 +396,10 @@ def where_results_go(args: list[str], results_uri: str | None = None) -> str | N
         return f"results: {out}"
     if results_uri:
         return f"results: {results_destination(out, results_uri)} (copied from {out} on the node that ran the job)"
-    return (f"results: {out} on the cluster's filesystem (the node that ran the job, relative to its working dir "
-            "unless absolute), not on this machine; pass --results-uri s3://... to copy them out")
+    return (
+        f"results: {out} on the cluster's filesystem (the node that ran the job, relative to its working dir "
+        "unless absolute), not on this machine; pass --results-uri s3://... to copy them out"
+    )
 
 
 def new_submission_id(command: str) -> str:
@@ -369,8 +418,17 @@ def status_line(job_id: str, status: str, elapsed: float) -> str:
     return f"[comet-ray] job {job_id} | {status} | {_elapsed(elapsed)} elapsed"
 
 
-async def _follow(client, job_id: str, started: float, out: TextIO, err: TextIO, url: str,
-                  logs: bool = True, poll: float = POLL_SECONDS, heartbeat: float = HEARTBEAT_SECONDS) -> str:
+async def _follow(
+    client,
+    job_id: str,
+    started: float,
+    out: TextIO,
+    err: TextIO,
+    url: str,
+    logs: bool = True,
+    poll: float = POLL_SECONDS,
+    heartbeat: float = HEARTBEAT_SECONDS,
+) -> str:
     """Stream the job's output to ``out`` and a status line to ``err`` until it ends; returns its status."""
     printed = 0
     tail_failed = False
@@ -391,7 +449,9 @@ async def _follow(client, job_id: str, started: float, out: TextIO, err: TextIO,
     last_status, last_line = None, 0.0
     try:
         while True:
-            status = str(await asyncio.to_thread(_call, client.get_job_status, job_id, url=url, job_id=job_id))
+            status = str(
+                await asyncio.to_thread(_call, client.get_job_status, job_id, url=url, job_id=job_id)
+            )
             now = time.monotonic()
             if status != last_status or now - last_line >= heartbeat:
                 print(status_line(job_id, status, time.time() - started), file=err, flush=True)
@@ -417,11 +477,20 @@ async def _follow(client, job_id: str, started: float, out: TextIO, err: TextIO,
                 await tail_task
 
 
-def follow(client, job_id: str, url: str, started: float | None = None, logs: bool = True,
-           out: TextIO | None = None, err: TextIO | None = None) -> str:
+def follow(
+    client,
+    job_id: str,
+    url: str,
+    started: float | None = None,
+    logs: bool = True,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> str:
     out = out or sys.stdout
     err = err or sys.stderr
-    return asyncio.run(_follow(client, job_id, started if started is not None else time.time(), out, err, url, logs))
+    return asyncio.run(
+        _follow(client, job_id, started if started is not None else time.time(), out, err, url, logs)
+    )
 
 
 def exit_code(status: str) -> int:
@@ -460,7 +529,10 @@ def _main(argv: list[str] | None = None) -> int:
         except CometError as exc:
             print(f"comet-ray: error: {exc}", file=sys.stderr)
             return 2
-    print("usage: python -m comet_ray.distributed.submit push-results LOCAL_DIR s3://bucket/prefix", file=sys.stderr)
+    print(
+        "usage: python -m comet_ray.distributed.submit push-results LOCAL_DIR s3://bucket/prefix",
+        file=sys.stderr,
+    )
     return 2
 
 

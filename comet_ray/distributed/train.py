@@ -64,7 +64,6 @@ ATTEMPTS_FILE = "attempts.jsonl"
 ATTEMPTS_DIR = "attempts"
 
 
-
 # --------------------------------------------------------------------------- the per-worker loop
 def _record_attempt(attempts: str, record: dict) -> None:
     """One file per worker start under ``attempts`` (shared storage: every node's starts end up together)."""
@@ -88,7 +87,9 @@ def _complete_outputs(out: str, epochs: int) -> dict | None:
     try:
         if not storage.is_remote(out):
             atomic.recover_folder(out)
-        metrics, history = (storage.read_text(storage.join(out, name)) for name in ("metrics.json", "history.json"))
+        metrics, history = (
+            storage.read_text(storage.join(out, name)) for name in ("metrics.json", "history.json")
+        )
         if metrics is not None and history is not None and len(json.loads(history)) == epochs:
             return json.loads(metrics)
     except (OSError, ValueError, CometError):
@@ -113,19 +114,34 @@ def train_loop_per_worker(loop_config: dict) -> None:
     config = TrainConfig.from_dict(loop_config["train_config"])
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
-    collective = DataParallelCollective(device) if dist.is_available() and dist.is_initialized() else Collective()
+    collective = (
+        DataParallelCollective(device) if dist.is_available() and dist.is_initialized() else Collective()
+    )
     trainer_state, history = _restore(ray.train.get_checkpoint())
-    start = {"rank": rank, "world_size": collective.world_size, "pid": os.getpid(),
-             "start_epoch": int(trainer_state["epoch"]) if trainer_state is not None else 0}
-    if start["start_epoch"] >= config.epochs and (finished := _complete_outputs(loop_config["out"], config.epochs)):
+    start = {
+        "rank": rank,
+        "world_size": collective.world_size,
+        "pid": os.getpid(),
+        "start_epoch": int(trainer_state["epoch"]) if trainer_state is not None else 0,
+    }
+    if start["start_epoch"] >= config.epochs and (
+        finished := _complete_outputs(loop_config["out"], config.epochs)
+    ):
         return _report_finished(loop_config, start, finished, collective)
 
     # The driver extracted the features into the cache; this worker reads its shard of every split.
     data = prepare_data(config, device, features=loop_config["features"], collective=collective)
     say_feature_origin(data, f"rank {rank}")
     _record_attempt(loop_config["attempts"], {**start, "feature_bytes": data.feature_bytes})
-    reporter = RayTrainReporter(data, config.precision, device, collective, history, loop_config["epoch_callbacks"],
-                                epochs=config.epochs)
+    reporter = RayTrainReporter(
+        data,
+        config.precision,
+        device,
+        collective,
+        history,
+        loop_config["epoch_callbacks"],
+        epochs=config.epochs,
+    )
     # Every rank ends with the same model: only rank 0, which writes the results, evaluates it.
     result = train_category(config, data, device, collective, reporter, trainer_state, evaluate=rank == 0)
     if rank == 0:
@@ -140,8 +156,16 @@ class RayTrainReporter:
     with the checkpoint (:func:`comet_ray.resume.save_epoch_state`); then ``epoch_callbacks``. Rank 0 prints
     the epoch's one line (as a plain run does); the other ranks print nothing."""
 
-    def __init__(self, data, precision: str, device: torch.device, collective: Collective, history: list[dict],
-                 epoch_callbacks: list[Callable] | None = None, epochs: int | None = None) -> None:
+    def __init__(
+        self,
+        data,
+        precision: str,
+        device: torch.device,
+        collective: Collective,
+        history: list[dict],
+        epoch_callbacks: list[Callable] | None = None,
+        epochs: int | None = None,
+    ) -> None:
         self.data, self.precision, self.device, self.collective = data, precision, device, collective
         self.epochs = epochs
         self.history = history  # rank 0: every epoch so far, restored ones included
@@ -156,20 +180,33 @@ class RayTrainReporter:
         loss = self.collective.all_reduce_sum(torch.tensor([log.loss], dtype=torch.float64))
         log.loss = float(loss[0]) / self.collective.world_size
         metrics = {"epoch": log.epoch, "loss": log.loss, "lambda": log.lam, "mean_weight": log.mean_weight}
-        auroc = validation_auroc(trainer.model, self.data.validation, self.data.validation_labels, self.device,
-                                 self.precision, self.collective)
+        auroc = validation_auroc(
+            trainer.model,
+            self.data.validation,
+            self.data.validation_labels,
+            self.device,
+            self.precision,
+            self.collective,
+        )
         if self.collective.rank == 0:
             metrics["validation_image_auroc"] = log.extra["validation_image_auroc"] = auroc
-            self.history.append({**log.to_dict(), "finished_at": time.time(), "process_cpu_s": time.process_time()})
+            self.history.append(
+                {**log.to_dict(), "finished_at": time.time(), "process_cpu_s": time.process_time()}
+            )
             if self.epochs is not None:
                 say(log.line(self.epochs))
             with checkpoint_staging() as tmp:
                 save_epoch_state(tmp, trainer.state_dict(), self.history)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"epoch_{log.epoch:04d}")
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=f"epoch_{log.epoch:04d}",
+                )
         else:
             ray.train.report(metrics)
-        for callback in self.epoch_callbacks:  # after the report: e.g. a test's fault, once the checkpoint is out
+        for (
+            callback
+        ) in self.epoch_callbacks:  # after the report: e.g. a test's fault, once the checkpoint is out
             callback(trainer, log)
 
 
@@ -196,7 +233,9 @@ def _report_finished(loop_config: dict, start: dict, finished: dict, collective:
     return _plain(finished) if start["rank"] == 0 else None
 
 
-def _write_results(loop_config: dict, config: TrainConfig, data, result, history: list[dict], start_epoch: int) -> None:
+def _write_results(
+    loop_config: dict, config: TrainConfig, data, result, history: list[dict], start_epoch: int
+) -> None:
     """Rank 0: the run folder (``out`` itself, or a local folder uploaded to s3:// at the end)."""
     from comet_ray.runfolder import write_run
 
@@ -289,11 +328,14 @@ def fit_distributed(
 
     scan, samples = category_samples(config)  # a layout error is one line here, not a retried worker crash
     storage_path = storage.check_location(storage_path, "--storage-path")
-    split = "" if config.data_seed == config.seed else f"-split{config.data_seed}"  # another split: another run
+    split = (
+        "" if config.data_seed == config.seed else f"-split{config.data_seed}"
+    )  # another split: another run
     run_name = run_name or f"{config.category}-{config.comet.strategy}-seed{config.seed}{split}"
     out = storage.check_location(out or config.out or storage.join(storage_path, run_name, "output"), "--out")
-    feature_cache = storage.check_location(feature_cache or storage.join(storage_path, "feature_cache"),
-                                           "--cache-dir")
+    feature_cache = storage.check_location(
+        feature_cache or storage.join(storage_path, "feature_cache"), "--cache-dir"
+    )
     nodes = _cluster_nodes()
     storage.require_shared(storage_path, "--storage-path", nodes)  # before any worker starts
     storage.require_shared(out, "--out", nodes)
@@ -302,9 +344,11 @@ def fit_distributed(
     print(f"features: {origin}", flush=True)
     held = worker_feature_bytes(config, scan, entry, workers)
     if worker_feature_memory is not None and held > worker_feature_memory:
-        raise CometError(f"a worker would hold {held / 2**20:.1f} MiB of features with {workers} worker(s), over "
-                         f"the {worker_feature_memory / 2**20:.1f} MiB allowed per worker: use more workers "
-                         "(each holds 1/N of them)")
+        raise CometError(
+            f"a worker would hold {held / 2**20:.1f} MiB of features with {workers} worker(s), over "
+            f"the {worker_feature_memory / 2**20:.1f} MiB allowed per worker: use more workers "
+            "(each holds 1/N of them)"
+        )
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker > 0:
         resources["GPU"] = gpus_per_worker
@@ -420,5 +464,7 @@ def fit_categories(
             return {"category": config.category, "strategy": config.comet.strategy, "error": error_line(exc)}
 
     results = ray.get([_fit_one.remote(c.to_dict()) for c in configs])
-    storage.write_text(summary_path or storage.join(storage_path, "summary.json"), jsonfile.dumps(results, indent=2))
+    storage.write_text(
+        summary_path or storage.join(storage_path, "summary.json"), jsonfile.dumps(results, indent=2)
+    )
     return results, categories_table(results)

@@ -56,17 +56,41 @@ STRATEGIES = ("baseline", "comet")
 # validation AUPRO, then the final training loss. None of them is computed on a reported image.
 SELECTION_COLUMNS = ("objective", "validation_aupro", "final_loss")
 RESULT_COLUMNS = [
-    "level", "strategy", "trial_id", "objective", "validation_aupro", "final_loss", "split_seed",
-    "epochs_run", "test_image_auroc", "test_pixel_auroc", "test_aupro", "test_f1_at_threshold",
-    "test_precision_at_threshold", "test_recall_at_threshold", "test_f1_max_oracle", "seconds",
+    "level",
+    "strategy",
+    "trial_id",
+    "objective",
+    "validation_aupro",
+    "final_loss",
+    "split_seed",
+    "epochs_run",
+    "test_image_auroc",
+    "test_pixel_auroc",
+    "test_aupro",
+    "test_f1_at_threshold",
+    "test_precision_at_threshold",
+    "test_recall_at_threshold",
+    "test_f1_max_oracle",
+    "seconds",
 ]
 # report-split metrics as results.csv names them; F1-max uses the best threshold on the report split itself
-TEST_METRICS = {f"test_{k}": k for k in ("image_auroc", "pixel_auroc", "aupro", "f1_at_threshold",
-                                         "precision_at_threshold", "recall_at_threshold")} | {"test_f1_max_oracle": "f1_max"}
+TEST_METRICS = {
+    f"test_{k}": k
+    for k in (
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "f1_at_threshold",
+        "precision_at_threshold",
+        "recall_at_threshold",
+    )
+} | {"test_f1_max_oracle": "f1_max"}
 
 
 # --------------------------------------------------------------------------- search space
-def load_search_space(path: str | os.PathLike | None = None, objective: str = "validation") -> dict[str, dict]:
+def load_search_space(
+    path: str | os.PathLike | None = None, objective: str = "validation"
+) -> dict[str, dict]:
     """The editable YAML search space; base-detector knobs are dropped for the unsupervised objective,
     whose loss scale they change (a lower loss would not mean a better detector)."""
     path = Path(path) if path else DEFAULT_SPACE
@@ -81,8 +105,10 @@ def load_search_space(path: str | os.PathLike | None = None, objective: str = "v
                 apply_overrides(probe, {knob: None})
             except KeyError:
                 raise CometError(f"search space {path}: {knob!r} is not a comet-ray knob") from None
-        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in (
-            "uniform", "loguniform", "randint", "choice"
+        if (
+            not isinstance(dist, dict)
+            or len(dist) != 1
+            or next(iter(dist)) not in ("uniform", "loguniform", "randint", "choice")
         ):
             raise CometError(f"search space {path}: {knob!r} needs one of uniform/loguniform/randint/choice")
     if objective == "unsupervised":
@@ -101,7 +127,7 @@ def param_space(spec: dict[str, dict]) -> dict[str, Any]:
 
     space = {}
     for knob, dist in spec.items():
-        (kind, args), = dist.items()
+        ((kind, args),) = dist.items()
         if kind == "uniform":
             space[knob] = tune.uniform(float(args[0]), float(args[1]))
         elif kind == "loguniform":
@@ -143,8 +169,11 @@ def unsupervised_loss(model, store, device) -> float:
 
 def _selection_metrics(metrics: dict, supervised: bool) -> dict:
     """The tie-breakers a trial reports: validation AUPRO (labels: validation objective only), final loss."""
-    return {"validation_aupro": metrics.get("validation_aupro") if supervised else None,
-            "final_loss": metrics.get("final_loss"), "split_seed": metrics.get("split_seed")}
+    return {
+        "validation_aupro": metrics.get("validation_aupro") if supervised else None,
+        "final_loss": metrics.get("final_loss"),
+        "split_seed": metrics.get("split_seed"),
+    }
 
 
 def _test_metrics(metrics: dict) -> dict:
@@ -182,11 +211,18 @@ def run_trial(params: dict[str, Any]) -> None:
 
     def on_epoch_end(trainer, log) -> None:
         if supervised:
-            value = validation_auroc(trainer.model, data.validation, data.validation_labels, device, config.precision)
+            value = validation_auroc(
+                trainer.model, data.validation, data.validation_labels, device, config.precision
+            )
         else:
             value = unsupervised_loss(trainer.model, trainer.store, device)
-        metrics = {"objective": value, "epoch": log.epoch, "loss": log.loss, "lambda": log.lam,
-                   "mean_weight": log.mean_weight}
+        metrics = {
+            "objective": value,
+            "epoch": log.epoch,
+            "loss": log.loss,
+            "lambda": log.lam,
+            "mean_weight": log.mean_weight,
+        }
         with tempfile.TemporaryDirectory(prefix="comet-trial-") as tmp:
             save_epoch_state(tmp, trainer.state_dict())
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
@@ -194,9 +230,16 @@ def run_trial(params: dict[str, Any]) -> None:
     result = train_category(config, data, device, on_epoch_end=on_epoch_end, trainer_state=state)
     last = supervised and result.validation_metrics.get("image_auroc")
     objective = last if supervised else unsupervised_loss(result.model, data.train.store, device)
-    tune.report({"objective": objective, "epoch": config.epochs, "final": True,
-                 "seconds": time.perf_counter() - start, **_selection_metrics(result.metrics, supervised),
-                 **_test_metrics(result.metrics)})
+    tune.report(
+        {
+            "objective": objective,
+            "epoch": config.epochs,
+            "final": True,
+            "seconds": time.perf_counter() - start,
+            **_selection_metrics(result.metrics, supervised),
+            **_test_metrics(result.metrics),
+        }
+    )
 
 
 def _run_distributed_trial(config: TrainConfig, context: dict, start: float) -> None:
@@ -229,12 +272,21 @@ def _run_distributed_trial(config: TrainConfig, context: dict, start: float) -> 
         storage_path=context["storage_path"],
         run_name=f"{trial.get_experiment_name()}-{trial.get_trial_id()}-train",
         feature_cache=context.get("feature_cache"),
-        out=join_location(context["storage_path"], trial.get_experiment_name(), trial.get_trial_id(), "output"),
+        out=join_location(
+            context["storage_path"], trial.get_experiment_name(), trial.get_trial_id(), "output"
+        ),
         callbacks=[ObjectiveReportCallback()],
     )
-    tune.report({"objective": metrics.get("validation_image_auroc"), "epoch": config.epochs, "final": True,
-                 "seconds": time.perf_counter() - start, **_selection_metrics(metrics, True),
-                 **_test_metrics(metrics)})
+    tune.report(
+        {
+            "objective": metrics.get("validation_image_auroc"),
+            "epoch": config.epochs,
+            "final": True,
+            "seconds": time.perf_counter() - start,
+            **_selection_metrics(metrics, True),
+            **_test_metrics(metrics),
+        }
+    )
 
 
 # --------------------------------------------------------------------------- selection (no test labels)
@@ -264,7 +316,9 @@ def selection_key(view: dict, objective: str = "validation") -> tuple | None:
     return (value, aupro if aupro is not None else -math.inf, loss_key)
 
 
-def select_best(rows: list[dict], objective: str = "validation", strategy: str = "comet") -> dict[float, dict]:
+def select_best(
+    rows: list[dict], objective: str = "validation", strategy: str = "comet"
+) -> dict[float, dict]:
     """Best finished trial of ``strategy`` per level by :func:`selection_key`; the first of equals wins.
 
     Each row is cut down to its SELECTION_COLUMNS before it is compared: no test column can reach the
@@ -285,8 +339,11 @@ def select_best(rows: list[dict], objective: str = "validation", strategy: str =
 
 def chosen_knobs(row: dict | None) -> dict[str, Any]:
     """The knobs a result row was trained with (``knob_*`` columns), as trial parameters."""
-    return {k.removeprefix("knob_"): v for k, v in (row or {}).items()
-            if k.startswith("knob_") and v not in (None, "")}  # "": a column of the other strategy's knobs
+    return {
+        k.removeprefix("knob_"): v
+        for k, v in (row or {}).items()
+        if k.startswith("knob_") and v not in (None, "")
+    }  # "": a column of the other strategy's knobs
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -330,16 +387,22 @@ def _experiment_name(config: TrainConfig, level: float) -> str:
     return f"tune-{config.category}-{config.model.model}{strategy}-rho{level:g}"
 
 
-def level_config(base: TrainConfig, level: float, strategy: str, knobs: dict[str, Any] | None = None,
-                 seed: int | None = None) -> TrainConfig:
+def level_config(
+    base: TrainConfig,
+    level: float,
+    strategy: str,
+    knobs: dict[str, Any] | None = None,
+    seed: int | None = None,
+) -> TrainConfig:
     """``base`` at one contamination level with one strategy and chosen knobs, on the sweep's split.
 
     The split seed is pinned to ``base``'s (``split_seed``, else ``seed``) whatever the training
     ``seed``: every trial and every repeat of a level sees the same training, validation and report
     images, so a configuration is never reported on images it was selected on.
     """
-    config = dataclasses.replace(base, contamination=level, split_seed=base.data_seed,
-                                 seed=base.seed if seed is None else seed)
+    config = dataclasses.replace(
+        base, contamination=level, split_seed=base.data_seed, seed=base.seed if seed is None else seed
+    )
     config = apply_overrides(config, knob_overrides(knobs or {}))
     config.comet = dataclasses.replace(config.comet, strategy=strategy)
     return config
@@ -377,8 +440,10 @@ def _restorable(path: str) -> bool:
         with fs.open_input_stream(f"{fs_path.rstrip('/')}/{states[-1]}") as handle:
             json.loads(handle.readall())
     except (OSError, ValueError):
-        raise CometError(f"the Tune experiment state {newest} is unreadable (cut off by a kill?); "
-                         "remove that file to resume from the previous one") from None
+        raise CometError(
+            f"the Tune experiment state {newest} is unreadable (cut off by a kill?); "
+            "remove that file to resume from the previous one"
+        ) from None
     return True
 
 
@@ -406,14 +471,22 @@ def _scheduler(settings: SweepSettings, epochs: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if settings.workers > 0 and not _state_api_available():
-        log.warning("Ray's state API (dashboard) is not available: trials with Ray Train workers run "
-                    "without ASHA early stopping, whose stopped trials would leak their placement groups")
+        log.warning(
+            "Ray's state API (dashboard) is not available: trials with Ray Train workers run "
+            "without ASHA early stopping, whose stopped trials would leak their placement groups"
+        )
         return FIFOScheduler()
     return ASHAScheduler(max_t=epochs + 1, grace_period=min(settings.grace_period, epochs))
 
 
-def tune_level(base: TrainConfig, level: float, settings: SweepSettings, strategy: str = "comet",
-               spec: dict[str, dict] | None = None, fixed: dict[str, Any] | None = None) -> list[dict]:
+def tune_level(
+    base: TrainConfig,
+    level: float,
+    settings: SweepSettings,
+    strategy: str = "comet",
+    spec: dict[str, dict] | None = None,
+    fixed: dict[str, Any] | None = None,
+) -> list[dict]:
     """One Optuna + ASHA search of ``spec`` (default: the settings' space) for ``strategy`` at one
     contamination level, with ``fixed`` knobs (the baseline's chosen base knobs) in every trial."""
     from ray import tune
@@ -434,7 +507,9 @@ def tune_level(base: TrainConfig, level: float, settings: SweepSettings, strateg
         "storage_path": storage,
     }
     space = {**param_space(spec), "_context": context}
-    trainable = tune.with_resources(run_trial, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
+    trainable = tune.with_resources(
+        run_trial, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
+    )
     name = _experiment_name(config, level)
     path = os.path.join(storage, name)
     if _restorable(path):
@@ -490,8 +565,11 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def repeat_configs(base: TrainConfig, level: float, knobs: dict[str, dict], seeds: int) -> list[TrainConfig]:
     """Baseline and CoMet at one level with their chosen ``knobs[strategy]``, on training seeds
     ``base.seed .. base.seed + seeds - 1``, all on the split the knobs were chosen on."""
-    return [level_config(base, level, strategy, knobs.get(strategy), seed=base.seed + k)
-            for k in range(seeds) for strategy in STRATEGIES]
+    return [
+        level_config(base, level, strategy, knobs.get(strategy), seed=base.seed + k)
+        for k in range(seeds)
+        for strategy in STRATEGIES
+    ]
 
 
 def check_reported_split(selection: dict, manifest: dict) -> None:
@@ -499,8 +577,10 @@ def check_reported_split(selection: dict, manifest: dict) -> None:
     seen = set(selection["validation_ids"])
     used = set(manifest["report_ids"]) | {m["sample_id"] for m in manifest["contamination"].get("moved", [])}
     if seen & used or manifest["validation_ids"] != selection["validation_ids"]:
-        raise CometError(f"a repeat's split differs from the one its configuration was selected on "
-                         f"({len(seen & used)} validation image(s) reused): split seeds must match")
+        raise CometError(
+            f"a repeat's split differs from the one its configuration was selected on "
+            f"({len(seen & used)} validation image(s) reused): split seeds must match"
+        )
 
 
 def _training_resources(settings: SweepSettings) -> dict[str, float]:
@@ -545,8 +625,9 @@ def _extract_once(base: TrainConfig, settings: SweepSettings) -> None:
     ray.get(task.remote(base.to_dict(), settings.feature_cache))
 
 
-def repeat_over_seeds(base: TrainConfig, best: dict[str, dict[float, dict]], settings: SweepSettings,
-                      out: Path | None = None) -> list[dict]:
+def repeat_over_seeds(
+    base: TrainConfig, best: dict[str, dict[float, dict]], settings: SweepSettings, out: Path | None = None
+) -> list[dict]:
     """Baseline and the best CoMet configuration of every level, trained on ``settings.seeds`` training
     seeds; each repeat's manifest goes to ``out/rho_<level>/repeats/`` when ``out`` is given.
 
@@ -576,8 +657,15 @@ def repeat_over_seeds(base: TrainConfig, best: dict[str, dict[float, dict]], set
             folder.mkdir(parents=True, exist_ok=True)
             name = f"{config.comet.strategy}-seed{config.seed}.manifest.json"
             jsonfile.write(folder / name, manifest, indent=2)
-        rows.append({"level": config.contamination, "seed": config.seed, "split_seed": config.data_seed,
-                     "strategy": config.comet.strategy, **_test_metrics(metrics)})
+        rows.append(
+            {
+                "level": config.contamination,
+                "seed": config.seed,
+                "split_seed": config.data_seed,
+                "strategy": config.comet.strategy,
+                **_test_metrics(metrics),
+            }
+        )
     return rows
 
 
@@ -586,8 +674,12 @@ def selection_split(config: TrainConfig) -> dict:
     from comet_ray.pipeline import check_trainable, select_samples
 
     _, _, _, manifest = select_samples(check_trainable(config).samples, config)
-    return {"split_seed": config.data_seed, "validation_ids": manifest["validation_ids"],
-            "report_ids": manifest["report_ids"], "moved": manifest["contamination"].get("moved", [])}
+    return {
+        "split_seed": config.data_seed,
+        "validation_ids": manifest["validation_ids"],
+        "report_ids": manifest["report_ids"],
+        "moved": manifest["contamination"].get("moved", []),
+    }
 
 
 def plot_contamination(rows: list[dict], path: Path) -> None:
@@ -603,13 +695,26 @@ def plot_contamination(rows: list[dict], path: Path) -> None:
             levels = sorted({r["level"] for r in rows if r["strategy"] == strategy})
             means, stds = [], []
             for level in levels:
-                values = [r[key] for r in rows if r["strategy"] == strategy and r["level"] == level
-                          and r[key] is not None and not math.isnan(r[key])]
+                values = [
+                    r[key]
+                    for r in rows
+                    if r["strategy"] == strategy
+                    and r["level"] == level
+                    and r[key] is not None
+                    and not math.isnan(r[key])
+                ]
                 means.append(statistics.mean(values) if values else float("nan"))
                 stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
             xs = [100 * level for level in levels]
-            axis.errorbar(xs, means, yerr=stds, marker="o", capsize=3, color=colour,
-                          label="CoMet (best config)" if strategy == "comet" else "baseline")
+            axis.errorbar(
+                xs,
+                means,
+                yerr=stds,
+                marker="o",
+                capsize=3,
+                color=colour,
+                label="CoMet (best config)" if strategy == "comet" else "baseline",
+            )
         axis.set_xlabel("training-set contamination (%)")
         axis.set_title(f"test {title}")
         axis.grid(alpha=0.3)
@@ -660,8 +765,10 @@ def sweep(base: TrainConfig, settings: SweepSettings) -> dict:
         for strategy, name in (("comet", "best.json"), ("baseline", "best_baseline.json")):
             if level in best[strategy]:
                 jsonfile.write(level_dir / name, best[strategy][level], indent=2, default=str)
-    summary: dict[str, Any] = {"best": {f"{k:g}": v for k, v in best["comet"].items()},
-                               "best_baseline": {f"{k:g}": v for k, v in best["baseline"].items()}}
+    summary: dict[str, Any] = {
+        "best": {f"{k:g}": v for k, v in best["comet"].items()},
+        "best_baseline": {f"{k:g}": v for k, v in best["baseline"].items()},
+    }
     if settings.seeds > 0 and best["comet"]:
         repeats = repeat_over_seeds(base, best, settings, out)
         _write_csv(out / "seeds.csv", repeats)

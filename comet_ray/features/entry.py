@@ -71,13 +71,20 @@ def _write_file(fs: pafs.FileSystem, path: str, write) -> None:
         fs.move(target, path)
 
 
-def write_part(fs: pafs.FileSystem, entry_path: str, name: str, features: np.ndarray,
-               masks: np.ndarray | None = None) -> None:
+def write_part(
+    fs: pafs.FileSystem, entry_path: str, name: str, features: np.ndarray, masks: np.ndarray | None = None
+) -> None:
     """Write one part: features ``[n, P, D]`` (see :func:`as_numpy`) and, if given, packed masks."""
     base = f"{entry_path.rstrip('/')}/{PARTS_DIR}/{name}"
-    _write_file(fs, f"{base}.npy", lambda stream: np.lib.format.write_array(stream, features, allow_pickle=False))
+    _write_file(
+        fs, f"{base}.npy", lambda stream: np.lib.format.write_array(stream, features, allow_pickle=False)
+    )
     if masks is not None:
-        _write_file(fs, f"{base}.mask.npy", lambda stream: np.lib.format.write_array(stream, masks, allow_pickle=False))
+        _write_file(
+            fs,
+            f"{base}.mask.npy",
+            lambda stream: np.lib.format.write_array(stream, masks, allow_pickle=False),
+        )
 
 
 @dataclass
@@ -95,8 +102,14 @@ class EntryIndex:
     mask_issues: list[dict] = field(default_factory=list)
     _rows: list[tuple[int, str, int, int, bool]] = field(default_factory=list, repr=False)
 
-    def add_part(self, name: str, input_rows: Sequence[int], ids: Sequence[str],
-                 mask_available: Sequence[bool] | None = None, **record) -> None:
+    def add_part(
+        self,
+        name: str,
+        input_rows: Sequence[int],
+        ids: Sequence[str],
+        mask_available: Sequence[bool] | None = None,
+        **record,
+    ) -> None:
         """Record a written part: its images (input row, sample id) in part order, and who wrote it."""
         number = len(self.parts)
         self.parts.append({"name": name, "rows": len(ids), **record})
@@ -106,14 +119,23 @@ class EntryIndex:
 
     def to_json(self) -> str:
         rows = sorted(self._rows)
-        return json.dumps({
-            "version": VERSION, "grid": list(self.grid), "feature_dim": self.feature_dim, "cache_dtype": self.cache_dtype,
-            "image_size": self.image_size, "with_masks": self.with_masks, "fingerprint": self.fingerprint,
-            "ids": [r[1] for r in rows], "places": [[r[2], r[3]] for r in rows],
-            "mask_available": [r[4] for r in rows], "parts": self.parts,
-            "skipped": sorted(self.skipped, key=lambda s: s["sample_id"]),
-            "mask_issues": sorted(self.mask_issues, key=lambda s: s["sample_id"]),
-        })
+        return json.dumps(
+            {
+                "version": VERSION,
+                "grid": list(self.grid),
+                "feature_dim": self.feature_dim,
+                "cache_dtype": self.cache_dtype,
+                "image_size": self.image_size,
+                "with_masks": self.with_masks,
+                "fingerprint": self.fingerprint,
+                "ids": [r[1] for r in rows],
+                "places": [[r[2], r[3]] for r in rows],
+                "mask_available": [r[4] for r in rows],
+                "parts": self.parts,
+                "skipped": sorted(self.skipped, key=lambda s: s["sample_id"]),
+                "mask_issues": sorted(self.mask_issues, key=lambda s: s["sample_id"]),
+            }
+        )
 
     def write(self, fs: pafs.FileSystem, entry_path: str) -> None:
         """Write ``index.json``: the entry is complete from this moment."""
@@ -187,8 +209,11 @@ class FeatureEntry:
         packed = np.zeros((len(rows), (size * size + 7) // 8), dtype=np.uint8)
         if rows and self.with_masks:
             self._read_rows(rows, ".mask.npy", packed)
-        available = self.mask_available[torch.as_tensor(list(rows), dtype=torch.long)] if rows else \
-            torch.zeros(0, dtype=torch.bool)
+        available = (
+            self.mask_available[torch.as_tensor(list(rows), dtype=torch.long)]
+            if rows
+            else torch.zeros(0, dtype=torch.bool)
+        )
         return unpack_masks(packed, size), available
 
     def store(self, ids: Sequence[str], held: torch.Tensor | None = None) -> FeatureStore:
@@ -251,4 +276,3 @@ def _read_exact(handle, view: np.ndarray) -> None:
         if not got:
             raise OSError(f"a feature part ended {len(memory) - done} bytes early")
         done += got
-

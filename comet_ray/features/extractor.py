@@ -85,8 +85,14 @@ class ExtractedSplit:
     origin: str = ""  # with a cache: "extracted N images into the cache LOCATION" or "read N images from ..."
 
 
-def _embedded_chunks(samples: list[Sample], extractor: PatchFeatureExtractor, filesystem: Any, with_masks: bool,
-                     chunk_size: int, progress: bool):
+def _embedded_chunks(
+    samples: list[Sample],
+    extractor: PatchFeatureExtractor,
+    filesystem: Any,
+    with_masks: bool,
+    chunk_size: int,
+    progress: bool,
+):
     """(first input row, loaded images, their features in the cache dtype) per chunk of ``samples``;
     decoding the next chunk overlaps the backbone pass on this one."""
     config = extractor.config
@@ -107,8 +113,10 @@ def _embedded_chunks(samples: list[Sample], extractor: PatchFeatureExtractor, fi
             for index in range(len(chunks)):
                 loaded = pending.result()
                 pending = prefetch.submit(load, chunks[index + 1]) if index + 1 < len(chunks) else None
-                parts = [extractor(loaded.images[start : start + config.batch_size]).to("cpu", dtype)
-                         for start in range(0, len(loaded.sample_ids), config.batch_size)]
+                parts = [
+                    extractor(loaded.images[start : start + config.batch_size]).to("cpu", dtype)
+                    for start in range(0, len(loaded.sample_ids), config.batch_size)
+                ]
                 features = torch.cat(parts) if parts else None
                 yield index * chunk_size, loaded, features
                 if bar is not None:
@@ -133,13 +141,16 @@ def extract_features(
     """
     config = extractor.config
     grid = extractor.grid(config.image_size)
-    features = torch.empty((len(samples), grid[0] * grid[1], extractor.feature_dim),
-                           dtype=storage_dtype(config.cache_dtype))
+    features = torch.empty(
+        (len(samples), grid[0] * grid[1], extractor.feature_dim), dtype=storage_dtype(config.cache_dtype)
+    )
     ids: list[str] = []
     masks: list[torch.Tensor] = []
     available: list[torch.Tensor] = []
     result = ExtractedSplit(FeatureStore([], features[:0], grid))
-    for _, loaded, chunk in _embedded_chunks(samples, extractor, filesystem, with_masks, chunk_size, progress):
+    for _, loaded, chunk in _embedded_chunks(
+        samples, extractor, filesystem, with_masks, chunk_size, progress
+    ):
         result.skipped.extend(loaded.skipped)
         result.mask_issues.extend(loaded.mask_issues)
         if chunk is not None:
@@ -168,8 +179,9 @@ def cache_key(samples: list[Sample], extractor: PatchFeatureExtractor, with_mask
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def cache_location(cache_dir: str, samples: list[Sample], extractor: PatchFeatureExtractor,
-                   with_masks: bool) -> str:
+def cache_location(
+    cache_dir: str, samples: list[Sample], extractor: PatchFeatureExtractor, with_masks: bool
+) -> str:
     """Where the features of ``samples`` under ``extractor`` live in ``cache_dir`` (a folder or ``s3://``).
 
     One entry per feature fingerprint and sample list, ``<cache_dir>/<cache_key>``: every process, on
@@ -190,19 +202,34 @@ def open_entry(location: str, s3_endpoint: str | None = None) -> FeatureEntry | 
         raise storage.failed(exc, location) from None
 
 
-def extract_to_entry(samples: list[Sample], extractor: PatchFeatureExtractor, filesystem: Any, with_masks: bool,
-                     location: str, progress: bool = False, s3_endpoint: str | None = None,
-                     chunk_size: int = 64) -> FeatureEntry:
+def extract_to_entry(
+    samples: list[Sample],
+    extractor: PatchFeatureExtractor,
+    filesystem: Any,
+    with_masks: bool,
+    location: str,
+    progress: bool = False,
+    s3_endpoint: str | None = None,
+    chunk_size: int = 64,
+) -> FeatureEntry:
     """Embed ``samples`` in this process into a cache entry at ``location``, one part per chunk (nothing
     accumulates in memory); ``index.json`` last."""
     config = extractor.config
     fs, path = storage.filesystem(location, s3_endpoint)
     grid = extractor.grid(config.image_size)
-    index = EntryIndex(grid, extractor.feature_dim, config.cache_dtype, config.image_size, with_masks,
-                       extractor.fingerprint())
+    index = EntryIndex(
+        grid,
+        extractor.feature_dim,
+        config.cache_dtype,
+        config.image_size,
+        with_masks,
+        extractor.fingerprint(),
+    )
     position = {s.sample_id: row for row, s in enumerate(samples)}
     try:
-        for first, loaded, chunk in _embedded_chunks(samples, extractor, filesystem, with_masks, chunk_size, progress):
+        for first, loaded, chunk in _embedded_chunks(
+            samples, extractor, filesystem, with_masks, chunk_size, progress
+        ):
             index.skipped.extend(loaded.skipped)
             index.mask_issues.extend(loaded.mask_issues)
             if chunk is None:
@@ -212,16 +239,25 @@ def extract_to_entry(samples: list[Sample], extractor: PatchFeatureExtractor, fi
             started = time.time()
             write_part(fs, path, name, as_numpy(chunk), masks)
             rows = [position[i] for i in loaded.sample_ids]
-            index.add_part(name, rows, loaded.sample_ids, loaded.mask_available.tolist() if with_masks else None,
-                           node=platform.node(), pid=os.getpid(), started=started, finished=time.time())
+            index.add_part(
+                name,
+                rows,
+                loaded.sample_ids,
+                loaded.mask_available.tolist() if with_masks else None,
+                node=platform.node(),
+                pid=os.getpid(),
+                started=started,
+                finished=time.time(),
+            )
         index.write(fs, path)
     except OSError as exc:
         raise storage.failed(exc, location) from None
     return FeatureEntry.open(fs, path, public_s3_uri(location))
 
 
-def read_split(entry: FeatureEntry, ids: list[str], with_masks: bool = False,
-               held: torch.Tensor | None = None) -> ExtractedSplit:
+def read_split(
+    entry: FeatureEntry, ids: list[str], with_masks: bool = False, held: torch.Tensor | None = None
+) -> ExtractedSplit:
     """The images ``ids`` of ``entry`` (those skipped at decode time dropped) as an :class:`ExtractedSplit`.
 
     ``held``: rows of the split this process holds (a data-parallel worker's shard); masks are read for
@@ -237,8 +273,15 @@ def read_split(entry: FeatureEntry, ids: list[str], with_masks: bool = False,
     return result
 
 
-def cached_entry(samples: list[Sample], extractor: PatchFeatureExtractor, filesystem: Any, with_masks: bool,
-                 cache_dir: str, progress: bool = False, s3_endpoint: str | None = None) -> tuple[FeatureEntry, str]:
+def cached_entry(
+    samples: list[Sample],
+    extractor: PatchFeatureExtractor,
+    filesystem: Any,
+    with_masks: bool,
+    cache_dir: str,
+    progress: bool = False,
+    s3_endpoint: str | None = None,
+) -> tuple[FeatureEntry, str]:
     """The cache entry of ``samples`` in ``cache_dir``, extracting it in this process when there is none;
     and where the features came from ("extracted N images into ..." or "read N images from ...")."""
     location = cache_location(cache_dir, samples, extractor, with_masks)

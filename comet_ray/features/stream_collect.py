@@ -56,10 +56,19 @@ def stream_features(
     extractor = extractor or PatchFeatureExtractor(feature_config, "cpu")
     ids = [s.sample_id for s in samples]
     if output:
-        entry = FeatureEntry.open(*_output_filesystem(output, storage), public_s3_uri(output)) if reuse else None
+        entry = (
+            FeatureEntry.open(*_output_filesystem(output, storage), public_s3_uri(output)) if reuse else None
+        )
         if entry is None:
-            entry = stream_to_entry(samples, extractor, output, with_masks=with_masks, options=options,
-                                    storage=storage, progress=progress)
+            entry = stream_to_entry(
+                samples,
+                extractor,
+                output,
+                with_masks=with_masks,
+                options=options,
+                storage=storage,
+                progress=progress,
+            )
         return read_split(entry, ids, with_masks)
     if not samples:
         raise CometError("no images to extract features from")
@@ -75,8 +84,14 @@ def stream_features(
 class _Assembler:
     """Fills features/masks for the kept rows of a stream of feature tables, in input order."""
 
-    def __init__(self, n_rows: int, grid: tuple[int, int], config: FeatureConfig, with_masks: bool,
-                 kept_rows: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        n_rows: int,
+        grid: tuple[int, int],
+        config: FeatureConfig,
+        with_masks: bool,
+        kept_rows: list[int] | None = None,
+    ) -> None:
         self.n_rows = n_rows
         self.grid = grid
         self.size = config.image_size
@@ -103,7 +118,9 @@ class _Assembler:
         features = table.column("features").combine_chunks()
         masks = table.column("mask").combine_chunks() if self.with_masks else None
         width = features.type.byte_width
-        raw = np.frombuffer(features.buffers()[1], dtype=np.uint8)[features.offset * width : (features.offset + len(features)) * width]
+        raw = np.frombuffer(features.buffers()[1], dtype=np.uint8)[
+            features.offset * width : (features.offset + len(features)) * width
+        ]
         raw = raw.reshape(len(features), width) if len(features) else raw.reshape(0, width)
         for j, row in enumerate(rows):
             row = int(row)
@@ -113,12 +130,18 @@ class _Assembler:
                 continue
             pos = self.position[row] if self.position is not None else row
             if self.features is None:
-                numpy_dtype = np.int16 if self.dtype == torch.bfloat16 else torch.empty(0, dtype=self.dtype).numpy().dtype
+                numpy_dtype = (
+                    np.int16
+                    if self.dtype == torch.bfloat16
+                    else torch.empty(0, dtype=self.dtype).numpy().dtype
+                )
                 n_patches = self.grid[0] * self.grid[1]
                 dim = width // (n_patches * np.dtype(numpy_dtype).itemsize)
                 self.numpy_dtype, self.shape = numpy_dtype, (n_patches, dim)
                 self.features = torch.empty((self.capacity, n_patches, dim), dtype=self.dtype)
-                self._view = self.features.view(torch.int16) if self.dtype == torch.bfloat16 else self.features
+                self._view = (
+                    self.features.view(torch.int16) if self.dtype == torch.bfloat16 else self.features
+                )
             self._view[pos] = torch.from_numpy(raw[j].view(self.numpy_dtype).reshape(self.shape))
             self.filled[pos] = True
             if issues[j]:

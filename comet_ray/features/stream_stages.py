@@ -65,12 +65,15 @@ class StorageSpec:
     def for_root(cls, root: str | None, s3_endpoint: str | None = None) -> StorageSpec:
         if root and is_s3_uri(root):
             location = parse_s3_uri(root)
-            return cls(s3_endpoint or location.endpoint, location.region, location.access_key, location.secret_key)
+            return cls(
+                s3_endpoint or location.endpoint, location.region, location.access_key, location.secret_key
+            )
         return cls(s3_endpoint)
 
     def s3(self) -> pafs.S3FileSystem:
-        return s3_filesystem(self.endpoint, region=self.region, access_key=self.access_key,
-                             secret_key=self.secret_key)
+        return s3_filesystem(
+            self.endpoint, region=self.region, access_key=self.access_key, secret_key=self.secret_key
+        )
 
 
 _FS_CACHE: dict[tuple, pafs.FileSystem] = {}
@@ -91,8 +94,12 @@ def _filesystem_for(uri: str, storage: StorageSpec) -> pafs.FileSystem:
 def _output_filesystem(output: str, storage: StorageSpec) -> tuple[pafs.FileSystem, str]:
     if is_s3_uri(output):
         location = parse_s3_uri(output)
-        spec = StorageSpec(storage.endpoint or location.endpoint, location.region or storage.region,
-                           location.access_key or storage.access_key, location.secret_key or storage.secret_key)
+        spec = StorageSpec(
+            storage.endpoint or location.endpoint,
+            location.region or storage.region,
+            location.access_key or storage.access_key,
+            location.secret_key or storage.secret_key,
+        )
         return spec.s3(), location.path
     fs, path = open_dataset_filesystem(output)
     fs.create_dir(path, recursive=True)
@@ -118,8 +125,9 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value) if value is not None else ""
 
 
-def _decode_batch(batch: dict[str, np.ndarray], image_size: int, with_masks: bool, storage: StorageSpec,
-                  read_threads: int) -> dict[str, np.ndarray]:
+def _decode_batch(
+    batch: dict[str, np.ndarray], image_size: int, with_masks: bool, storage: StorageSpec, read_threads: int
+) -> dict[str, np.ndarray]:
     """Read + decode + crop one batch of samples (Ray Data task). Unreadable images get an error."""
     n = len(batch["row"])
     size = image_size
@@ -133,9 +141,13 @@ def _decode_batch(batch: dict[str, np.ndarray], image_size: int, with_masks: boo
 
     def work(i: int) -> None:
         sample = Sample(
-            sample_id=_text(batch["sample_id"][i]), category=_text(batch["category"][i]),
-            split=_text(batch["split"][i]), uri=_text(batch["uri"][i]), defect=_text(batch["defect"][i]),
-            mask_uri=_text(batch["mask_uri"][i]) or None, injected=bool(batch["injected"][i]),
+            sample_id=_text(batch["sample_id"][i]),
+            category=_text(batch["category"][i]),
+            split=_text(batch["split"][i]),
+            uri=_text(batch["uri"][i]),
+            defect=_text(batch["defect"][i]),
+            mask_uri=_text(batch["mask_uri"][i]) or None,
+            injected=bool(batch["injected"][i]),
         )
         fs = _filesystem_for(sample.uri, storage)
         try:
@@ -179,8 +191,13 @@ class FeatureActor:
     there and returns the rows' metadata; without, it returns the features themselves.
     """
 
-    def __init__(self, feature_config: FeatureConfig, use_gpu: bool, threads: int,
-                 output: tuple[str, StorageSpec] | None = None) -> None:
+    def __init__(
+        self,
+        feature_config: FeatureConfig,
+        use_gpu: bool,
+        threads: int,
+        output: tuple[str, StorageSpec] | None = None,
+    ) -> None:
         import ray
 
         torch.set_num_threads(max(1, threads))
@@ -229,8 +246,9 @@ class FeatureActor:
             )
         return pa.table(columns)
 
-    def _write_part(self, batch: dict[str, np.ndarray], ok: np.ndarray, features: np.ndarray | None,
-                    started: float) -> pa.Table:
+    def _write_part(
+        self, batch: dict[str, np.ndarray], ok: np.ndarray, features: np.ndarray | None, started: float
+    ) -> pa.Table:
         """Write this batch's part into the entry; the rows' metadata (no features) for the index."""
         fs, path, shown = self.output
         rows = np.asarray(batch["row"], dtype=np.int64)
@@ -242,32 +260,38 @@ class FeatureActor:
                 write_part(fs, path, name, features, masks)
             except OSError as exc:
                 raise storage_error(exc, shown, fs) from exc
-            print(f"[node {self.node[:12]}] features: embedded {kept} images into {shown}/{PARTS_DIR}/{name}",
-                  flush=True)
+            print(
+                f"[node {self.node[:12]}] features: embedded {kept} images into {shown}/{PARTS_DIR}/{name}",
+                flush=True,
+            )
         offsets = np.cumsum(ok) - 1
         n = len(rows)
-        return pa.table({
-            "row": pa.array(rows, pa.int64()),
-            "sample_id": pa.array(list(batch["sample_id"]), pa.string()),
-            "uri": pa.array(list(batch["uri"]), pa.string()),
-            "error": pa.array(list(batch["error"]), pa.string()),
-            "mask_available": pa.array(batch["mask_available"], pa.bool_()),
-            "mask_issue": pa.array(list(batch["mask_issue"]), pa.string()),
-            "part": pa.array([name if good else "" for good in ok], pa.string()),
-            "offset": pa.array(np.where(ok, offsets, -1), pa.int64()),
-            "node": pa.array([self.node] * n, pa.string()),
-            "pid": pa.array([os.getpid()] * n, pa.int64()),
-            "started": pa.array([started] * n, pa.float64()),
-            "finished": pa.array([time.time()] * n, pa.float64()),
-            "weights": pa.array([self.weights] * n, pa.string()),
-        })
+        return pa.table(
+            {
+                "row": pa.array(rows, pa.int64()),
+                "sample_id": pa.array(list(batch["sample_id"]), pa.string()),
+                "uri": pa.array(list(batch["uri"]), pa.string()),
+                "error": pa.array(list(batch["error"]), pa.string()),
+                "mask_available": pa.array(batch["mask_available"], pa.bool_()),
+                "mask_issue": pa.array(list(batch["mask_issue"]), pa.string()),
+                "part": pa.array([name if good else "" for good in ok], pa.string()),
+                "offset": pa.array(np.where(ok, offsets, -1), pa.int64()),
+                "node": pa.array([self.node] * n, pa.string()),
+                "pid": pa.array([os.getpid()] * n, pa.int64()),
+                "started": pa.array([started] * n, pa.float64()),
+                "finished": pa.array([time.time()] * n, pa.float64()),
+                "weights": pa.array([self.weights] * n, pa.string()),
+            }
+        )
 
 
 def _fixed_binary(values: np.ndarray | None, ok: np.ndarray, n: int, width: int) -> pa.Array:
     """Rows of ``values`` (one per True in ``ok``) as fixed-size binary; null where ``ok`` is False."""
     data = np.zeros((n, width), dtype=np.uint8)
     if values is not None:
-        data[ok] = np.ascontiguousarray(values).reshape(len(values), -1).view(np.uint8).reshape(len(values), width)
+        data[ok] = (
+            np.ascontiguousarray(values).reshape(len(values), -1).view(np.uint8).reshape(len(values), width)
+        )
     validity = None if ok.all() else pa.py_buffer(np.packbits(ok, bitorder="little").tobytes())
     return pa.FixedSizeBinaryArray.from_buffers(
         pa.binary(width), n, [validity, pa.py_buffer(data.tobytes())], null_count=int(n - ok.sum())

@@ -66,8 +66,14 @@ __all__ = ["StorageSpec", "StreamOptions", "build_dataset", "extract_to_entry_st
 # --- the pipeline --------------------------------------------------------------------------------
 
 
-def build_dataset(samples: list[Sample], feature_config: FeatureConfig, storage: StorageSpec,
-                  with_masks: bool, options: StreamOptions, output: str | None = None):
+def build_dataset(
+    samples: list[Sample],
+    feature_config: FeatureConfig,
+    storage: StorageSpec,
+    with_masks: bool,
+    options: StreamOptions,
+    output: str | None = None,
+):
     """The lazy Ray Dataset of feature rows, or with ``output`` of the rows' metadata once their parts
     are written there (see the module docstring); needs ``ray.init`` done."""
     import ray
@@ -81,13 +87,18 @@ def build_dataset(samples: list[Sample], feature_config: FeatureConfig, storage:
     if opts.actors:
         pool = ray.data.ActorPoolStrategy(size=opts.actors, max_tasks_in_flight_per_actor=in_flight)
     elif num_gpus > 0:
-        pool = ray.data.ActorPoolStrategy(size=max(1, int(gpus / num_gpus)), max_tasks_in_flight_per_actor=in_flight)
+        pool = ray.data.ActorPoolStrategy(
+            size=max(1, int(gpus / num_gpus)), max_tasks_in_flight_per_actor=in_flight
+        )
     else:
         # At least one actor per node with CPUs (Ray Data spreads actors over nodes): every node embeds.
-        nodes = sum(1 for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0)
+        nodes = sum(
+            1 for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0
+        )
         largest = max(1, nodes, int(cpus // 2))
-        pool = ray.data.ActorPoolStrategy(min_size=max(1, min(nodes, largest)), max_size=largest,
-                                          max_tasks_in_flight_per_actor=in_flight)
+        pool = ray.data.ActorPoolStrategy(
+            min_size=max(1, min(nodes, largest)), max_size=largest, max_tasks_in_flight_per_actor=in_flight
+        )
     blocks = max(1, math.ceil(len(samples) / max(1, opts.decode_batch_size)))
     ds = ray.data.from_items(_sample_rows(samples), override_num_blocks=blocks)
     ds = ds.map_batches(
@@ -95,8 +106,12 @@ def build_dataset(samples: list[Sample], feature_config: FeatureConfig, storage:
         batch_size=opts.decode_batch_size,
         batch_format="numpy",
         num_cpus=opts.decode_cpus,
-        fn_kwargs={"image_size": feature_config.image_size, "with_masks": with_masks, "storage": storage,
-                   "read_threads": opts.read_threads},
+        fn_kwargs={
+            "image_size": feature_config.image_size,
+            "with_masks": with_masks,
+            "storage": storage,
+            "read_threads": opts.read_threads,
+        },
     )
     return ds.map_batches(
         FeatureActor,
@@ -105,9 +120,12 @@ def build_dataset(samples: list[Sample], feature_config: FeatureConfig, storage:
         compute=pool,
         num_cpus=opts.actor_cpus,
         num_gpus=num_gpus or None,
-        fn_constructor_kwargs={"feature_config": feature_config, "use_gpu": num_gpus > 0,
-                               "threads": max(1, int(opts.actor_cpus)),
-                               "output": (output, storage) if output else None},
+        fn_constructor_kwargs={
+            "feature_config": feature_config,
+            "use_gpu": num_gpus > 0,
+            "threads": max(1, int(opts.actor_cpus)),
+            "output": (output, storage) if output else None,
+        },
     )
 
 
@@ -160,37 +178,60 @@ def stream_to_entry(
         raise CometError("no images to extract features from")
     out_fs, out_path = _output_filesystem(output, storage)
     grid = extractor.grid(config.image_size)
-    index = EntryIndex(grid, extractor.feature_dim, config.cache_dtype, config.image_size, with_masks,
-                       extractor.fingerprint())
+    index = EntryIndex(
+        grid,
+        extractor.feature_dim,
+        config.cache_dtype,
+        config.image_size,
+        with_masks,
+        extractor.fingerprint(),
+    )
     t0 = time.perf_counter()
     with _ray_data_run(progress):
-        ds = build_dataset(samples, config, storage, with_masks, options or _spread_options(len(samples)), output)
+        ds = build_dataset(
+            samples, config, storage, with_masks, options or _spread_options(len(samples)), output
+        )
         tables = _run(lambda: list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
     rows = [row for table in tables for row in table.to_pylist()]
     if len(rows) != len(samples) or {r["row"] for r in rows} != set(range(len(samples))):
-        raise CometError(f"the feature pipeline lost {len(samples) - len({r['row'] for r in rows})} image(s); rerun")
+        raise CometError(
+            f"the feature pipeline lost {len(samples) - len({r['row'] for r in rows})} image(s); rerun"
+        )
     other = {r["weights"] for r in rows} - {extractor.weights_source}
     if other:
-        raise CometError(f"the cluster's nodes embedded with backbone weights {min(other)!r}, this process "
-                         f"has {extractor.weights_source!r}: give every node the same weights (--weights FILE)")
+        raise CometError(
+            f"the cluster's nodes embedded with backbone weights {min(other)!r}, this process "
+            f"has {extractor.weights_source!r}: give every node the same weights (--weights FILE)"
+        )
     by_part: dict[str, list[dict]] = {}
     for row in sorted(rows, key=lambda r: r["row"]):
         if row["error"]:
             index.skipped.append({"sample_id": row["sample_id"], "uri": row["uri"], "reason": row["error"]})
             continue
         if row["mask_issue"]:
-            index.mask_issues.append({"sample_id": row["sample_id"], "uri": row["uri"], "reason": row["mask_issue"]})
+            index.mask_issues.append(
+                {"sample_id": row["sample_id"], "uri": row["uri"], "reason": row["mask_issue"]}
+            )
         by_part.setdefault(row["part"], []).append(row)
     for name, part in sorted(by_part.items()):
         part.sort(key=lambda r: r["offset"])
-        index.add_part(name, [r["row"] for r in part], [r["sample_id"] for r in part],
-                       [r["mask_available"] for r in part] if with_masks else None, node=part[0]["node"],
-                       pid=part[0]["pid"], started=part[0]["started"], finished=part[0]["finished"])
+        index.add_part(
+            name,
+            [r["row"] for r in part],
+            [r["sample_id"] for r in part],
+            [r["mask_available"] for r in part] if with_masks else None,
+            node=part[0]["node"],
+            pid=part[0]["pid"],
+            started=part[0]["started"],
+            finished=part[0]["finished"],
+        )
     try:
         index.write(out_fs, out_path)
     except OSError as exc:
         raise storage_error(exc, public_s3_uri(output), out_fs) from exc
-    log.info("streamed %d images in %.1fs -> %s", len(samples), time.perf_counter() - t0, public_s3_uri(output))
+    log.info(
+        "streamed %d images in %.1fs -> %s", len(samples), time.perf_counter() - t0, public_s3_uri(output)
+    )
     return FeatureEntry.open(out_fs, out_path, public_s3_uri(output))
 
 
@@ -199,7 +240,9 @@ def _spread_options(images: int) -> StreamOptions:
     CPUs, at most 16 images (64 MiB of WideResNet-50 features at 288 px)."""
     import ray
 
-    nodes = sum(1 for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0)
+    nodes = sum(
+        1 for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0
+    )
     size = max(1, min(16, math.ceil(images / (4 * max(1, nodes)))))
     return StreamOptions(decode_batch_size=size, feature_batch_size=size)
 
@@ -222,8 +265,15 @@ def extract_to_entry_streaming(
     entry = FeatureEntry.open(*_output_filesystem(location, storage), public_s3_uri(location))
     if entry is not None:
         return entry, f"read {len(entry)} images from the cache {entry.shown}"
-    entry = stream_to_entry(samples, extractor, location, with_masks=with_masks, options=options,
-                            storage=storage, progress=progress)
+    entry = stream_to_entry(
+        samples,
+        extractor,
+        location,
+        with_masks=with_masks,
+        options=options,
+        storage=storage,
+        progress=progress,
+    )
     nodes = len({part["node"] for part in entry.parts})
     return entry, f"extracted {len(entry)} images into the cache {entry.shown} on {nodes} node(s)"
 

@@ -13,7 +13,11 @@ MODELS = ("simplenet", "flow", "knn")
 
 
 def build_detector(
-    name: str, feature_dim: int, model_config, grid: tuple[int, int] | None = None, train_store=None,
+    name: str,
+    feature_dim: int,
+    model_config,
+    grid: tuple[int, int] | None = None,
+    train_store=None,
     fit_bank: bool = True,
 ) -> Detector:
     """Build a detector from ``ModelConfig``; the only place that knows the concrete classes.
@@ -55,8 +59,12 @@ def build_detector(
 
         if train_store is None:
             raise CometError("the knn reference is built from training features; none were given")
-        model = PatchKNN(feature_dim, bank_fraction=model_config.knn_bank_fraction, coreset=model_config.knn_coreset,
-                         search=model_config.knn_search)
+        model = PatchKNN(
+            feature_dim,
+            bank_fraction=model_config.knn_bank_fraction,
+            coreset=model_config.knn_coreset,
+            search=model_config.knn_search,
+        )
         if not fit_bank:
             return model
         generator = torch.Generator().manual_seed(int(torch.randint(1 << 62, (1,))))

@@ -54,8 +54,9 @@ def exact_greedy(points: torch.Tensor, size: int, generator: torch.Generator, ba
     return chosen
 
 
-def batched_greedy(points: torch.Tensor, valid: torch.Tensor, shares: torch.Tensor,
-                   generator: torch.Generator) -> torch.Tensor:
+def batched_greedy(
+    points: torch.Tensor, valid: torch.Tensor, shares: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """Greedy k-center in B parts at once: ``points`` [B, m, d], ``valid`` [B, m] (padding: False),
     ``shares`` [B] rows to pick per part. Returns [B, max(shares)] positions (a part's first ``share``)."""
     parts, m, _ = points.shape
@@ -90,8 +91,15 @@ def split_shares(total: int, sizes: list[int]) -> list[int]:
     return shares
 
 
-def per_part_greedy(patches: torch.Tensor, rows: torch.Tensor, size: int, generator: torch.Generator,
-                    projection: torch.Tensor | None, part_rows: int = PART_ROWS, bar=None) -> torch.Tensor:
+def per_part_greedy(
+    patches: torch.Tensor,
+    rows: torch.Tensor,
+    size: int,
+    generator: torch.Generator,
+    projection: torch.Tensor | None,
+    part_rows: int = PART_ROWS,
+    bar=None,
+) -> torch.Tensor:
     """Rows of ``patches`` (a subset of ``rows``, ``size`` of them): a random split of ``rows`` into parts
     of about ``part_rows``, each part's share picked by greedy k-center within the part."""
     n = rows.numel()
@@ -123,8 +131,14 @@ def per_part_greedy(patches: torch.Tensor, rows: torch.Tensor, size: int, genera
 
 
 def coreset_rows(
-    patches: torch.Tensor, size: int, method: str, generator: torch.Generator, projection_dim: int = 128,
-    part_rows: int = PART_ROWS, oversample: float = 1.0, progress: bool | None = False,
+    patches: torch.Tensor,
+    size: int,
+    method: str,
+    generator: torch.Generator,
+    projection_dim: int = 128,
+    part_rows: int = PART_ROWS,
+    oversample: float = 1.0,
+    progress: bool | None = False,
 ) -> torch.Tensor:
     """Sorted row indices of a ``size``-row coreset of ``patches`` [N, D] (any float dtype, any device);
     ``progress``: a bar with an estimate on stderr (None: when stderr is a terminal)."""
@@ -139,10 +153,15 @@ def coreset_rows(
     projection = projection_for(patches.shape[1], projection_dim, generator)
     with _progress_bar(size, method, progress) as bar:
         if method in ("exact", "greedy"):
-            return exact_greedy(project(patches, torch.arange(n), projection), size, generator, bar).sort().values
+            return (
+                exact_greedy(project(patches, torch.arange(n), projection), size, generator, bar)
+                .sort()
+                .values
+            )
         first = min(n, max(size, round(size * oversample)))
-        rows = per_part_greedy(patches, torch.arange(n), first, generator, projection, part_rows,
-                               bar if first == size else None)
+        rows = per_part_greedy(
+            patches, torch.arange(n), first, generator, projection, part_rows, bar if first == size else None
+        )
         if first > size:  # reduce: the same per-part greedy on the union of the parts' selections
             rows = per_part_greedy(patches, rows, size, generator, projection, part_rows, bar)
     return rows.sort().values
@@ -160,8 +179,14 @@ class _progress_bar:
         if self.enabled or (self.enabled is None and sys.stderr.isatty()):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, desc=f"memory bank ({self.method} coreset)", unit="row",
-                            file=sys.stderr, leave=False, mininterval=1.0)
+            self.bar = tqdm(
+                total=self.total,
+                desc=f"memory bank ({self.method} coreset)",
+                unit="row",
+                file=sys.stderr,
+                leave=False,
+                mininterval=1.0,
+            )
         return self.bar
 
     def __exit__(self, *exc) -> None:

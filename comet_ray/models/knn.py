@@ -73,7 +73,9 @@ class PatchKNN(nn.Module):
             projection_dim=int(projection_dim),
             search=search,
         )
-        self.progress: bool | None = None  # a progress bar (stderr) on the bank build; None: when stderr is a terminal
+        self.progress: bool | None = (
+            None  # a progress bar (stderr) on the bank build; None: when stderr is a terminal
+        )
         self._index = None  # (key of the bank it was built from, faiss index)
         self.register_buffer("bank", torch.zeros(int(bank_size), int(feature_dim)))
 
@@ -83,19 +85,26 @@ class PatchKNN(nn.Module):
     def bank_size_for(self, n_patches: int) -> int:
         return max(1, round(self._hparams["bank_fraction"] * n_patches))
 
-    def select(self, patches: torch.Tensor, generator: torch.Generator, size: int | None = None) -> torch.Tensor:
+    def select(
+        self, patches: torch.Tensor, generator: torch.Generator, size: int | None = None
+    ) -> torch.Tensor:
         """Coreset row indices of ``patches`` [N, D] with this model's settings (``size`` rows: default
         ``bank_fraction`` of them)."""
         hp = self._hparams
         size = self.bank_size_for(patches.shape[0]) if size is None else size
-        return coreset_rows(patches, size, hp["coreset"], generator, hp["projection_dim"], progress=self.progress)
+        return coreset_rows(
+            patches, size, hp["coreset"], generator, hp["projection_dim"], progress=self.progress
+        )
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor, generator: torch.Generator | None = None,
-            size: int | None = None) -> PatchKNN:
+    def fit(
+        self, features: torch.Tensor, generator: torch.Generator | None = None, size: int | None = None
+    ) -> PatchKNN:
         """Fill the bank from training patch features [N, P, D] (or [N*P, D]); ``size``: as in ``select``."""
         generator = generator or torch.Generator().manual_seed(0)
-        patches = features.reshape(-1, features.shape[-1])  # the stored dtype: one float32 copy of the bank only
+        patches = features.reshape(
+            -1, features.shape[-1]
+        )  # the stored dtype: one float32 copy of the bank only
         return self.set_bank(patches[self.select(patches, generator, size)].float())
 
     def set_bank(self, bank: torch.Tensor) -> PatchKNN:

@@ -29,12 +29,19 @@ SCORING_CHUNK_BYTES = 64 << 20  # float32 features per scoring call: 8 images of
 
 
 @torch.no_grad()
-def score_rows(model: Detector, store: FeatureStore, rows: torch.Tensor, device: torch.device | str,
-               precision: str = "auto") -> torch.Tensor:
+def score_rows(
+    model: Detector,
+    store: FeatureStore,
+    rows: torch.Tensor,
+    device: torch.device | str,
+    precision: str = "auto",
+) -> torch.Tensor:
     """Patch scores [len(rows), P] of rows ``rows`` of ``store`` (see :func:`detector_patch_scores`),
     a few images at a time (at most ``SCORING_CHUNK_BYTES`` of float32 features, 64 images)."""
     device = torch.device(device)
     chunk = max(1, min(64, SCORING_CHUNK_BYTES // max(1, store.num_patches * store.dim * 4)))
-    parts = [detector_patch_scores(model, store.batch(rows[start : start + chunk], device), precision)
-             for start in range(0, rows.numel(), chunk)]
+    parts = [
+        detector_patch_scores(model, store.batch(rows[start : start + chunk], device), precision)
+        for start in range(0, rows.numel(), chunk)
+    ]
     return torch.cat(parts) if parts else torch.zeros(0, store.num_patches, device=device)

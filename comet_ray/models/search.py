@@ -27,8 +27,12 @@ def _squared_norms(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).sum(dim=-1)
 
 
-def torch_nearest(queries: torch.Tensor, bank: torch.Tensor,
-                  exclude: tuple[torch.Tensor, torch.Tensor] | None = None, chunk: int = 2048) -> torch.Tensor:
+def torch_nearest(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk: int = 2048,
+) -> torch.Tensor:
     """Euclidean distance from every query row [Q, D] to its nearest bank row [M, D] by chunked matmul
     (float32, on the bank's device). ``exclude = (query_groups [Q], bank_groups [M])``: a bank row of the
     query's own group is never its neighbour."""
@@ -37,9 +41,13 @@ def torch_nearest(queries: torch.Tensor, bank: torch.Tensor,
     out = []
     for start in range(0, queries.shape[0], chunk):
         block = queries[start : start + chunk].to(bank.device).float()
-        squared = torch.addmm(bank_norms[None, :], block, bank.T, alpha=-2.0).add_(_squared_norms(block)[:, None])
+        squared = torch.addmm(bank_norms[None, :], block, bank.T, alpha=-2.0).add_(
+            _squared_norms(block)[:, None]
+        )
         if exclude is not None:
-            same = exclude[0][start : start + chunk, None].to(bank.device) == exclude[1][None, :].to(bank.device)
+            same = exclude[0][start : start + chunk, None].to(bank.device) == exclude[1][None, :].to(
+                bank.device
+            )
             squared = squared.masked_fill(same, float("inf"))
         out.append(squared.min(dim=1).values.clamp_min(0).sqrt())
     return torch.cat(out) if out else torch.zeros(0, device=bank.device)
@@ -77,13 +85,16 @@ def _search(index, block: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]
 
 def nearest(queries: torch.Tensor, index, chunk: int = CHUNK) -> torch.Tensor:
     """Euclidean distance [Q] from every query row to its nearest row of ``index``'s bank."""
-    out = [torch.from_numpy(_search(index, queries[s : s + chunk], 1)[0][:, 0].copy())
-           for s in range(0, queries.shape[0], chunk)]
+    out = [
+        torch.from_numpy(_search(index, queries[s : s + chunk], 1)[0][:, 0].copy())
+        for s in range(0, queries.shape[0], chunk)
+    ]
     return torch.cat(out).clamp_min(0).sqrt() if out else torch.zeros(0)
 
 
-def nearest_excluding(queries: torch.Tensor, query_groups: torch.Tensor, index, bank_groups: torch.Tensor,
-                      chunk: int = CHUNK) -> torch.Tensor:
+def nearest_excluding(
+    queries: torch.Tensor, query_groups: torch.Tensor, index, bank_groups: torch.Tensor, chunk: int = CHUNK
+) -> torch.Tensor:
     """As :func:`nearest`, never matching a query to a bank row of its own group (leave-one-group-out)."""
     own = int(torch.bincount(bank_groups).max()) if bank_groups.numel() else 0
     k = min(own + 1, index.ntotal)

@@ -41,13 +41,29 @@ from comet_ray.report.runs import (
     summarise,
 )
 
-__all__ = ["TABLE_METRICS", "RunRecord", "_DataAccess", "build_report", "collect", "load_run", "recompute_scores",
-           "render_html", "roc_curve", "summarise"]
+__all__ = [
+    "TABLE_METRICS",
+    "RunRecord",
+    "_DataAccess",
+    "build_report",
+    "collect",
+    "load_run",
+    "recompute_scores",
+    "render_html",
+    "roc_curve",
+    "summarise",
+]
 
 
-def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike = "report.html", device: str = "auto",
-                 s3_endpoint: str | None = None, recompute: bool = True, examples: int = 3,
-                 suspects: int = 6) -> Path:
+def build_report(
+    run_dirs: Sequence[str | os.PathLike],
+    out: str | os.PathLike = "report.html",
+    device: str = "auto",
+    s3_endpoint: str | None = None,
+    recompute: bool = True,
+    examples: int = 3,
+    suspects: int = 6,
+) -> Path:
     """Collect the runs and write the self-contained HTML report atomically; returns its path."""
     records = collect(run_dirs, device, s3_endpoint, recompute, examples, suspects)
     page = render_html(records)

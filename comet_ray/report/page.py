@@ -28,7 +28,9 @@ code{background:#f1f4f9;padding:1px 4px;border-radius:3px}
 
 
 def _img(data: bytes, alt: str) -> str:
-    return f'<img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" alt="{html.escape(alt)}">'
+    return (
+        f'<img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" alt="{html.escape(alt)}">'
+    )
 
 
 def _fmt(stat: tuple[float | None, float | None, int], digits: int = 4) -> str:
@@ -46,17 +48,26 @@ def _note(text: str) -> str:
 def _metrics_html(summary: dict[str, list[dict]]) -> str:
     parts = []
     for category, rows in summary.items():
-        parts.append(f"<h3>{html.escape(category)}</h3><table><tr><th class='l'>strategy</th><th>contamination</th>"
-                     "<th>seeds</th>" + "".join(f"<th>{html.escape(label)}</th>" for _, label in TABLE_METRICS) + "</tr>")
+        parts.append(
+            f"<h3>{html.escape(category)}</h3><table><tr><th class='l'>strategy</th><th>contamination</th>"
+            "<th>seeds</th>"
+            + "".join(f"<th>{html.escape(label)}</th>" for _, label in TABLE_METRICS)
+            + "</tr>"
+        )
         for row in rows:
-            cells = [f"<td class='l'>{html.escape(row['strategy'])}</td>", f"<td>{row['contamination']:.0%}</td>",
-                     f"<td>{html.escape(', '.join(map(str, row['seeds'])))}</td>"]
+            cells = [
+                f"<td class='l'>{html.escape(row['strategy'])}</td>",
+                f"<td>{row['contamination']:.0%}</td>",
+                f"<td>{html.escape(', '.join(map(str, row['seeds'])))}</td>",
+            ]
             for key, _ in TABLE_METRICS:
                 cells.append(f"<td>{_fmt(row[key], 1 if key == 'train_seconds' else 4)}</td>")
             parts.append("<tr>" + "".join(cells) + "</tr>")
         parts.append("</table>")
-    parts.append("<p class='muted'>mean ± sample standard deviation over the seeds listed; a single seed shows its value. "
-                 "Metrics are on each run's report split (never used for training, threshold or tuning).</p>")
+    parts.append(
+        "<p class='muted'>mean ± sample standard deviation over the seeds listed; a single seed shows its value. "
+        "Metrics are on each run's report split (never used for training, threshold or tuning).</p>"
+    )
     return "".join(parts)
 
 
@@ -74,8 +85,12 @@ def _contamination_html(summary: dict[str, list[dict]]) -> str:
                 if mean is not None:
                     series.setdefault(row["strategy"], []).append((row["contamination"], mean, std or 0.0))
             if series:
-                figures.append(_img(contamination_chart(series, label, f"{category}: {label} vs contamination"),
-                                    f"{category} {label} vs contamination"))
+                figures.append(
+                    _img(
+                        contamination_chart(series, label, f"{category}: {label} vs contamination"),
+                        f"{category} {label} vs contamination",
+                    )
+                )
     if not figures:
         return ""
     return "<h2>Contamination curve</h2><div class='figs'>" + "".join(figures) + "</div>"
@@ -98,20 +113,35 @@ def _roc_html(records: Sequence[RunRecord]) -> str:
                 notes.append(f"{record.path}: the report split has a single class, no ROC curve")
                 continue
             fpr, tpr = roc_curve(scores.scores, scores.labels)
-            curve = {"fpr": fpr, "tpr": tpr, "label": f"{record.label} (AUROC {auroc(scores.scores, scores.labels):.3f})"}
+            curve = {
+                "fpr": fpr,
+                "tpr": tpr,
+                "label": f"{record.label} (AUROC {auroc(scores.scores, scores.labels):.3f})",
+            }
             if record.threshold is not None:  # the checkpoint's operating point
                 flagged = scores.scores >= record.threshold
                 curve["point"] = (float(flagged[~scores.labels].mean()), float(flagged[scores.labels].mean()))
             curves.append(curve)
         if curves:
-            figures.append(_img(roc_chart(curves, f"{category}, contamination {contamination:.0%}: report split"),
-                                f"ROC {category} {contamination:.0%}"))
+            figures.append(
+                _img(
+                    roc_chart(curves, f"{category}, contamination {contamination:.0%}: report split"),
+                    f"ROC {category} {contamination:.0%}",
+                )
+            )
     if not figures and not notes:
-        return "<h2>ROC curves</h2>" + _note("no run has report-split scores (scores.csv or a reachable data root)")
+        return "<h2>ROC curves</h2>" + _note(
+            "no run has report-split scores (scores.csv or a reachable data root)"
+        )
     sources = sorted({r.scores.source for r in records if r.scores is not None})
-    return ("<h2>ROC curves</h2><div class='figs'>" + "".join(figures) + "</div>" + "".join(_note(n) for n in notes)
-            + f"<p class='muted'>Report-split image scores from {html.escape(', '.join(sources))}; "
-            "dots: each checkpoint's decision threshold (F1-optimal on the validation split).</p>")
+    return (
+        "<h2>ROC curves</h2><div class='figs'>"
+        + "".join(figures)
+        + "</div>"
+        + "".join(_note(n) for n in notes)
+        + f"<p class='muted'>Report-split image scores from {html.escape(', '.join(sources))}; "
+        "dots: each checkpoint's decision threshold (F1-optimal on the validation split).</p>"
+    )
 
 
 def _examples_html(record: RunRecord) -> str:
@@ -136,15 +166,22 @@ def _examples_html(record: RunRecord) -> str:
         parts.extend(_img(e.panel, e.sample_id) for e in items if e.panel)
         listed = [e for e in items if not e.panel]
         if listed:
-            parts.append("<table><tr><th class='l'>image</th><th>score</th></tr>" + "".join(
-                f"<tr><td class='l'>{html.escape(e.sample_id)}</td><td>{e.score:.4g}</td></tr>" for e in listed)
-                + "</table>")
+            parts.append(
+                "<table><tr><th class='l'>image</th><th>score</th></tr>"
+                + "".join(
+                    f"<tr><td class='l'>{html.escape(e.sample_id)}</td><td>{e.score:.4g}</td></tr>"
+                    for e in listed
+                )
+                + "</table>"
+            )
         columns.append("".join(parts) + "</div>")
-    note = ("<p class='muted'>Panels: the center crop the model saw | anomaly map (colour scale: median nominal "
-            "validation score → threshold at the middle of the bar) | regions where the map reaches the threshold "
-            "(red) and the ground truth (green, dashed). The map is blurred (Gaussian σ 4), so a single hot patch "
-            "can lift the image score above the threshold while no map region reaches it; a red circle then marks "
-            "the map's peak.</p>")
+    note = (
+        "<p class='muted'>Panels: the center crop the model saw | anomaly map (colour scale: median nominal "
+        "validation score → threshold at the middle of the bar) | regions where the map reaches the threshold "
+        "(red) and the ground truth (green, dashed). The map is blurred (Gaussian σ 4), so a single hot patch "
+        "can lift the image score above the threshold while no map region reaches it; a red circle then marks "
+        "the map's peak.</p>"
+    )
     return "<div class='examples'>" + "".join(columns) + "</div>" + note
 
 
@@ -156,29 +193,42 @@ def _audit_html(record: RunRecord) -> str:
     if audit is None:
         return ""
     lines = "".join(f"<li>{html.escape(line)}</li>" for line in audit.summary_lines())
-    parts = ["<h3>Training-set audit</h3>", f"<ul class='muted'>{lines}</ul>",
-             "<div class='figs'>" + _img(trajectory_chart(audit), "SCL weight per epoch") + "</div>"]
+    parts = [
+        "<h3>Training-set audit</h3>",
+        f"<ul class='muted'>{lines}</ul>",
+        "<div class='figs'>" + _img(trajectory_chart(audit), "SCL weight per epoch") + "</div>",
+    ]
     if record.suspects:
-        parts.append("<p class='muted'>Top suspects (lowest final weight, then highest score), drawn as "
-                     "<code>predict --maps</code> draws them:</p><div class='figs'>")
+        parts.append(
+            "<p class='muted'>Top suspects (lowest final weight, then highest score), drawn as "
+            "<code>predict --maps</code> draws them:</p><div class='figs'>"
+        )
         for row, panel in record.suspects:
             injected = " · injected" if row["injected"] == 1 else ""
             caption = f"#{row['rank']} {row['sample_id']} · weight {row['weight']:.3f}{injected}"
-            parts.append(f"<figure style='margin:0;max-width:49%'>{_img(panel, row['sample_id'])}"
-                         f"<figcaption class='muted'>{html.escape(caption)}</figcaption></figure>")
+            parts.append(
+                f"<figure style='margin:0;max-width:49%'>{_img(panel, row['sample_id'])}"
+                f"<figcaption class='muted'>{html.escape(caption)}</figcaption></figure>"
+            )
         parts.append("</div>")
     rows = audit.rows()[:10]
-    parts.append("<table><tr><th>rank</th><th class='l'>training image</th><th>weight</th><th>score</th>"
-                 "<th>below 1 since epoch</th>" + ("<th>injected</th>" if audit.injected_known else "") + "</tr>")
+    parts.append(
+        "<table><tr><th>rank</th><th class='l'>training image</th><th>weight</th><th>score</th>"
+        "<th>below 1 since epoch</th>" + ("<th>injected</th>" if audit.injected_known else "") + "</tr>"
+    )
     for row in rows:
         since = "–" if row["first_below_one"] is None else str(row["first_below_one"])
         score = "–" if row["score"] is None else f"{row['score']:.4g}"
-        parts.append(f"<tr><td>{row['rank']}</td><td class='l'>{html.escape(row['sample_id'])}</td>"
-                     f"<td>{row['weight']:.3f}</td><td>{score}</td><td>{since}</td>"
-                     + (f"<td>{'yes' if row['injected'] == 1 else 'no'}</td>" if audit.injected_known else "")
-                     + "</tr>")
-    parts.append("</table><p class='muted'><code>comet-ray audit RUN</code> writes every image's row "
-                 "(audit.csv), the panels, and with <code>--export-clean</code> the set without the flagged images.</p>")
+        parts.append(
+            f"<tr><td>{row['rank']}</td><td class='l'>{html.escape(row['sample_id'])}</td>"
+            f"<td>{row['weight']:.3f}</td><td>{score}</td><td>{since}</td>"
+            + (f"<td>{'yes' if row['injected'] == 1 else 'no'}</td>" if audit.injected_known else "")
+            + "</tr>"
+        )
+    parts.append(
+        "</table><p class='muted'><code>comet-ray audit RUN</code> writes every image's row "
+        "(audit.csv), the panels, and with <code>--export-clean</code> the set without the flagged images.</p>"
+    )
     return "".join(parts)
 
 
@@ -186,22 +236,34 @@ def _run_html(record: RunRecord, open_: bool) -> str:
     from comet_ray.visualize import history_chart, weight_histogram_chart
 
     metrics = record.metrics
-    title = (f"{record.category} · {record.strategy} · contamination {record.contamination:.0%} · seed {record.seed}")
+    title = f"{record.category} · {record.strategy} · contamination {record.contamination:.0%} · seed {record.seed}"
     summary = (
         f"<p class='muted'><code>{html.escape(str(record.path))}</code> — image AUROC "
         f"{_fmt(mean_std([metrics.get('image_auroc')]))}, pixel AUROC {_fmt(mean_std([metrics.get('pixel_auroc')]))}, "
-        + html.escape(f"{metrics.get('n_train', '?')} train / {metrics.get('n_test', '?')} report images, "
-                      f"{metrics.get('epochs', len(record.history))} epochs") + "</p>"
+        + html.escape(
+            f"{metrics.get('n_train', '?')} train / {metrics.get('n_test', '?')} report images, "
+            f"{metrics.get('epochs', len(record.history))} epochs"
+        )
+        + "</p>"
     )
-    head = [f"<details class='run'{' open' if open_ else ''}><summary>{html.escape(title)}</summary>", summary]
+    head = [
+        f"<details class='run'{' open' if open_ else ''}><summary>{html.escape(title)}</summary>",
+        summary,
+    ]
     figures = []
     weights = (record.weights or {}).get("weights")
     if weights:
         injected_ids = set((record.weights or {}).get("injected", []))
         nominal = [float(w) for i, w in weights.items() if i not in injected_ids]
         injected = [float(w) for i, w in weights.items() if i in injected_ids]
-        figures.append(_img(weight_histogram_chart(nominal, injected, f"SCL weights after the last epoch ({record.strategy})"),
-                            "SCL weight histogram"))
+        figures.append(
+            _img(
+                weight_histogram_chart(
+                    nominal, injected, f"SCL weights after the last epoch ({record.strategy})"
+                ),
+                "SCL weight histogram",
+            )
+        )
     else:
         record.notes.append("no weights.json: no weight histogram")
     if record.history:
@@ -225,6 +287,11 @@ def render_html(records: Sequence[RunRecord]) -> str:
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>comet-ray report: {html.escape(categories)}</title><style>{_CSS}</style></head><body>"
         f"<h1>comet-ray report</h1><p class='muted'>{len(records)} run(s) · {html.escape(categories)} · generated {now} by comet-ray {html.escape(__version__)}</p>"
-        "<h2>Metrics</h2>" + _metrics_html(summary) + _contamination_html(summary) + _roc_html(records)
-        + "<h2>Runs</h2>" + runs + "</body></html>"
+        "<h2>Metrics</h2>"
+        + _metrics_html(summary)
+        + _contamination_html(summary)
+        + _roc_html(records)
+        + "<h2>Runs</h2>"
+        + runs
+        + "</body></html>"
     )

@@ -75,7 +75,12 @@ class RunRecord:
 
     @property
     def category(self) -> str:
-        return str(self.metrics.get("category") or self.manifest.get("category") or self.config.get("category") or "?")
+        return str(
+            self.metrics.get("category")
+            or self.manifest.get("category")
+            or self.config.get("category")
+            or "?"
+        )
 
     @property
     def strategy(self) -> str:
@@ -110,7 +115,9 @@ def expand_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
             continue
         children = sorted(p for p in path.iterdir() if p.is_dir() and (p / "metrics.json").exists())
         if not children:
-            raise CometError(f"{path} is not a comet-ray run folder (no metrics.json in it or its subfolders)")
+            raise CometError(
+                f"{path} is not a comet-ray run folder (no metrics.json in it or its subfolders)"
+            )
         found.extend(children)
     unique: list[Path] = []
     for path in found:
@@ -125,8 +132,14 @@ def load_run(run_dir: str | os.PathLike) -> RunRecord:
 
     path = Path(run_dir)
     docs = read_documents(path)
-    record = RunRecord(path=path, metrics=docs.metrics, manifest=docs.manifest, history=docs.history,
-                       weights=docs.weights, config=docs.config)
+    record = RunRecord(
+        path=path,
+        metrics=docs.metrics,
+        manifest=docs.manifest,
+        history=docs.history,
+        weights=docs.weights,
+        config=docs.config,
+    )
     if (path / "model.pt").exists():
         try:
             record.model, record.meta = load_detector(path / "model.pt", "cpu")
@@ -170,8 +183,13 @@ class _DataAccess:
         key = json.dumps(record.meta["features"], sort_keys=True)
         if key not in self._extractors:
             self._extractors[key] = extractor_for(record.meta, self.device)
-        return AnomalyModel(self._extractors[key], record.model.to(self.device), tuple(record.meta["grid"]),
-                            checkpoint_precision(record.meta), record.meta)
+        return AnomalyModel(
+            self._extractors[key],
+            record.model.to(self.device),
+            tuple(record.meta["grid"]),
+            checkpoint_precision(record.meta),
+            record.meta,
+        )
 
 
 def _report_samples(record: RunRecord, access: _DataAccess):
@@ -213,7 +231,9 @@ def example_panels(record: RunRecord, access: _DataAccess, examples: list[Exampl
 
     if not examples:
         return
-    filesystem, table = access.samples(record.config.get("data_root") or record.manifest["data_root"], record.category)
+    filesystem, table = access.samples(
+        record.config.get("data_root") or record.manifest["data_root"], record.category
+    )
     samples = [table[e.sample_id] for e in examples if e.sample_id in table]
     model = access.model(record)
     loaded = load_samples(samples, model.image_size, filesystem, with_masks=True)
@@ -227,29 +247,40 @@ def example_panels(record: RunRecord, access: _DataAccess, examples: list[Exampl
             continue
         i = position[example.sample_id]
         mask = loaded.masks[i] if loaded.masks is not None and bool(loaded.mask_available[i]) else None
-        example.panel = map_panel(loaded.images[i], maps[i], record.threshold, nominal, score=example.score,
-                                  title=example.sample_id.split("/", 2)[-1], mask=mask)
+        example.panel = map_panel(
+            loaded.images[i],
+            maps[i],
+            record.threshold,
+            nominal,
+            score=example.score,
+            title=example.sample_id.split("/", 2)[-1],
+            mask=mask,
+        )
 
 
 def worst_examples(scores: ScoreTable, count: int) -> dict[str, list[Example]]:
     """Highest-scoring nominal images and lowest-scoring anomalous images of the report split."""
     nominal = [i for i in np.argsort(-scores.scores, kind="mergesort") if not scores.labels[i]][:count]
     anomalous = [i for i in np.argsort(scores.scores, kind="mergesort") if scores.labels[i]][:count]
+
     def make(rows: list[int]) -> list[Example]:
         return [Example(scores.ids[i], float(scores.scores[i]), bool(scores.labels[i])) for i in rows]
 
     return {"false_positives": make(nominal), "false_negatives": make(anomalous)}
 
 
-def collect_audit(record: RunRecord, recompute: bool, suspects: int, device: str, s3_endpoint: str | None) -> None:
+def collect_audit(
+    record: RunRecord, recompute: bool, suspects: int, device: str, s3_endpoint: str | None
+) -> None:
     """The run's training-set audit and, when the data and model.pt are at hand, its top suspects' panels."""
     from comet_ray.audit import audit_from_documents, source_scan, suspect_panels
 
     if record.weights is None:
         return
     try:
-        record.audit = audit_from_documents(str(record.path), record.weights, record.history, record.manifest,
-                                            record.config, record.metrics)
+        record.audit = audit_from_documents(
+            str(record.path), record.weights, record.history, record.manifest, record.config, record.metrics
+        )
     except CometError as exc:
         record.notes.append(f"no training-set audit: {exc}")
         return
@@ -258,16 +289,26 @@ def collect_audit(record: RunRecord, recompute: bool, suspects: int, device: str
     try:
         source_scan(record.audit, s3_endpoint)
         with tempfile.TemporaryDirectory(prefix="comet-report-") as tmp:
-            record.suspects = [(row, path.read_bytes()) for row, path in
-                               suspect_panels(record.audit, record.path / "model.pt", suspects, tmp, device, s3_endpoint)]
+            record.suspects = [
+                (row, path.read_bytes())
+                for row, path in suspect_panels(
+                    record.audit, record.path / "model.pt", suspects, tmp, device, s3_endpoint
+                )
+            ]
     except CheckpointError:
         raise
     except CometError as exc:
         record.notes.append(f"no anomaly maps of the training-set suspects: {exc}")
 
 
-def collect(run_dirs: Sequence[str | os.PathLike], device: str = "auto", s3_endpoint: str | None = None,
-            recompute: bool = True, examples: int = 3, suspects: int = 6) -> list[RunRecord]:
+def collect(
+    run_dirs: Sequence[str | os.PathLike],
+    device: str = "auto",
+    s3_endpoint: str | None = None,
+    recompute: bool = True,
+    examples: int = 3,
+    suspects: int = 6,
+) -> list[RunRecord]:
     """Load every run and gather the scores, example maps and training-set audit its report needs."""
     records = [load_run(p) for p in expand_run_dirs(run_dirs)]
     access = _DataAccess(device, s3_endpoint) if recompute else None
@@ -287,7 +328,9 @@ def collect(run_dirs: Sequence[str | os.PathLike], device: str = "auto", s3_endp
                 _check_recomputed(record)
             if examples:
                 record.examples = worst_examples(record.scores, examples)
-                example_panels(record, access, record.examples["false_positives"] + record.examples["false_negatives"])
+                example_panels(
+                    record, access, record.examples["false_positives"] + record.examples["false_negatives"]
+                )
         except CheckpointError:
             raise
         except CometError as exc:  # data root unreachable, layout changed, backbone weights missing
@@ -335,8 +378,12 @@ def summarise(records: Sequence[RunRecord]) -> dict[str, list[dict]]:
         groups.setdefault((record.category, record.strategy, record.contamination), []).append(record)
     table: dict[str, list[dict]] = {}
     for (category, strategy, contamination), members in sorted(groups.items()):
-        row = {"strategy": strategy, "contamination": contamination, "seeds": sorted(r.seed for r in members),
-               "runs": [str(r.path) for r in members]}
+        row = {
+            "strategy": strategy,
+            "contamination": contamination,
+            "seeds": sorted(r.seed for r in members),
+            "runs": [str(r.path) for r in members],
+        }
         for key, _ in TABLE_METRICS:
             row[key] = mean_std(r.metrics.get(key) for r in members)
         table.setdefault(category, []).append(row)

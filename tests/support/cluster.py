@@ -75,24 +75,53 @@ def cluster_python(directory: str | os.PathLike) -> Path:
     base = getattr(sys, "_base_executable", None) or sys.executable
     subprocess.run([base, "-m", "venv", "--without-pip", str(directory)], check=True, capture_output=True)
     python = directory / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()
-    ours = [p for p in dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"]]) if Path(p).is_dir()]
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    ours = [
+        p
+        for p in dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"]])
+        if Path(p).is_dir()
+    ]
     (Path(purelib) / "cluster-dependencies.pth").write_text("".join(f"{p}\n" for p in ours))
-    probe = subprocess.run([str(python), "-c", "import ray, torch; import comet_ray"], capture_output=True,
-                           text=True, cwd=directory, env=_clean_env(os.environ), check=False)
+    probe = subprocess.run(
+        [str(python), "-c", "import ray, torch; import comet_ray"],
+        capture_output=True,
+        text=True,
+        cwd=directory,
+        env=_clean_env(os.environ),
+        check=False,
+    )
     if probe.returncode == 0:
-        raise RuntimeError("comet_ray is importable without the project on the path (installed as a wheel?): "
-                           "the cluster Python must not have it")
+        raise RuntimeError(
+            "comet_ray is importable without the project on the path (installed as a wheel?): "
+            "the cluster Python must not have it"
+        )
     if "No module named 'comet_ray'" not in probe.stderr:
-        raise RuntimeError(f"the cluster Python cannot import its dependencies: {probe.stderr.strip()[-500:]}")
+        raise RuntimeError(
+            f"the cluster Python cannot import its dependencies: {probe.stderr.strip()[-500:]}"
+        )
     return python
 
 
 def _clean_env(env: dict[str, str]) -> dict[str, str]:
     """``env`` without what would let a process import this checkout or join another Ray."""
-    drop = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS",
-            "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR", "TMPDIR", "COMET_RAY_CACHE")
+    drop = (
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "VIRTUAL_ENV",
+        "RAY_ADDRESS",
+        "RAY_API_SERVER_ADDRESS",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "RAY_TMPDIR",
+        "TMPDIR",
+        "COMET_RAY_CACHE",
+    )
     return {k: v for k, v in env.items() if k not in drop}
 
 
@@ -104,10 +133,16 @@ def unshare_command() -> list[str] | None:
         return None
     probe = tempfile.mkdtemp(prefix="crm-probe-")
     try:
-        for command in (["unshare", "-m", "--propagation", "private"],
-                        ["unshare", "-r", "-m", "--propagation", "private"]):
-            result = subprocess.run([*command, "sh", "-c", _MOUNT_SCRIPT, "sh", probe, probe, "--", "true"],
-                                    capture_output=True, timeout=30, check=False)
+        for command in (
+            ["unshare", "-m", "--propagation", "private"],
+            ["unshare", "-r", "-m", "--propagation", "private"],
+        ):
+            result = subprocess.run(
+                [*command, "sh", "-c", _MOUNT_SCRIPT, "sh", probe, probe, "--", "true"],
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
             if result.returncode == 0:
                 return command
         return None
@@ -124,10 +159,12 @@ def _proc_table() -> dict[int, tuple[int, int, str, str]]:
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = (
+                Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            )
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         if fields[0] == "Z":
             continue
         table[int(entry)] = (int(fields[1]), int(fields[3]), fields[19], cmdline)
@@ -197,8 +234,13 @@ class LocalCluster:
     credentials and ``AWS_ENDPOINT_URL``, as an instance profile and a cluster config would provide).
     """
 
-    def __init__(self, env: dict[str, str] | None = None, token: str | None = None,
-                 root: str | os.PathLike | None = None, namespaces: bool = True) -> None:
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        token: str | None = None,
+        root: str | os.PathLike | None = None,
+        namespaces: bool = True,
+    ) -> None:
         # Where mount namespaces are not allowed (an unprivileged container), or with namespaces=False,
         # each node still gets its own temp, Ray and home folders, through TMPDIR, HOME and Ray's
         # temp_dir instead of bind mounts: everything Ray and comet-ray write goes there; only a
@@ -216,11 +258,18 @@ class LocalCluster:
             folder.mkdir(exist_ok=True)
         self.ray_temp = self.shared["tmp"] / "ray"
         self.env = {
-            **_clean_env(os.environ), **LOCAL_ENV, **FAST_FAILURE_DETECTION, **(env or {}),
+            **_clean_env(os.environ),
+            **LOCAL_ENV,
+            **FAST_FAILURE_DETECTION,
+            **(env or {}),
             "PATH": f"{self.python.parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "HOME": str(self.shared["home"]), "TMPDIR": str(self.shared["tmp"]),
-            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-            "PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1",
+            "HOME": str(self.shared["home"]),
+            "TMPDIR": str(self.shared["tmp"]),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "PYTHONNOUSERSITE": "1",
+            "PYTHONUNBUFFERED": "1",
         }
         self.head: subprocess.Popen | None = None
         self.nodes: dict[str, ClusterNode] = {}
@@ -246,24 +295,57 @@ class LocalCluster:
     def _spawn(self, command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         handle = open(log, "ab")  # noqa: SIM115 - kept open for the process's life, closed in close()
         self._logs.append(handle)
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env={**self.env, **(env or {})}, cwd=self.root, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**self.env, **(env or {})},
+            cwd=self.root,
+            start_new_session=True,
+        )
         self._leaders.add(process.pid)
         return process
 
     def start_head(self) -> LocalCluster:
-        (self.gcs_port, self.dashboard_port, client, manager, objects, agent, agent_grpc, env_agent,
-         metrics) = free_ports(9)
+        (
+            self.gcs_port,
+            self.dashboard_port,
+            client,
+            manager,
+            objects,
+            agent,
+            agent_grpc,
+            env_agent,
+            metrics,
+        ) = free_ports(9)
         low = free_port_range()
         command = [
-            str(self.python), "-m", "ray.scripts.scripts", "start", "--head", "--block",
-            "--node-ip-address=127.0.0.1", "--num-cpus=0", "--num-gpus=0", f"--temp-dir={self.ray_temp}",
-            f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            "--include-dashboard=true", f"--ray-client-server-port={client}", f"--node-manager-port={manager}",
-            f"--object-manager-port={objects}", f"--dashboard-agent-listen-port={agent}",
-            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
-            f"--metrics-export-port={metrics}", f"--min-worker-port={low}", f"--max-worker-port={low + 99}",
-            "--object-store-memory=100000000", "--disable-usage-stats",
+            str(self.python),
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=0",
+            "--num-gpus=0",
+            f"--temp-dir={self.ray_temp}",
+            f"--port={self.gcs_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            "--include-dashboard=true",
+            f"--ray-client-server-port={client}",
+            f"--node-manager-port={manager}",
+            f"--object-manager-port={objects}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={env_agent}",
+            f"--metrics-export-port={metrics}",
+            f"--min-worker-port={low}",
+            f"--max-worker-port={low + 99}",
+            "--object-store-memory=100000000",
+            "--disable-usage-stats",
         ]
         # Every process of the cluster knows its GCS, as KubeRay's pods do: Ray tools run on a node (the
         # state API Ray Train's placement-group cleaner calls) never scan the machine for other Rays.
@@ -272,17 +354,27 @@ class LocalCluster:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.head.poll() is not None:
-                raise RuntimeError(f"the head exited ({self.head.returncode}): {self._tail(self.root / 'head.log')}")
+                raise RuntimeError(
+                    f"the head exited ({self.head.returncode}): {self._tail(self.root / 'head.log')}"
+                )
             try:
                 self.api("/api/jobs/")
                 return self
             except (urllib.error.URLError, OSError):
                 time.sleep(1.0)
-        raise RuntimeError(f"the head's job API did not answer in {START_TIMEOUT_S:.0f}s: "
-                           f"{self._tail(self.root / 'head.log')}")
+        raise RuntimeError(
+            f"the head's job API did not answer in {START_TIMEOUT_S:.0f}s: "
+            f"{self._tail(self.root / 'head.log')}"
+        )
 
-    def add_node(self, name: str, num_cpus: float = 1, num_gpus: float = 0, resources: dict | None = None,
-                 wait: bool = True) -> ClusterNode:
+    def add_node(
+        self,
+        name: str,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        resources: dict | None = None,
+        wait: bool = True,
+    ) -> ClusterNode:
         """Start worker node ``name`` on an empty private disk (a fresh one if ``name`` ran before)."""
         if name in self.nodes and self.nodes[name].alive:
             raise RuntimeError(f"node {name} is running")
@@ -297,21 +389,45 @@ class LocalCluster:
         # Every worker node offers the job drivers' resource, as the worker node types of clusters/ do
         # (comet-ray submit's default placement; the head offers none).
         resources = {DRIVER_RESOURCE: 1, **(resources or {})}
-        spec = {"gcs_address": self.gcs_address, "name": name, "num_cpus": num_cpus, "num_gpus": num_gpus,
-                "resources": resources, "object_store_memory": 100_000_000, "min_worker_port": low,
-                "max_worker_port": low + 99, "dashboard_agent_listen_port": agent,
-                "runtime_env_agent_port": env_agent, "metrics_export_port": metrics}
+        spec = {
+            "gcs_address": self.gcs_address,
+            "name": name,
+            "num_cpus": num_cpus,
+            "num_gpus": num_gpus,
+            "resources": resources,
+            "object_store_memory": 100_000_000,
+            "min_worker_port": low,
+            "max_worker_port": low + 99,
+            "dashboard_agent_listen_port": agent,
+            "runtime_env_agent_port": env_agent,
+            "metrics_export_port": metrics,
+        }
         node_env = None
         if self.unshare:
-            command = [*self.unshare, "sh", "-c", _MOUNT_SCRIPT, "sh", *binds, "--",
-                       str(self.python), str(NODE_SCRIPT), json.dumps(spec)]
+            command = [
+                *self.unshare,
+                "sh",
+                "-c",
+                _MOUNT_SCRIPT,
+                "sh",
+                *binds,
+                "--",
+                str(self.python),
+                str(NODE_SCRIPT),
+                json.dumps(spec),
+            ]
         else:
             spec["temp_dir"] = str(disk / "tmp" / "ray")
             node_env = {"TMPDIR": str(disk / "tmp"), "HOME": str(disk / "home")}
             command = [str(self.python), str(NODE_SCRIPT), json.dumps(spec)]
         log = disk.parent / f"{disk.name}.log"
-        node = ClusterNode(name, self._spawn(command, log, node_env), disk, log,
-                           resources={"CPU": num_cpus, "GPU": num_gpus, **resources})
+        node = ClusterNode(
+            name,
+            self._spawn(command, log, node_env),
+            disk,
+            log,
+            resources={"CPU": num_cpus, "GPU": num_gpus, **resources},
+        )
         self.nodes[name] = node
         if wait:
             self.wait_for_node(node)
@@ -321,7 +437,9 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not node.alive:
-                raise RuntimeError(f"node {node.name} exited ({node.process.returncode}): {self._tail(node.log)}")
+                raise RuntimeError(
+                    f"node {node.name} exited ({node.process.returncode}): {self._tail(node.log)}"
+                )
             for line in node.log.read_text(errors="replace").splitlines():
                 if line.startswith('{"node_id"'):
                     node.node_id = json.loads(line)["node_id"]
@@ -333,7 +451,9 @@ class LocalCluster:
     # ----------------------------------------------------------------- looking at it
     def api(self, path: str, timeout: float = 10.0):
         """GET ``path`` on the dashboard with the token; the decoded JSON."""
-        request = urllib.request.Request(self.dashboard_url + path, headers={"Authorization": f"Bearer {self.token}"})
+        request = urllib.request.Request(
+            self.dashboard_url + path, headers={"Authorization": f"Bearer {self.token}"}
+        )
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read() or b"null")
 
@@ -343,7 +463,9 @@ class LocalCluster:
             reply = self.api("/nodes?view=summary")
         except (urllib.error.URLError, OSError, ValueError):
             return set()
-        return {n["raylet"]["nodeId"] for n in reply["data"]["summary"] if n["raylet"].get("state") == "ALIVE"}
+        return {
+            n["raylet"]["nodeId"] for n in reply["data"]["summary"] if n["raylet"].get("state") == "ALIVE"
+        }
 
     def node_pids(self, node: ClusterNode) -> dict[int, str]:
         """Every live process of worker node ``node`` (pid -> start time)."""
@@ -356,8 +478,15 @@ class LocalCluster:
 
     def run_driver(self, code: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run ``code`` with the cluster's Python on the head, outside any job, as a driver of this cluster."""
-        return subprocess.run([str(self.python), "-c", code], capture_output=True, text=True, timeout=timeout,
-                              env=self.env, cwd=self.shared["tmp"], check=False)
+        return subprocess.run(
+            [str(self.python), "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            cwd=self.shared["tmp"],
+            check=False,
+        )
 
     # ----------------------------------------------------------------- stopping
     def stop_node(self, name: str) -> ClusterNode:
@@ -383,7 +512,9 @@ class LocalCluster:
         if not survivors:
             shutil.rmtree(self.root, ignore_errors=True)
         if survivors:
-            raise RuntimeError(f"processes of the test cluster survived SIGKILL: {survivors} (logs in {self.root})")
+            raise RuntimeError(
+                f"processes of the test cluster survived SIGKILL: {survivors} (logs in {self.root})"
+            )
 
     def logs(self, chars: int = 4000) -> str:
         """The tail of the head's and every node's launcher log, for failure messages."""

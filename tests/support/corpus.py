@@ -49,8 +49,14 @@ class BadInputCorpus:
     def size(self) -> int:
         """Bad or odd entries in the corpus (good filler images not counted), across all categories."""
         broken_categories = 3  # empty, only_anomalies, no_train
-        return (len(self.skipped_at_decode) + len(self.left_out_at_listing) + len(self.decoded_odd)
-                + len(self.mask_issues) + len(self.masks_ok) + broken_categories)
+        return (
+            len(self.skipped_at_decode)
+            + len(self.left_out_at_listing)
+            + len(self.decoded_odd)
+            + len(self.mask_issues)
+            + len(self.masks_ok)
+            + broken_categories
+        )
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -64,7 +70,9 @@ def png_header_only(width: int, height: int) -> bytes:
     """A valid PNG signature and IHDR claiming ``width`` x ``height``, with no pixel data (a bomb's shape)."""
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        return (
+            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
@@ -75,7 +83,9 @@ def write_bad_input_corpus(root: str | Path, size: int = 64, seed: int = 0) -> B
     root = Path(root)
     corpus = BadInputCorpus(root)
     category = corpus.usable_category
-    make_texture_category(root, category, n_train=14, n_test_good=6, defects={"spot": 8}, size=size, seed=seed)
+    make_texture_category(
+        root, category, n_train=14, n_test_good=6, defects={"spot": 8}, size=size, seed=seed
+    )
     cat = root / category
     rng = np.random.default_rng(seed)
     good_bytes = (cat / "train/good/000.png").read_bytes()
@@ -116,7 +126,9 @@ def write_bad_input_corpus(root: str | Path, size: int = 64, seed: int = 0) -> B
     good_dir = cat / "train/good"
     with open(os.path.join(os.fsencode(good_dir), NON_UTF8_NAME), "wb") as handle:
         handle.write(good_bytes)
-    corpus.left_out_at_listing.add(f"{category}/train/good/" + NON_UTF8_NAME.decode("utf-8", "backslashreplace"))
+    corpus.left_out_at_listing.add(
+        f"{category}/train/good/" + NON_UTF8_NAME.decode("utf-8", "backslashreplace")
+    )
     os.symlink("..", good_dir / "loop_to_train")
     corpus.left_out_at_listing.add(f"{category}/train/good/loop_to_train")
     os.symlink("deleted_frame.png", good_dir / "broken_link.png")
@@ -137,8 +149,22 @@ def write_bad_input_corpus(root: str | Path, size: int = 64, seed: int = 0) -> B
     # Broken categories.
     (root / corpus.empty_category / "train/good").mkdir(parents=True)
     (root / corpus.empty_category / "test/good").mkdir(parents=True)
-    make_texture_category(root, corpus.only_anomalies_category, n_train=10, n_test_good=0,
-                          defects={"spot": 6}, size=size, seed=seed + 1)
-    make_texture_category(root, corpus.no_train_category, n_train=0, n_test_good=3, defects={"spot": 2},
-                          size=size, seed=seed + 2)
+    make_texture_category(
+        root,
+        corpus.only_anomalies_category,
+        n_train=10,
+        n_test_good=0,
+        defects={"spot": 6},
+        size=size,
+        seed=seed + 1,
+    )
+    make_texture_category(
+        root,
+        corpus.no_train_category,
+        n_train=0,
+        n_test_good=3,
+        defects={"spot": 2},
+        size=size,
+        seed=seed + 2,
+    )
     return corpus

@@ -41,7 +41,9 @@ def main() -> int:
         runtime_env_agent_port=spec.get("runtime_env_agent_port"),
         metrics_export_port=spec.get("metrics_export_port"),
         include_log_monitor=True,  # this node's own session folder: its workers' output reaches drivers
-        temp_dir=spec.get("temp_dir"),  # None: the head's path, which the node's mount namespace makes private
+        temp_dir=spec.get(
+            "temp_dir"
+        ),  # None: the head's path, which the node's mount namespace makes private
     )
     node = ray._private.node.Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False)
     # As ``ray start`` does: the node's own temp folder names the cluster, so Ray tools (and the state

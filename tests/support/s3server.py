@@ -25,8 +25,18 @@ FAKE_ACCESS_KEY = "AKIAFAKETESTKEY00001"
 FAKE_SECRET_KEY = "fakeTestSecretKey/000000000000000000000001"  # 40 characters, never a real key
 _MAX_VOLUMES = 200
 _VOLUME_SIZE_MB = 64
-_PORT_NAMES = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc",
-               "admin", "admin.grpc")
+_PORT_NAMES = (
+    "master",
+    "master.grpc",
+    "volume",
+    "volume.grpc",
+    "filer",
+    "filer.grpc",
+    "s3",
+    "s3.grpc",
+    "admin",
+    "admin.grpc",
+)
 
 
 def find_weed() -> str | None:
@@ -57,8 +67,13 @@ def free_ports(count: int) -> list[int]:
 class SeaweedServer:
     """``weed mini`` on 127.0.0.1 with its data, config and log under ``directory``."""
 
-    def __init__(self, directory: str | os.PathLike, access_key: str = FAKE_ACCESS_KEY,
-                 secret_key: str = FAKE_SECRET_KEY, weed: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        access_key: str = FAKE_ACCESS_KEY,
+        secret_key: str = FAKE_SECRET_KEY,
+        weed: str | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.access_key = access_key
         self.secret_key = secret_key
@@ -93,9 +108,14 @@ class SeaweedServer:
         from botocore.config import Config
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
-            aws_access_key_id=self.access_key, aws_secret_access_key=secret_key or self.secret_key,
-            config=Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=2, read_timeout=30),
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
+            config=Config(
+                retries={"mode": "standard", "max_attempts": 2}, connect_timeout=2, read_timeout=30
+            ),
         )
 
     def start(self, timeout: float = 120.0) -> SeaweedServer:
@@ -116,25 +136,45 @@ class SeaweedServer:
         last_error = ""
         keep = dict(self.ports)  # restart(): the same ports first, so clients and proxies find it again
         for attempt in range(3):  # a port taken between probing and binding: try fresh ports
-            self.ports = keep if attempt == 0 and keep else dict(zip(_PORT_NAMES, free_ports(len(_PORT_NAMES))))
+            self.ports = (
+                keep if attempt == 0 and keep else dict(zip(_PORT_NAMES, free_ports(len(_PORT_NAMES))))
+            )
             args = [
-                self.weed, "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-                f"-dir={data}", f"-s3.config={config}", "-webdav=false", "-admin.ui=false",
-                "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false",
+                self.weed,
+                "mini",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-master.telemetry=false",
+                f"-dir={data}",
+                f"-s3.config={config}",
+                "-webdav=false",
+                "-admin.ui=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-s3.autoCreateBucket=false",
                 # Every bucket is a collection that needs its own volumes. Left at 0, the volume
                 # count is free disk / 128 MB, so a busy CI disk ran out of volumes after a few
                 # buckets ("No writable volumes and no free volumes left"). Volumes are not
                 # preallocated, so a fixed, generous count of small ones costs no disk.
-                f"-volume.max={_MAX_VOLUMES}", f"-master.volumeSizeLimitMB={_VOLUME_SIZE_MB}",
+                f"-volume.max={_MAX_VOLUMES}",
+                f"-master.volumeSizeLimitMB={_VOLUME_SIZE_MB}",
                 f"-filer.localSocket={self.directory / 'filer.sock'}",
                 f"-s3.localSocket={self.directory / 's3.sock'}",
             ]
-            args += [f"-{name.replace('.grpc', '.port.grpc') if '.grpc' in name else name + '.port'}={port}"
-                     for name, port in self.ports.items()]
+            args += [
+                f"-{name.replace('.grpc', '.port.grpc') if '.grpc' in name else name + '.port'}={port}"
+                for name, port in self.ports.items()
+            ]
             log = open(self.log_path, "ab")  # noqa: SIM115 - the server's output for its lifetime
             try:
-                self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                cwd=self.directory, start_new_session=True)
+                self.process = subprocess.Popen(
+                    args,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    cwd=self.directory,
+                    start_new_session=True,
+                )
             finally:
                 log.close()
             try:
@@ -150,7 +190,9 @@ class SeaweedServer:
         client = None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"weed mini exited with status {self.process.returncode}: {self._log_tail()}")
+                raise RuntimeError(
+                    f"weed mini exited with status {self.process.returncode}: {self._log_tail()}"
+                )
             if _port_open(self.port):
                 try:
                     client = client or self.client()
@@ -228,8 +270,14 @@ class FlakyProxy:
     request stream; SigV4 signatures stay valid because the bytes (Host header included) pass as is.
     """
 
-    def __init__(self, upstream_port: int, fail_first: int = 0, mode: str = "503", down_for: float = 0.0,
-                 chunk_delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        fail_first: int = 0,
+        mode: str = "503",
+        down_for: float = 0.0,
+        chunk_delay: float = 0.0,
+    ) -> None:
         if mode not in ("503", "reset"):
             raise ValueError("mode must be '503' or 'reset'")
         self.upstream_port = upstream_port
@@ -290,7 +338,9 @@ class FlakyProxy:
             try:
                 if self.mode == "503":
                     _read_request_head(conn)
-                    conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    conn.sendall(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
                 else:  # RST instead of FIN: SO_LINGER with a zero timeout
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             except OSError:
