@@ -2,7 +2,7 @@
 
 :func:`save_epoch_state` / :func:`load_epoch_state` write and read one folder (``trainer_state.pt``, the
 trainer's whole CoMet state, and ``history.json``, the epoch logs so far): a Ray Train checkpoint
-(``distributed/train.py``), a Tune trial's checkpoint (``distributed/tune.py``) and the plain resume
+(``distributed/train.py``), a Tune trial's checkpoint (``distributed/tune/trial.py``) and the plain resume
 folder below are all such folders.
 
 Resuming an in-process ``comet-ray train`` whose process was killed: per-epoch state in the run folder.

@@ -474,6 +474,6 @@ class CometTrainer:
 
 # The per-epoch reporter seam: ``on_epoch_end(trainer, epoch_log)`` after every epoch. The plain run prints the
 # line and saves its resume state (cli/train.py), a Ray Train worker reports to Ray with its checkpoint
-# (distributed/train.py: RayTrainReporter), a Tune trial reports its objective (distributed/tune.py); all
+# (distributed/train.py: RayTrainReporter), a Tune trial reports its objective (distributed/tune/trial.py); all
 # save per-epoch state through comet_ray.resume.
 EpochReporter = Callable[[CometTrainer, EpochLog], None]
