@@ -30,7 +30,7 @@ import pytest
 import comet_ray.cli
 from comet_ray.cli import jobs as cli_jobs
 from comet_ray.data.synthetic import make_texture_category
-from comet_ray.distributed import submit
+from comet_ray.distributed import job_client, submit
 from comet_ray.distributed.placement import DRIVER_RESOURCE, DRIVER_SHARE, driver_resources
 from comet_ray.errors import CometError
 
@@ -235,7 +235,7 @@ def clean_env(monkeypatch, tmp_path):
     """No address or token from the developer's environment; an empty home for ~/.ray/auth_token."""
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(submit, "DEFAULT_TOKEN_FILE", tmp_path / "no-such-home" / ".ray" / "auth_token")
+    monkeypatch.setattr(job_client, "DEFAULT_TOKEN_FILE", tmp_path / "no-such-home" / ".ray" / "auth_token")
     return monkeypatch
 
 
@@ -263,11 +263,11 @@ def test_plain_http_to_another_host_is_refused_in_one_line(clean_env, capsys) ->
     )
     clean_env.setenv("RAY_ADDRESS", "http://ray-head.example.com:8265")
     with pytest.raises(CometError, match="refusing plain-http"):
-        submit.check_address(submit.resolve_address(None), insecure=False)
-    assert submit.check_address("http://ray-head.example.com:8265", insecure=True)
-    assert submit.check_address("https://ray-head.example.com:8265", insecure=False)
+        job_client.check_address(job_client.resolve_address(None), insecure=False)
+    assert job_client.check_address("http://ray-head.example.com:8265", insecure=True)
+    assert job_client.check_address("https://ray-head.example.com:8265", insecure=False)
     for loopback in ("http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265"):
-        assert submit.check_address(loopback, insecure=False)
+        assert job_client.check_address(loopback, insecure=False)
 
 
 def test_unreachable_address_is_one_clear_line(clean_env, capsys) -> None:
@@ -279,24 +279,24 @@ def test_unreachable_address_is_one_clear_line(clean_env, capsys) -> None:
 
 
 def test_address_and_token_resolution(clean_env, tmp_path) -> None:
-    assert submit.resolve_address(None) == "http://127.0.0.1:8265"
+    assert job_client.resolve_address(None) == "http://127.0.0.1:8265"
     clean_env.setenv("RAY_ADDRESS", "127.0.0.1:9999")
-    assert submit.resolve_address(None) == "http://127.0.0.1:9999"
-    assert submit.resolve_address("https://h:1/") == "https://h:1"
+    assert job_client.resolve_address(None) == "http://127.0.0.1:9999"
+    assert job_client.resolve_address("https://h:1/") == "https://h:1"
     with pytest.raises(CometError, match="not the job API"):
-        submit.resolve_address("ray://head:10001")
-    assert submit.find_token() == (None, "")
-    assert submit.auth_headers() == {}
+        job_client.resolve_address("ray://head:10001")
+    assert job_client.find_token() == (None, "")
+    assert job_client.auth_headers() == {}
     token_file = tmp_path / "token"
     token_file.write_text("file-token\n")
     clean_env.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
-    assert submit.find_token() == ("file-token", str(token_file))
+    assert job_client.find_token() == ("file-token", str(token_file))
     clean_env.setenv("RAY_AUTH_TOKEN", "env-token")
-    assert submit.auth_headers() == {"Authorization": "Bearer env-token"}
+    assert job_client.auth_headers() == {"Authorization": "Bearer env-token"}
     clean_env.delenv("RAY_AUTH_TOKEN")
     clean_env.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(CometError, match="cannot read the token file"):
-        submit.find_token()
+        job_client.find_token()
 
 
 def test_entrypoint_runtime_env_and_results_line(tmp_path) -> None:
@@ -543,7 +543,7 @@ def test_submit_train_succeeds_and_a_bad_path_fails(heads, dataset, tmp_path, cl
         == 0
     )
     capsys.readouterr()
-    jobs = submit.connect(token_head.url)
+    jobs = job_client.connect(token_head.url)
     statuses = set()
     for _ in range(10):
         statuses.add(str(jobs.get_job_status("comet-test-pending")))

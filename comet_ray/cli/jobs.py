@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from comet_ray.cli.credentials import SUBMIT_NOTICE, strip_arguments, strip_value
 from comet_ray.data.s3 import public_s3_uri
-from comet_ray.distributed import placement, submit
+from comet_ray.distributed import job_client, placement, submit
 from comet_ray.errors import CometError
 
 
@@ -39,8 +39,8 @@ def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         raise CometError("--results-uri copies the command's --out folder, but the command has no --out")
     runtime_env = submit.build_runtime_env(submit.load_runtime_env(args.runtime_env))
     entrypoint = submit.build_entrypoint(command, args.results_uri)
-    url = submit.check_address(submit.resolve_address(args.address), args.insecure)
-    client = submit.connect(args.address, args.insecure)
+    url = job_client.check_address(job_client.resolve_address(args.address), args.insecure)
+    client = job_client.connect(args.address, args.insecure)
     submission_id = args.submission_id or submit.new_submission_id(command[0])
     options: dict[str, Any] = {}
     if args.entrypoint_num_cpus:
@@ -76,8 +76,8 @@ def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         from ray.exceptions import AuthenticationError
 
         if isinstance(exc, AuthenticationError):
-            raise CometError(submit._auth_message(url, str(exc))) from None
-        text = submit._scrub(str(exc)).strip()
+            raise CometError(job_client._auth_message(url, str(exc))) from None
+        text = job_client._scrub(str(exc)).strip()
         first = text.splitlines()[0][:300] if text else exc.__class__.__name__
         raise CometError(f"submitting to {url} failed: {first}") from None
     print(f"[comet-ray] submitted job {job_id}: {entrypoint}", file=err, flush=True)
@@ -94,40 +94,40 @@ def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
             print(f"[comet-ray] {results}", file=err)
         return 0
     try:
-        status = submit.follow(client, job_id, url, started=started, out=out, err=err)
+        status = job_client.follow(client, job_id, url, started=started, out=out, err=err)
     except KeyboardInterrupt:
         print(f"\n[comet-ray] {_detach_hint(job_id, flag)}", file=err)
         return 130
     print(
-        f"[comet-ray] job {job_id} {status} after {submit._elapsed(time.time() - started)}",
+        f"[comet-ray] job {job_id} {status} after {job_client._elapsed(time.time() - started)}",
         file=err,
         flush=True,
     )
     if status == "SUCCEEDED" and results:
         print(f"[comet-ray] {results}", file=out, flush=True)
     elif status != "SUCCEEDED":
-        info = submit._call(client.get_job_info, job_id, url=url, job_id=job_id)
-        reason = submit._failure_reason(getattr(info, "message", None) or "")
+        info = job_client._call(client.get_job_info, job_id, url=url, job_id=job_id)
+        reason = job_client._failure_reason(getattr(info, "message", None) or "")
         if reason:
             print(f"[comet-ray] {reason}", file=err, flush=True)
-    return submit.exit_code(status)
+    return job_client.exit_code(status)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    url = submit.check_address(submit.resolve_address(args.address), args.insecure)
-    client = submit.connect(args.address, args.insecure)
-    info = submit._call(client.get_job_info, args.job_id, url=url, job_id=args.job_id)
+    url = job_client.check_address(job_client.resolve_address(args.address), args.insecure)
+    client = job_client.connect(args.address, args.insecure)
+    info = job_client._call(client.get_job_info, args.job_id, url=url, job_id=args.job_id)
     start = info.start_time / 1000.0 if info.start_time else None
     end = info.end_time / 1000.0 if info.end_time else None
     elapsed = ((end or time.time()) - start) if start else 0.0
-    print(submit.status_line(args.job_id, str(info.status), elapsed))
+    print(job_client.status_line(args.job_id, str(info.status), elapsed))
     print(f"entrypoint: {info.entrypoint}")
     if start:
         print(f"started:    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(start))}")
     if end:
         print(f"ended:      {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(end))}")
-    if info.message and submit._failure_reason(info.message):
-        print(f"message:    {submit._failure_reason(info.message)}")
+    if info.message and job_client._failure_reason(info.message):
+        print(f"message:    {job_client._failure_reason(info.message)}")
     out = (info.metadata or {}).get("out")
     if out:
         print(f"out:        {out} (on the cluster unless s3://)")
@@ -135,30 +135,30 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    url = submit.check_address(submit.resolve_address(args.address), args.insecure)
-    client = submit.connect(args.address, args.insecure)
+    url = job_client.check_address(job_client.resolve_address(args.address), args.insecure)
+    client = job_client.connect(args.address, args.insecure)
     if not args.follow:
-        sys.stdout.write(submit._call(client.get_job_logs, args.job_id, url=url, job_id=args.job_id))
+        sys.stdout.write(job_client._call(client.get_job_logs, args.job_id, url=url, job_id=args.job_id))
         sys.stdout.flush()
         return 0
-    started = submit._job_start_time(client, args.job_id, url)
+    started = job_client._job_start_time(client, args.job_id, url)
     try:
-        status = submit.follow(client, args.job_id, url, started=started)
+        status = job_client.follow(client, args.job_id, url, started=started)
     except KeyboardInterrupt:
         print(f"\n[comet-ray] stopped following {args.job_id}; it keeps running", file=sys.stderr)
         return 130
     print(f"[comet-ray] job {args.job_id} {status}", file=sys.stderr)
-    return submit.exit_code(status)
+    return job_client.exit_code(status)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    url = submit.check_address(submit.resolve_address(args.address), args.insecure)
-    client = submit.connect(args.address, args.insecure)
-    stopped = submit._call(client.stop_job, args.job_id, url=url, job_id=args.job_id)
+    url = job_client.check_address(job_client.resolve_address(args.address), args.insecure)
+    client = job_client.connect(args.address, args.insecure)
+    stopped = job_client._call(client.stop_job, args.job_id, url=url, job_id=args.job_id)
     if stopped:
         print(f"stop requested for job {args.job_id}")
     else:
-        status = submit._call(client.get_job_status, args.job_id, url=url, job_id=args.job_id)
+        status = job_client._call(client.get_job_status, args.job_id, url=url, job_id=args.job_id)
         print(f"job {args.job_id} already finished ({status})")
     return 0
 
@@ -167,7 +167,7 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
         default=None,
-        help=f"job API of the cluster (env RAY_ADDRESS; default {submit.DEFAULT_ADDRESS}, "
+        help=f"job API of the cluster (env RAY_ADDRESS; default {job_client.DEFAULT_ADDRESS}, "
         "the local end of `ray dashboard` / `kubectl port-forward`)",
     )
     parser.add_argument(
