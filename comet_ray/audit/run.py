@@ -244,7 +244,7 @@ def suspect_panels(
 
 def trajectory_chart(audit: TrainingAudit, limit: int = 200) -> bytes:
     """Each flagged image's weight per epoch against the band of the others (PNG bytes)."""
-    from comet_ray.visualize import weight_trajectory_chart
+    from comet_ray.charts import weight_trajectory_chart
 
     w = audit.weights
     injected = w.injected_mask if audit.injected_known else None

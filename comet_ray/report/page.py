@@ -72,7 +72,7 @@ def _metrics_html(summary: dict[str, list[dict]]) -> str:
 
 
 def _contamination_html(summary: dict[str, list[dict]]) -> str:
-    from comet_ray.visualize import contamination_chart
+    from comet_ray.charts import contamination_chart
 
     figures = []
     for category, rows in summary.items():
@@ -97,7 +97,7 @@ def _contamination_html(summary: dict[str, list[dict]]) -> str:
 
 
 def _roc_html(records: Sequence[RunRecord]) -> str:
-    from comet_ray.visualize import roc_chart
+    from comet_ray.charts import roc_chart
 
     groups: dict[tuple[str, float], list[RunRecord]] = {}
     for record in records:
@@ -233,7 +233,7 @@ def _audit_html(record: RunRecord) -> str:
 
 
 def _run_html(record: RunRecord, open_: bool) -> str:
-    from comet_ray.visualize import history_chart, weight_histogram_chart
+    from comet_ray.charts import history_chart, weight_histogram_chart
 
     metrics = record.metrics
     title = f"{record.category} · {record.strategy} · contamination {record.contamination:.0%} · seed {record.seed}"
