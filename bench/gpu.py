@@ -27,7 +27,8 @@ from comet_ray.data.synthetic import make_texture_category
 from comet_ray.features.aggregation import aggregate_patches
 from comet_ray.features.backbone import build_backbone
 from comet_ray.models.simplenet import SimpleNet
-from comet_ray.pipeline import prepare_data, train_category
+from comet_ray.pipeline import train_category
+from comet_ray.prepare import prepare_data
 
 
 def sync(device: torch.device) -> None:

@@ -50,7 +50,8 @@ from comet_ray.config import FeatureConfig, TrainConfig, apply_overrides
 from comet_ray.data.synthetic import make_texture_category
 from comet_ray.models.anomaly_map import topk_mean
 from comet_ray.models.knn import PatchKNN, leave_one_out_scores
-from comet_ray.pipeline import prepare_data, train_category
+from comet_ray.pipeline import train_category
+from comet_ray.prepare import prepare_data
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BOTTLE = SHARED / "data" / "mvtec_bottle"

@@ -48,7 +48,8 @@ from support import use_local_env
 use_local_env()
 
 from comet_ray.demo import demo_config
-from comet_ray.pipeline import prepare_data, train_category
+from comet_ray.pipeline import train_category
+from comet_ray.prepare import prepare_data
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -30,7 +30,8 @@ from quality import ALL_SETS, MOBILENET_WEIGHTS, base_config, data_sets  # bench
 from comet_ray import jsonfile
 from comet_ray.comet.schedule import recalibrate_batchnorm
 from comet_ray.evaluate import validation_auroc
-from comet_ray.pipeline import prepare_data, train_category
+from comet_ray.pipeline import train_category
+from comet_ray.prepare import prepare_data
 
 
 def bn_recalibrated_auroc(trainer, data) -> float:

@@ -97,7 +97,8 @@ def gpu_full_schedule(args) -> None:
     if not torch.cuda.is_available():
         print("gpu full schedule: skipped, CUDA is not available on this machine", file=sys.stderr)
         return
-    from comet_ray.pipeline import prepare_data, train_category
+    from comet_ray.pipeline import train_category
+    from comet_ray.prepare import prepare_data
 
     root = Path(tempfile.mkdtemp(prefix="comet-bench-gpu-"))
     make_texture_category(root, "weave", n_train=200, n_test_good=40, defects={"spot": 40}, size=512)

@@ -13,7 +13,8 @@ from pathlib import Path
 from comet_ray import jsonfile
 from comet_ray.config import FeatureConfig, ModelConfig, TrainConfig, resolve_device
 from comet_ray.data.synthetic import make_texture_category
-from comet_ray.pipeline import prepare_data, train_category
+from comet_ray.pipeline import train_category
+from comet_ray.prepare import prepare_data
 from comet_ray.runfolder import write_run
 
 

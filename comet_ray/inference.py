@@ -27,7 +27,7 @@ from comet_ray.errors import CometError, ImageDecodeError
 from comet_ray.evaluate import evaluate_split, split_labels
 from comet_ray.features.extractor import extract_features_cached
 from comet_ray.model import AnomalyModel
-from comet_ray.pipeline import subset_split
+from comet_ray.prepare import subset_split
 from comet_ray.runfolder import held_out_ids
 
 

@@ -28,7 +28,8 @@ from comet_ray.weights_file import weights_document
 
 if TYPE_CHECKING:
     from comet_ray.config import TrainConfig
-    from comet_ray.pipeline import PreparedData, RunResult
+    from comet_ray.pipeline import RunResult
+    from comet_ray.prepare import PreparedData
 
 
 RUN_FILES = ("metrics.json", "manifest.json", "history.json", "weights.json", "config.json", "model.pt")

@@ -31,7 +31,8 @@ from comet_ray.distributed.train import (
     fit_categories,
     fit_distributed,
 )
-from comet_ray.pipeline import prepare_data, train_category
+from comet_ray.pipeline import train_category
+from comet_ray.prepare import prepare_data
 from comet_ray.runfolder import write_run
 
 from support.faults import KillWorkerOnce

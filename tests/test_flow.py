@@ -248,7 +248,8 @@ BOTTLE_EPOCHS = 4
 @pytest.mark.integration
 def test_bottle_flow_comet_does_no_harm(bottle_root, imagenet_torch_home, tmp_path_factory) -> None:
     from comet_ray.demo import demo_config
-    from comet_ray.pipeline import prepare_data, train_category
+    from comet_ray.pipeline import train_category
+    from comet_ray.prepare import prepare_data
 
     cache = tmp_path_factory.mktemp("bottle-flow-features")
     results: dict[str, list[dict]] = {"baseline": [], "comet": []}

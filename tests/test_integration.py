@@ -13,7 +13,8 @@ import torch
 
 from comet_ray.data.synthetic import make_texture_category
 from comet_ray.demo import demo_config
-from comet_ray.pipeline import prepare_data, train_category
+from comet_ray.pipeline import train_category
+from comet_ray.prepare import prepare_data
 
 pytestmark = pytest.mark.integration
 SEEDS = (0, 1)

@@ -150,7 +150,8 @@ def test_saved_pixel_threshold_is_the_validation_f1_cut_recomputed_from_scratch(
 
     from comet_ray.checkpoint import load_detector
     from comet_ray.config import TrainConfig
-    from comet_ray.pipeline import pixel_threshold, prepare_data
+    from comet_ray.pipeline import pixel_threshold
+    from comet_ray.prepare import prepare_data
 
     model, meta = load_detector(tiny_run, "cpu")
     config = TrainConfig.from_dict(json.loads((tiny_run / "config.json").read_text()))

@@ -175,7 +175,7 @@ def test_repeats_never_report_on_images_selection_saw(swept) -> None:
 def test_repeat_seeds_vary_training_only(tmp_path) -> None:
     """Repeats over training seeds keep the split; had the split followed the seed (as it once did),
     most validation images would have been reported on."""
-    from comet_ray.pipeline import check_trainable, select_samples
+    from comet_ray.prepare import check_trainable, select_samples
 
     make_texture_category(tmp_path, "weave", n_train=16, n_test_good=8, defects={"spot": 10}, size=32, seed=3)
     base = tiny_base(tmp_path)

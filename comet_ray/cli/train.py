@@ -97,7 +97,8 @@ def _train_in_process(args: argparse.Namespace) -> int:
 
 def _train_into(args: argparse.Namespace, out: str) -> None:
     from comet_ray.config import resolve_device
-    from comet_ray.pipeline import prepare_data, train_category
+    from comet_ray.pipeline import train_category
+    from comet_ray.prepare import prepare_data
     from comet_ray.resume import EpochResume, run_fingerprint
     from comet_ray.runfolder import write_run
 

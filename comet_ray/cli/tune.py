@@ -81,7 +81,7 @@ def register(subparsers) -> None:
 def cmd_tune(args) -> int:
     from comet_ray.distributed.connect import init_ray
     from comet_ray.distributed.resources import auto_gpus
-    from comet_ray.pipeline import check_trainable
+    from comet_ray.prepare import check_trainable
 
     levels = [float(x) for x in str(args.contamination).split(",") if x.strip()]
     args.contamination = 0.0

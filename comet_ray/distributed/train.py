@@ -106,7 +106,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from comet_ray.pipeline import prepare_data, train_category
+    from comet_ray.pipeline import train_category
+    from comet_ray.prepare import prepare_data
 
     torch.set_num_threads(int(loop_config["torch_threads"]))
     quiet_worker_logs(loop_config["verbose"])
@@ -324,7 +325,7 @@ def fit_distributed(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from comet_ray.pipeline import category_samples, feature_entry, worker_feature_bytes
+    from comet_ray.prepare import category_samples, feature_entry, worker_feature_bytes
 
     scan, samples = category_samples(config)  # a layout error is one line here, not a retried worker crash
     storage_path = storage.check_location(storage_path, "--storage-path")

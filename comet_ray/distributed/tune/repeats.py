@@ -32,7 +32,8 @@ def _train_once(config_dict: dict, feature_cache: str | None, threads: int) -> t
 
     from comet_ray.config import resolve_device
     from comet_ray.distributed.train import say_feature_origin
-    from comet_ray.pipeline import prepare_data, train_category
+    from comet_ray.pipeline import train_category
+    from comet_ray.prepare import prepare_data
 
     torch.set_num_threads(threads)
     config = TrainConfig.from_dict(config_dict)
@@ -44,7 +45,7 @@ def _train_once(config_dict: dict, feature_cache: str | None, threads: int) -> t
 
 def _extract(config_dict: dict, feature_cache: str) -> None:
     from comet_ray.config import resolve_device
-    from comet_ray.pipeline import feature_entry
+    from comet_ray.prepare import feature_entry
 
     config = TrainConfig.from_dict(config_dict)
     _, origin = feature_entry(config, feature_cache, resolve_device(config.device))

@@ -86,7 +86,7 @@ def check_reported_split(selection: dict, manifest: dict) -> None:
 
 def selection_split(config: TrainConfig) -> dict:
     """The split every trial of ``config``'s level trains and is selected on (a listing, no decoding)."""
-    from comet_ray.pipeline import check_trainable, select_samples
+    from comet_ray.prepare import check_trainable, select_samples
 
     _, _, _, manifest = select_samples(check_trainable(config).samples, config)
     return {

@@ -73,7 +73,8 @@ def run_trial(params: dict[str, Any]) -> None:
     from comet_ray.config import resolve_device
     from comet_ray.distributed.train import say_feature_origin
     from comet_ray.evaluate import validation_auroc
-    from comet_ray.pipeline import prepare_data, train_category
+    from comet_ray.pipeline import train_category
+    from comet_ray.prepare import prepare_data
     from comet_ray.resume import load_epoch_state, save_epoch_state
 
     device = resolve_device(config.device)
