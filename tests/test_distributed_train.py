@@ -26,11 +26,8 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 
 from comet_ray.config import CometConfig, FeatureConfig, ModelConfig, TrainConfig
-from comet_ray.distributed.train import (
-    ATTEMPTS_FILE,
-    fit_categories,
-    fit_distributed,
-)
+from comet_ray.distributed.categories import fit_categories
+from comet_ray.distributed.train import ATTEMPTS_FILE, fit_distributed
 from comet_ray.pipeline import train_category
 from comet_ray.prepare import prepare_data
 from comet_ray.runfolder import write_run

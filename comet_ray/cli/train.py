@@ -35,9 +35,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train_many(args: argparse.Namespace, categories: list[str]) -> int:
     """Several categories and/or Ray Train workers: one TorchTrainer per category, run concurrently."""
     from comet_ray import storage
+    from comet_ray.distributed.categories import fit_categories
     from comet_ray.distributed.connect import init_ray
     from comet_ray.distributed.resources import auto_gpus
-    from comet_ray.distributed.train import fit_categories, fit_distributed
+    from comet_ray.distributed.train import fit_distributed
 
     out = storage.check_location(args.out, "--out")
     store = storage.check_location(args.storage_path or storage.join(out, ".ray"), "--storage-path")

@@ -1,4 +1,5 @@
-"""Data-parallel CoMet training on Ray Train (V2): one category over N workers, many categories at once.
+"""Data-parallel CoMet training on Ray Train (V2): one category over N workers (many categories
+at once: :mod:`comet_ray.distributed.categories`).
 
 Before any worker starts, the driver makes sure the category's features are in the shared feature
 cache: the frozen backbone runs as a Ray Data job over every node (``features/streaming.py``: GPU actors
@@ -39,32 +40,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from comet_ray import atomic, jsonfile, storage
+from comet_ray import atomic, storage
 from comet_ray.comet.collective import Collective
 from comet_ray.config import TrainConfig
 from comet_ray.distributed.batchnorm import DataParallelCollective
 from comet_ray.distributed.staging import checkpoint_staging, remove_orphaned_staging
-from comet_ray.errors import CometError, remote_error
+from comet_ray.distributed.worker_logs import quiet_worker_logs, say, say_feature_origin, verbose_logs
+from comet_ray.errors import CometError
 from comet_ray.resume import load_epoch_state, save_epoch_state
-from comet_ray.table import format_table
 
 ATTEMPTS_FILE = "attempts.jsonl"
+
+
 ATTEMPTS_DIR = "attempts"
 
 
-# --------------------------------------------------------------------------- the per-worker loop
 def _record_attempt(attempts: str, record: dict) -> None:
     """One file per worker start under ``attempts`` (shared storage: every node's starts end up together)."""
     name = f"{time.time_ns():020d}-rank{record['rank']}-{os.getpid()}.json"
@@ -247,38 +246,6 @@ def _write_results(
         atomic.write_text(local / ATTEMPTS_FILE, _gathered_attempts(loop_config["attempts"]))
 
 
-def verbose_logs() -> bool:
-    """Did the driver ask for debug logging (``comet-ray --verbose``: the root logger at DEBUG)?"""
-    return logging.getLogger().isEnabledFor(logging.DEBUG)
-
-
-def quiet_worker_logs(verbose: bool) -> None:
-    """In a worker, at the default verbosity: no botocore "Found credentials in ..." notice per process, and
-    no raw ``TrainingReport(...)`` line per report (Ray Train's other INFO lines are filtered by
-    ``RunConfig(logging_config=...)``, see :func:`fit_distributed`). ``--verbose`` keeps them all.
-
-    Ray 2.60 workaround: the module that logs each report names its logger by its file path, not
-    ``ray.train.*``, so Ray's own log-level filter misses it; it is found by that path's ending."""
-    level = logging.DEBUG if verbose else logging.WARNING
-    logging.getLogger("botocore.credentials").setLevel(level)
-    for name in list(logging.root.manager.loggerDict):
-        if name.replace(os.sep, "/").endswith("ray/train/v2/_internal/execution/context.py"):
-            logging.getLogger(name).setLevel(level)
-
-
-def say(line: str) -> None:
-    """One line on the worker's stdout (and so the driver's console). Not ``print``: Ray Train patches a
-    worker's ``print`` to go both to stdout and to the root logger's console handler, which shows it twice."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def say_feature_origin(data, who: str) -> None:
-    """One line in the worker's output (and its node's logs): did this process extract or read the features?"""
-    if data.feature_origin:
-        say(f"[{who}] features: {data.feature_origin}")
-
-
 class _EpochRecord:
     """A logged epoch (possibly from before a restart) as ``write_run`` wants it: ``to_dict()``."""
 
@@ -289,7 +256,6 @@ class _EpochRecord:
         return dict(self.record)
 
 
-# --------------------------------------------------------------------------- driver side
 def fit_distributed(
     config: TrainConfig,
     workers: int = 2,
@@ -402,70 +368,3 @@ def _cluster_nodes() -> int:
     from comet_ray.distributed.resources import cluster_nodes
 
     return cluster_nodes() if ray.is_initialized() else 1
-
-
-def categories_table(rows: list[dict]) -> str:
-    """A plain-text table of per-category results."""
-    columns = ("category", "strategy", "image_auroc", "pixel_auroc", "f1_max", "train_seconds")
-    return format_table(rows, columns + (("error",) if any("error" in row for row in rows) else ()))
-
-
-def error_line(exc: BaseException) -> str:
-    """One line for a category's failure: a user error's own message, even from inside a worker.
-
-    Ray wraps a worker's exception in ``WorkerGroupError`` whose text is the whole remote traceback;
-    its last ``comet_ray.errors.<Name>: message`` line is what the user can act on.
-    """
-    if isinstance(exc, CometError):
-        return str(exc)
-    text = str(exc)
-    found = remote_error(text)
-    if found:
-        return found[1]
-    lines = [line for line in text.splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1].strip() if lines else ''}".rstrip(": ")
-
-
-def fit_categories(
-    configs: list[TrainConfig],
-    workers: int = 1,
-    gpus_per_worker: float = 0,
-    cpus_per_worker: float = 0.5,
-    *,
-    storage_path: str,
-    summary_path: str | None = None,
-    **fit_kwargs: Any,
-) -> tuple[list[dict], str]:
-    """Train many categories at once: one ``fit_distributed`` per category, each from a Ray task.
-
-    Each category's run name is the default of ``fit_distributed`` (category-strategy-seed) and its
-    outputs go to ``config.out`` (or the run's ``output`` folder). The tasks take no CPU themselves
-    (each only drives a ``TorchTrainer``); Ray queues trainers whose workers don't fit yet. Writes
-    ``summary.json`` (default ``storage_path/summary.json``) and returns (metrics in the order of
-    ``configs``, a printable table). A category that fails is reported with its error instead of
-    failing the others.
-    """
-    import ray
-
-    storage_path = storage.check_location(storage_path, "--storage-path")
-    nodes = _cluster_nodes()
-    storage.require_shared(storage_path, "--storage-path", nodes)  # before any category starts
-    for config in configs:
-        if config.out:
-            storage.require_shared(storage.check_location(config.out, "--out"), "--out", nodes)
-
-    @ray.remote(num_cpus=0, max_retries=0)
-    def _fit_one(config_dict: dict) -> dict:
-        config = TrainConfig.from_dict(config_dict)
-        try:
-            return fit_distributed(
-                config, workers, gpus_per_worker, cpus_per_worker, storage_path=storage_path, **fit_kwargs
-            )
-        except Exception as exc:  # noqa: BLE001 - one category's failure must not sink the rest
-            return {"category": config.category, "strategy": config.comet.strategy, "error": error_line(exc)}
-
-    results = ray.get([_fit_one.remote(c.to_dict()) for c in configs])
-    storage.write_text(
-        summary_path or storage.join(storage_path, "summary.json"), jsonfile.dumps(results, indent=2)
-    )
-    return results, categories_table(results)

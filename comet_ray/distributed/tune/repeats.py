@@ -31,7 +31,7 @@ def _train_once(config_dict: dict, feature_cache: str | None, threads: int) -> t
     import torch
 
     from comet_ray.config import resolve_device
-    from comet_ray.distributed.train import say_feature_origin
+    from comet_ray.distributed.worker_logs import say_feature_origin
     from comet_ray.pipeline import train_category
     from comet_ray.prepare import prepare_data
 

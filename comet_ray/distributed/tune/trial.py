@@ -71,7 +71,7 @@ def run_trial(params: dict[str, Any]) -> None:
         return
 
     from comet_ray.config import resolve_device
-    from comet_ray.distributed.train import say_feature_origin
+    from comet_ray.distributed.worker_logs import say_feature_origin
     from comet_ray.evaluate import validation_auroc
     from comet_ray.pipeline import train_category
     from comet_ray.prepare import prepare_data
