@@ -70,9 +70,9 @@ class ModelConfig:
     flow_pos_dim: int = 32
     # kNN reference (model == "knn"): memory bank = this fraction of the training patches
     knn_bank_fraction: float = 0.1
-    knn_coreset: str = (
-        "fast"  # fast (per-part k-center, merged) | exact (PatchCore's greedy k-center) | random
-    )
+    # auto (exact where affordable, else fast) | fast (per-part k-center, merged) | exact (PatchCore's
+    # greedy k-center) | random
+    knn_coreset: str = "auto"
     knn_search: str = "flat"  # flat (faiss, exact) | hnsw | ivf (approximate; models/search.py)
 
 

@@ -8,8 +8,10 @@ is the reference a user would pick instead: nothing is trained, there are no epo
 strategies (which reweight a gradient-descent loss) do not apply to it.
 
 The bank is a coreset of the training patches, ``bank_fraction`` of them (:mod:`comet_ray.models.coreset`):
-- ``fast`` (default): PatchCore's greedy k-center within random parts of the patches, their selections
-  merged into the bank; seconds where the exact one takes hours, never all patches in float32.
+- ``auto`` (default): ``exact`` where it costs at most ``EXACT_BUDGET`` distances (small categories:
+  ELPV's 100 cells), else ``fast``.
+- ``fast``: PatchCore's greedy k-center within random parts of the patches, their selections merged
+  into the bank; seconds where the exact one takes hours, never all patches in float32.
 - ``exact``: PatchCore's greedy k-center over every patch (``greedy``, its earlier name, still loads).
   Both select on a fixed random projection to ``projection_dim`` dimensions (the bank holds the full
   features); they cover rare nominal patches that a random draw would miss.
@@ -54,7 +56,7 @@ class PatchKNN(nn.Module):
         feature_dim: int,
         bank_size: int = 0,
         bank_fraction: float = 0.1,
-        coreset: str = "fast",
+        coreset: str = "auto",
         projection_dim: int = 128,
         search: str = "flat",
     ) -> None:
@@ -62,7 +64,7 @@ class PatchKNN(nn.Module):
         if not 0.0 < bank_fraction <= 1.0:
             raise CometError(f"knn_bank_fraction must be in (0, 1], got {bank_fraction}")
         if coreset not in CORESETS:
-            raise CometError(f"unknown coreset {coreset!r}; choose one of {', '.join(CORESETS[:3])}")
+            raise CometError(f"unknown coreset {coreset!r}; choose one of {', '.join(CORESETS[:4])}")
         if search not in SEARCHES:
             raise CometError(f"unknown knn search {search!r}; choose one of {', '.join(SEARCHES)}")
         self._hparams = dict(
