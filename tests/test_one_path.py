@@ -19,7 +19,7 @@ from comet_ray.inference import evaluate_checkpoint, predict_images
 from comet_ray.model import AnomalyModel
 from comet_ray.models.anomaly_map import image_scores
 from comet_ray.prepare import prepare_data
-from comet_ray.report import _DataAccess, load_run, recompute_scores
+from comet_ray.report.runs import _DataAccess, load_run, recompute_scores
 from comet_ray.runfolder import read_scores
 
 TOLERANCE = 1e-4

@@ -82,25 +82,22 @@ def fit_confident_bank(
             "--model knn --strategy scl compares every training image with every other one: it needs "
             "the whole training set in one process (use --workers 0)"
         )
+    if comet.bank_leave_out not in BANK_LEAVE_OUT:
+        raise CometError(
+            f"bank_leave_out must be one of {', '.join(BANK_LEAVE_OUT)}, got {comet.bank_leave_out!r}"
+        )
     features = store.features  # the stored dtype: searched and selected in chunks, never widened at once
     patch_scores = leave_one_out_scores(model, features, generator)
     scores = topk_mean(patch_scores, comet.top_k)
     fence_args = (comet.fence_k, comet.weight_form, comet.temperature_scale, comet.weight_floor)
     weights, fence = confidence_weights(scores, *fence_args)
-    if comet.bank_leave_out not in BANK_LEAVE_OUT:
-        raise CometError(
-            f"bank_leave_out must be one of {', '.join(BANK_LEAVE_OUT)}, got {comet.bank_leave_out!r}"
-        )
     flagged = (weights < 1)[:, None].expand_as(patch_scores)
+    left_out = flagged if comet.bank_leave_out == "images" else torch.zeros_like(flagged)
     patch_fence = None
     if comet.bank_leave_out == "patches" or comet.patch_weighting:
         patch_weights, patch_fence = confidence_weights(patch_scores, *fence_args)
         beyond = patch_weights < 1
-        left_out = beyond if comet.patch_weighting else flagged & beyond
-        if comet.bank_leave_out == "images":
-            left_out = left_out | flagged
-    else:
-        left_out = flagged
+        left_out = left_out | (beyond if comet.patch_weighting else flagged & beyond)
     kept = ~left_out
     # The bank keeps the size it would have had from every training patch: leaving images out costs no coverage.
     model.fit(

@@ -33,7 +33,6 @@ from comet_ray import atomic
 from comet_ray.report.page import render_html
 from comet_ray.report.runs import (
     RunRecord,
-    _DataAccess,
     collect,
     load_run,
     recompute_scores,
@@ -44,7 +43,6 @@ from comet_ray.report.runs import (
 __all__ = [
     "TABLE_METRICS",
     "RunRecord",
-    "_DataAccess",
     "build_report",
     "collect",
     "load_run",
